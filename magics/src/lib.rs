@@ -1,0 +1,378 @@
+//! Parallax magics: splitting a cell into Rust code and magic lines, parsing each magic into a
+//! typed [`Command`], and the help text for every magic. Pure: no I/O.
+
+pub mod scan;
+mod words;
+
+use std::fmt;
+
+pub use words::split_words;
+
+/// A parsed magic, ready for the kernel to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `%lsmagic`: list every magic.
+    Lsmagic,
+    /// `%magic NAME` or `%NAME?`: show the help of one magic.
+    Help { name: String },
+}
+
+/// Whether a magic is used as a line (`%name`) or as a whole cell (`%%name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MagicKind {
+    Line,
+    Cell,
+}
+
+/// The description of one magic: how to call it and what it does.
+#[derive(Debug, Clone, Copy)]
+pub struct MagicSpec {
+    pub name: &'static str,
+    pub kind: MagicKind,
+    pub usage: &'static str,
+    pub summary: &'static str,
+    pub details: &'static str,
+}
+
+impl MagicSpec {
+    fn sigil(&self) -> &'static str {
+        match self.kind {
+            MagicKind::Line => "%",
+            MagicKind::Cell => "%%",
+        }
+    }
+
+    /// The full help text: usage, summary and details.
+    pub fn help(&self) -> String {
+        let mut text = format!("Usage: {}\n\n{}\n", self.usage, self.summary);
+        if !self.details.is_empty() {
+            text.push('\n');
+            text.push_str(self.details);
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// Every magic Parallax knows, in the order `%lsmagic` lists them.
+pub const MAGICS: &[MagicSpec] = &[
+    MagicSpec {
+        name: "lsmagic",
+        kind: MagicKind::Line,
+        usage: "%lsmagic",
+        summary: "List every available magic with a one-line summary.",
+        details: "",
+    },
+    MagicSpec {
+        name: "magic",
+        kind: MagicKind::Line,
+        usage: "%magic NAME",
+        summary: "Show the help of the magic NAME (with or without its % sign).",
+        details: "`%NAME?` and `%%NAME?` show the same help.",
+    },
+];
+
+/// Finds a magic by name and kind.
+pub fn lookup(name: &str, kind: MagicKind) -> Option<&'static MagicSpec> {
+    MAGICS.iter().find(|m| m.name == name && m.kind == kind)
+}
+
+/// Finds a magic by name alone, as `%magic NAME` does: a leading `%` or `%%` picks the kind.
+fn lookup_any(name: &str) -> Option<&'static MagicSpec> {
+    if let Some(cell_name) = name.strip_prefix("%%") {
+        return lookup(cell_name, MagicKind::Cell);
+    }
+    let bare = name.strip_prefix('%').unwrap_or(name);
+    lookup(bare, MagicKind::Line).or_else(|| lookup(bare, MagicKind::Cell))
+}
+
+/// The help text of a magic named as a user would name it (`px`, `%px`, `%%px`).
+pub fn help_for(name: &str) -> Option<String> {
+    lookup_any(name).map(MagicSpec::help)
+}
+
+/// The `%lsmagic` listing.
+pub fn listing() -> String {
+    let mut text = String::from("Available magics:\n");
+    for kind in [MagicKind::Line, MagicKind::Cell] {
+        for magic in MAGICS.iter().filter(|m| m.kind == kind) {
+            let name = format!("{}{}", magic.sigil(), magic.name);
+            text.push_str(&format!("  {name:<14}{}\n", magic.summary));
+        }
+    }
+    text.push_str("\nUse `%magic NAME` or `%NAME?` for the details of one magic.\n");
+    text
+}
+
+/// Why a magic could not be parsed. Its `Display` is what the user sees: the problem, then the
+/// usage of the magic when there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MagicError {
+    pub message: String,
+    pub usage: Option<&'static str>,
+}
+
+impl MagicError {
+    fn new(message: impl Into<String>, usage: Option<&'static str>) -> Self {
+        MagicError {
+            message: message.into(),
+            usage,
+        }
+    }
+}
+
+impl fmt::Display for MagicError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.message)?;
+        if let Some(usage) = self.usage {
+            write!(f, "\nUsage: {usage}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MagicError {}
+
+/// One piece of a cell, in the order it appears.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Rust code (and evcxr colon commands) to evaluate as one unit.
+    Rust(String),
+    /// A `%` line magic, without its newline.
+    LineMagic(String),
+    /// A `%%` cell magic: its first line, and the rest of the cell as its body.
+    CellMagic { line: String, body: String },
+}
+
+/// Splits a cell into Rust code and magics. A cell whose first non-blank line starts with `%%`
+/// is one cell magic. Otherwise every line that starts with `%` outside any bracket, string or
+/// comment is a line magic, and the Rust between magic lines is kept together.
+pub fn split_cell(cell: &str) -> Vec<Segment> {
+    let trimmed = cell.trim_start();
+    if trimmed.starts_with("%%") {
+        let (line, body) = trimmed.split_once('\n').unwrap_or((trimmed, ""));
+        return vec![Segment::CellMagic {
+            line: line.trim_end().to_owned(),
+            body: body.to_owned(),
+        }];
+    }
+    let starts = scan::scan(cell).line_starts_top_level;
+    let mut segments = Vec::new();
+    let mut rust = String::new();
+    for (index, line) in cell.split('\n').enumerate() {
+        let top_level = starts.get(index).copied().unwrap_or(false);
+        if top_level && line.trim_start().starts_with('%') {
+            if !rust.trim().is_empty() {
+                segments.push(Segment::Rust(std::mem::take(&mut rust)));
+            }
+            rust.clear();
+            segments.push(Segment::LineMagic(line.trim().to_owned()));
+        } else {
+            if !rust.is_empty() {
+                rust.push('\n');
+            }
+            rust.push_str(line);
+        }
+    }
+    if !rust.trim().is_empty() {
+        segments.push(Segment::Rust(rust));
+    }
+    segments
+}
+
+/// Parses one magic line (`%name args`) or the first line of a cell magic (`%%name args`) with
+/// its body.
+pub fn parse(line: &str, _body: Option<&str>) -> Result<Command, MagicError> {
+    let (kind, rest) = match line.trim().strip_prefix("%%") {
+        Some(rest) => (MagicKind::Cell, rest),
+        None => match line.trim().strip_prefix('%') {
+            Some(rest) => (MagicKind::Line, rest),
+            None => {
+                return Err(MagicError::new(
+                    format!("not a magic: `{}` does not start with %", line.trim()),
+                    None,
+                ))
+            }
+        },
+    };
+    let (name, args) = match rest.find(char::is_whitespace) {
+        Some(at) => (&rest[..at], rest[at..].trim()),
+        None => (rest, ""),
+    };
+    if name.is_empty() {
+        return Err(MagicError::new(
+            "a magic needs a name after the % sign; `%lsmagic` lists them",
+            None,
+        ));
+    }
+    if let Some(asked) = name.strip_suffix('?') {
+        return if lookup_any(asked).is_some() && args.is_empty() {
+            Ok(Command::Help {
+                name: asked.to_owned(),
+            })
+        } else {
+            Err(unknown(asked, kind))
+        };
+    }
+    let spec = lookup(name, kind).ok_or_else(|| unknown(name, kind))?;
+    let words = split_words(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
+    match spec.name {
+        "lsmagic" => {
+            no_arguments(spec, &words)?;
+            Ok(Command::Lsmagic)
+        }
+        "magic" => match words.as_slice() {
+            [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
+            [name] => Err(MagicError::new(
+                format!("no magic named `{name}`; `%lsmagic` lists them"),
+                Some(spec.usage),
+            )),
+            [] => Err(MagicError::new(
+                "%magic needs the name of a magic",
+                Some(spec.usage),
+            )),
+            _ => Err(MagicError::new(
+                "%magic takes exactly one name",
+                Some(spec.usage),
+            )),
+        },
+        other => unreachable!("magic `{other}` is registered but has no parser"),
+    }
+}
+
+fn no_arguments(spec: &MagicSpec, words: &[String]) -> Result<(), MagicError> {
+    if words.is_empty() {
+        Ok(())
+    } else {
+        Err(MagicError::new(
+            format!(
+                "%{} takes no arguments, got `{}`",
+                spec.name,
+                words.join(" ")
+            ),
+            Some(spec.usage),
+        ))
+    }
+}
+
+fn unknown(name: &str, kind: MagicKind) -> MagicError {
+    let sigil = match kind {
+        MagicKind::Line => "%",
+        MagicKind::Cell => "%%",
+    };
+    let other = match kind {
+        MagicKind::Line => lookup(name, MagicKind::Cell).map(|_| format!(" (there is a cell magic %%{name}: put it on the first line of the cell)")),
+        MagicKind::Cell => lookup(name, MagicKind::Line).map(|_| format!(" (there is a line magic %{name})")),
+    };
+    MagicError::new(
+        format!(
+            "unknown magic {sigil}{name}{}; `%lsmagic` lists the available magics",
+            other.unwrap_or_default()
+        ),
+        None,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsmagic_parses_and_lists_every_magic() {
+        assert_eq!(parse("%lsmagic", None), Ok(Command::Lsmagic));
+        let listing = listing();
+        for magic in MAGICS {
+            assert!(listing.contains(magic.name), "{listing}");
+        }
+    }
+
+    #[test]
+    fn lsmagic_rejects_arguments_with_usage() {
+        let err = parse("%lsmagic now", None).unwrap_err();
+        assert!(err.message.contains("takes no arguments"), "{err}");
+        assert_eq!(err.usage, Some("%lsmagic"));
+        assert!(err.to_string().contains("Usage: %lsmagic"));
+    }
+
+    #[test]
+    fn help_forms() {
+        let expected = Ok(Command::Help {
+            name: "lsmagic".into(),
+        });
+        assert_eq!(parse("%magic lsmagic", None), expected);
+        assert_eq!(parse("%magic %lsmagic", None), Ok(Command::Help { name: "%lsmagic".into() }));
+        assert_eq!(parse("%lsmagic?", None), expected);
+        assert!(help_for("%lsmagic").unwrap().starts_with("Usage: %lsmagic"));
+        assert!(help_for("nope").is_none());
+    }
+
+    #[test]
+    fn magic_errors_carry_usage() {
+        let missing = parse("%magic", None).unwrap_err();
+        assert!(missing.message.contains("needs the name"));
+        assert_eq!(missing.usage, Some("%magic NAME"));
+        let too_many = parse("%magic a b", None).unwrap_err();
+        assert!(too_many.message.contains("exactly one"));
+        let unknown_name = parse("%magic frobnicate", None).unwrap_err();
+        assert!(unknown_name.message.contains("no magic named `frobnicate`"));
+        assert_eq!(unknown_name.usage, Some("%magic NAME"));
+    }
+
+    #[test]
+    fn unknown_and_malformed_magics() {
+        let err = parse("%frobnicate 1 2", None).unwrap_err();
+        assert!(err.message.contains("unknown magic %frobnicate"), "{err}");
+        assert!(err.message.contains("%lsmagic"));
+        let err = parse("%%lsmagic", Some("")).unwrap_err();
+        assert!(err.message.contains("unknown magic %%lsmagic"), "{err}");
+        assert!(err.message.contains("line magic %lsmagic"), "{err}");
+        let err = parse("%", None).unwrap_err();
+        assert!(err.message.contains("needs a name"));
+        let err = parse("%   ", None).unwrap_err();
+        assert!(err.message.contains("needs a name"));
+        let err = parse("%nope?", None).unwrap_err();
+        assert!(err.message.contains("unknown magic %nope"));
+        let err = parse("lsmagic", None).unwrap_err();
+        assert!(err.message.contains("does not start with %"));
+        let err = parse("%magic \"unclosed", None).unwrap_err();
+        assert!(err.message.contains("unclosed quote"), "{err}");
+        assert_eq!(err.usage, Some("%magic NAME"));
+    }
+
+    #[test]
+    fn split_keeps_rust_together_and_finds_magic_lines() {
+        let cell = "let a = 1;\nlet b = 2;\n%lsmagic\nprintln!(\"{}\", a + b);";
+        assert_eq!(
+            split_cell(cell),
+            vec![
+                Segment::Rust("let a = 1;\nlet b = 2;".into()),
+                Segment::LineMagic("%lsmagic".into()),
+                Segment::Rust("println!(\"{}\", a + b);".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn split_ignores_percent_inside_code() {
+        let cell = "let s = \"\n%not a magic\";\nlet r = (10\n% 3);";
+        assert_eq!(split_cell(cell), vec![Segment::Rust(cell.into())]);
+    }
+
+    #[test]
+    fn split_cell_magic_takes_the_whole_cell() {
+        let cell = "\n%%px --targets 0\nlet a = 1;\n%lsmagic";
+        assert_eq!(
+            split_cell(cell),
+            vec![Segment::CellMagic {
+                line: "%%px --targets 0".into(),
+                body: "let a = 1;\n%lsmagic".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn split_plain_rust_and_empty() {
+        assert_eq!(split_cell("1 + 1"), vec![Segment::Rust("1 + 1".into())]);
+        assert!(split_cell("  \n").is_empty());
+    }
+}
