@@ -180,6 +180,26 @@ pub fn split_cell(cell: &str) -> Vec<Segment> {
     segments
 }
 
+/// The cell with every line that is not Rust (magic lines, evcxr `:` commands, `!` shell
+/// lines) blanked out with spaces, so that byte offsets into the cell stay valid for tools that
+/// only understand Rust (the parser, rust-analyzer).
+pub fn blank_non_rust(cell: &str) -> String {
+    let starts = scan::scan(cell).line_starts_top_level;
+    cell.split('\n')
+        .enumerate()
+        .map(|(i, line)| {
+            let head = line.trim_start();
+            let top = starts.get(i).copied().unwrap_or(false);
+            if top && (head.starts_with('%') || head.starts_with(':') || head.starts_with('!')) {
+                " ".repeat(line.len())
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Parses one magic line (`%name args`) or the first line of a cell magic (`%%name args`) with
 /// its body.
 pub fn parse(line: &str, _body: Option<&str>) -> Result<Command, MagicError> {
@@ -261,8 +281,12 @@ fn unknown(name: &str, kind: MagicKind) -> MagicError {
         MagicKind::Cell => "%%",
     };
     let other = match kind {
-        MagicKind::Line => lookup(name, MagicKind::Cell).map(|_| format!(" (there is a cell magic %%{name}: put it on the first line of the cell)")),
-        MagicKind::Cell => lookup(name, MagicKind::Line).map(|_| format!(" (there is a line magic %{name})")),
+        MagicKind::Line => lookup(name, MagicKind::Cell).map(|_| {
+            format!(" (there is a cell magic %%{name}: put it on the first line of the cell)")
+        }),
+        MagicKind::Cell => {
+            lookup(name, MagicKind::Line).map(|_| format!(" (there is a line magic %{name})"))
+        }
     };
     MagicError::new(
         format!(
@@ -300,7 +324,12 @@ mod tests {
             name: "lsmagic".into(),
         });
         assert_eq!(parse("%magic lsmagic", None), expected);
-        assert_eq!(parse("%magic %lsmagic", None), Ok(Command::Help { name: "%lsmagic".into() }));
+        assert_eq!(
+            parse("%magic %lsmagic", None),
+            Ok(Command::Help {
+                name: "%lsmagic".into()
+            })
+        );
         assert_eq!(parse("%lsmagic?", None), expected);
         assert!(help_for("%lsmagic").unwrap().starts_with("Usage: %lsmagic"));
         assert!(help_for("nope").is_none());
@@ -368,6 +397,16 @@ mod tests {
                 body: "let a = 1;\n%lsmagic".into(),
             }]
         );
+    }
+
+    #[test]
+    fn blanking_keeps_offsets() {
+        let cell = "let a = 1;\n%lsmagic\n:dep x = \"1\"\na";
+        let blanked = blank_non_rust(cell);
+        assert_eq!(blanked.len(), cell.len());
+        assert_eq!(blanked, "let a = 1;\n        \n           \na");
+        let nested = "let s = \"\n%inside\";";
+        assert_eq!(blank_non_rust(nested), nested);
     }
 
     #[test]

@@ -235,7 +235,10 @@ mod tests {
     fn open_block_is_open() {
         let s = scan("fn f() {\n    let x = (1,");
         assert!(s.is_open());
-        assert_eq!(s.open_brackets.iter().map(|b| b.0).collect::<String>(), "{(");
+        assert_eq!(
+            s.open_brackets.iter().map(|b| b.0).collect::<String>(),
+            "{("
+        );
     }
 
     #[test]
@@ -267,8 +270,14 @@ mod tests {
 
     #[test]
     fn unterminated_literals() {
-        assert_eq!(scan("let s = \"abc").unterminated, Some(Unterminated::String));
-        assert_eq!(scan("/* abc").unterminated, Some(Unterminated::BlockComment));
+        assert_eq!(
+            scan("let s = \"abc").unterminated,
+            Some(Unterminated::String)
+        );
+        assert_eq!(
+            scan("/* abc").unterminated,
+            Some(Unterminated::BlockComment)
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ mod tests {
     #[test]
     fn unclosed_quote_is_an_error() {
         assert!(split_words("'abc").unwrap_err().contains("unclosed quote"));
-        assert!(split_words("\"abc\\").unwrap_err().contains("unclosed quote"));
+        assert!(split_words("\"abc\\")
+            .unwrap_err()
+            .contains("unclosed quote"));
     }
 }

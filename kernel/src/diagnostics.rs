@@ -1,0 +1,299 @@
+//! Errors a cell can end with, worded for the person at the notebook: compile errors rendered
+//! the way rustc renders them, panics with what survived, interrupts with what was lost.
+
+use std::collections::BTreeSet;
+
+/// A cell's failure, as Jupyter's `error` message carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellError {
+    pub ename: String,
+    pub evalue: String,
+    pub traceback: Vec<String>,
+}
+
+impl CellError {
+    pub fn new(ename: &str, evalue: impl Into<String>, traceback: Vec<String>) -> Self {
+        CellError {
+            ename: ename.to_owned(),
+            evalue: evalue.into(),
+            traceback,
+        }
+    }
+
+    /// An error whose whole story is one paragraph.
+    pub fn plain(ename: &str, evalue: impl Into<String>) -> Self {
+        let evalue = evalue.into();
+        let traceback = vec![format!("{ename}: {evalue}")];
+        CellError::new(ename, evalue, traceback)
+    }
+
+    pub fn internal(message: &str) -> Self {
+        CellError::plain("InternalError", message)
+    }
+}
+
+fn list(names: &BTreeSet<String>) -> String {
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// A panic inside the cell: the message, the variables that survived, and the fact that the
+/// cell's own new variables did not.
+pub fn panic_error(
+    message: &str,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+) -> CellError {
+    let mut traceback = vec![format!("panicked: {message}")];
+    traceback.push(if after.is_empty() {
+        "No variables survived (none were defined before this cell).".to_owned()
+    } else {
+        format!("Variables that survived: {}", list(after))
+    });
+    let lost: BTreeSet<String> = before.difference(after).cloned().collect();
+    if !lost.is_empty() {
+        traceback.push(format!("Variables lost: {}", list(&lost)));
+    }
+    traceback.push("Variables first defined in this cell were dropped.".to_owned());
+    CellError::new("panic", message, traceback)
+}
+
+pub fn interrupted_while_compiling() -> CellError {
+    CellError::plain(
+        "Interrupted",
+        "the cell was stopped while it compiled; it did not run, and nothing was lost",
+    )
+}
+
+/// The running cell was stopped by restarting the evaluation process, which takes every
+/// variable with it.
+pub fn interrupted_while_running(before: &BTreeSet<String>) -> CellError {
+    let lost = if before.is_empty() {
+        "no variables were defined, so none were lost".to_owned()
+    } else {
+        format!("variables lost: {}", list(before))
+    };
+    CellError::plain(
+        "Interrupted",
+        format!(
+            "the cell was stopped by restarting the evaluation process; {lost}. Functions, types, \
+             `use` items and :dep dependencies are kept"
+        ),
+    )
+}
+
+pub fn process_died(message: &str, before: &BTreeSet<String>) -> CellError {
+    let lost = if before.is_empty() {
+        String::new()
+    } else {
+        format!(" Variables lost: {}.", list(before))
+    };
+    CellError::plain(
+        "ProcessDied",
+        format!(
+            "the evaluation process died ({}) and was restarted.{lost} Functions, types and `use` \
+             items are kept",
+            message.trim()
+        ),
+    )
+}
+
+pub fn type_redefined(lost: &[String]) -> CellError {
+    CellError::plain(
+        "TypeRedefined",
+        format!(
+            "a type was redefined, so variables holding the old type were dropped: {}",
+            lost.join(", ")
+        ),
+    )
+}
+
+pub fn evaluator_message(message: &str) -> CellError {
+    CellError::plain("Error", message.trim())
+}
+
+/// The parts of a rustc diagnostic that rendering needs, apart from evcxr's types so that the
+/// rendering can be tested on its own.
+pub struct Diagnostic {
+    pub level: String,
+    pub code: Option<String>,
+    pub message: String,
+    /// (start line, start column, end line, end column), 1-based, end column exclusive.
+    pub labels: Vec<(Option<(usize, usize, usize, usize)>, String, bool)>,
+    pub help: Vec<String>,
+}
+
+impl From<&evcxr::CompilationError> for Diagnostic {
+    fn from(error: &evcxr::CompilationError) -> Self {
+        Diagnostic {
+            level: error.level().to_owned(),
+            code: error.code().map(str::to_owned),
+            message: error.message(),
+            labels: error
+                .spanned_messages()
+                .iter()
+                .map(|m| {
+                    let span = m
+                        .span
+                        .as_ref()
+                        .map(|s| (s.start_line, s.start_column, s.end_line, s.end_column));
+                    (span, m.label.clone(), m.is_primary)
+                })
+                .collect(),
+            help: error
+                .help()
+                .into_iter()
+                .chain(error.evcxr_extra_hint().map(str::to_owned))
+                .collect(),
+        }
+    }
+}
+
+pub fn compile_error(code: &str, errors: &[evcxr::CompilationError]) -> CellError {
+    let diagnostics: Vec<Diagnostic> = errors.iter().map(Diagnostic::from).collect();
+    render_diagnostics(code, &diagnostics)
+}
+
+/// Renders diagnostics as rustc does: `error[CODE]: message`, a `--> cell:line:col` pointer, the
+/// source line and a caret underline with the label, then help notes.
+pub fn render_diagnostics(code: &str, diagnostics: &[Diagnostic]) -> CellError {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut traceback = Vec::new();
+    for diagnostic in diagnostics {
+        let mut text = match &diagnostic.code {
+            Some(c) => format!("{}[{c}]: {}\n", diagnostic.level, diagnostic.message),
+            None => format!("{}: {}\n", diagnostic.level, diagnostic.message),
+        };
+        let spans: Vec<_> = diagnostic
+            .labels
+            .iter()
+            .filter_map(|(span, label, primary)| span.map(|s| (s, label, *primary)))
+            .collect();
+        let width = spans
+            .iter()
+            .map(|((start, ..), ..)| start.to_string().len())
+            .max()
+            .unwrap_or(1);
+        let gutter = " ".repeat(width);
+        if let Some(((line, column, ..), ..)) = spans.iter().find(|s| s.2).or(spans.first()) {
+            text.push_str(&format!("{gutter}--> cell:{line}:{column}\n"));
+            text.push_str(&format!("{gutter} |\n"));
+        }
+        for ((start_line, start_col, end_line, end_col), label, primary) in &spans {
+            let source = lines
+                .get(start_line.saturating_sub(1))
+                .copied()
+                .unwrap_or("");
+            let source_width = source.chars().count();
+            let first = start_col.saturating_sub(1).min(source_width);
+            let last = if end_line == start_line {
+                end_col.saturating_sub(1).min(source_width)
+            } else {
+                source_width
+            };
+            let marker = if *primary { "^" } else { "-" };
+            let underline = marker.repeat(last.saturating_sub(first).max(1));
+            text.push_str(&format!("{start_line:>width$} | {source}\n"));
+            let label = if label.is_empty() {
+                String::new()
+            } else {
+                format!(" {label}")
+            };
+            text.push_str(&format!(
+                "{gutter} | {}{underline}{label}\n",
+                " ".repeat(first)
+            ));
+        }
+        for help in &diagnostic.help {
+            text.push_str(&format!("{gutter} = help: {help}\n"));
+        }
+        traceback.push(text);
+    }
+    let evalue = diagnostics
+        .first()
+        .map(|d| d.message.clone())
+        .unwrap_or_else(|| "compilation failed".to_owned());
+    CellError::new("CompileError", evalue, traceback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn renders_like_rustc() {
+        let code = "let a = 1;\nlet x: i32 = \"a\";";
+        let diagnostic = Diagnostic {
+            level: "error".into(),
+            code: Some("E0308".into()),
+            message: "mismatched types".into(),
+            labels: vec![
+                (
+                    Some((2, 14, 2, 17)),
+                    "expected `i32`, found `&str`".into(),
+                    true,
+                ),
+                (Some((2, 8, 2, 11)), "expected due to this".into(), false),
+            ],
+            help: vec![],
+        };
+        let error = render_diagnostics(code, &[diagnostic]);
+        assert_eq!(error.ename, "CompileError");
+        assert_eq!(error.evalue, "mismatched types");
+        assert_eq!(
+            error.traceback,
+            vec![concat!(
+                "error[E0308]: mismatched types\n",
+                " --> cell:2:14\n",
+                "  |\n",
+                "2 | let x: i32 = \"a\";\n",
+                "  |              ^^^ expected `i32`, found `&str`\n",
+                "2 | let x: i32 = \"a\";\n",
+                "  |        --- expected due to this\n",
+            )]
+        );
+    }
+
+    #[test]
+    fn renders_help_and_spanless_errors() {
+        let diagnostic = Diagnostic {
+            level: "error".into(),
+            code: None,
+            message: "cannot find value `y` in this scope".into(),
+            labels: vec![],
+            help: vec!["a local variable with a similar name exists: `x`".into()],
+        };
+        let error = render_diagnostics("y", &[diagnostic]);
+        assert_eq!(
+            error.traceback[0],
+            "error: cannot find value `y` in this scope\n = help: a local variable with a similar name exists: `x`\n"
+        );
+    }
+
+    #[test]
+    fn panic_lists_survivors_and_losses() {
+        let error = panic_error("boom", &names(&["a", "b"]), &names(&["a", "b"]));
+        assert_eq!(error.ename, "panic");
+        assert_eq!(error.evalue, "boom");
+        assert!(error
+            .traceback
+            .contains(&"Variables that survived: a, b".to_owned()));
+        let error = panic_error("boom", &names(&[]), &names(&[]));
+        assert!(error.traceback[1].starts_with("No variables survived"));
+    }
+
+    #[test]
+    fn interrupt_while_running_names_lost_variables() {
+        let error = interrupted_while_running(&names(&["big", "x"]));
+        assert!(
+            error.evalue.contains("variables lost: big, x"),
+            "{}",
+            error.evalue
+        );
+        let error = interrupted_while_running(&names(&[]));
+        assert!(error.evalue.contains("none were lost"));
+    }
+}

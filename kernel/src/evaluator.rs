@@ -1,0 +1,428 @@
+//! Local evaluation: one evcxr `CommandContext` on a thread of its own, fed jobs over a channel,
+//! with its stdout and stderr streamed to IOPub while a cell runs.
+
+use crate::diagnostics::{self, CellError};
+use crate::interrupt::Interrupter;
+use crate::iopub::{OutputRoute, Publisher};
+use crossbeam_channel::{Receiver, Sender};
+use evcxr::{CommandContext, EvalCallbacks};
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// MIME type of the panic report that our panic hook prints through evcxr's content markers.
+const PANIC_MIME: &str = "application/vnd.parallax.panic";
+
+/// Installed in the evaluation process so that a panic in a cell reaches us as structured data
+/// rather than as free text on stderr. Panics on other threads keep the usual stderr report.
+const PANIC_HOOK_CELL: &str = r#"{
+    let cell_thread = std::thread::current().id();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            s.to_string()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            String::from("Box<dyn Any>")
+        };
+        if std::thread::current().id() == cell_thread {
+            println!("EVCXR_BEGIN_CONTENT application/vnd.parallax.panic");
+            println!("{}", message.replace('\\', "\\\\").replace('\n', "\\n"));
+            println!("EVCXR_END_CONTENT");
+        } else {
+            let name = std::thread::current().name().unwrap_or("<unnamed>").to_string();
+            eprintln!("thread '{name}' panicked: {message}");
+        }
+    }));
+}"#;
+
+/// What a successful cell produced: the MIME bundle of its final expression and rich output.
+#[derive(Debug, Default)]
+pub struct CellOutput {
+    pub data: Map<String, Value>,
+}
+
+/// How a stdin prompt from a cell reaches the frontend.
+pub type InputAsker = Arc<dyn Fn(&str, bool) -> Option<String> + Send + Sync>;
+
+enum Job {
+    Execute {
+        code: String,
+        route: OutputRoute,
+        ask_input: Option<InputAsker>,
+        done: oneshot::Sender<Result<CellOutput, CellError>>,
+    },
+    Complete {
+        code: String,
+        cursor: usize,
+        done: oneshot::Sender<Result<evcxr::Completions, String>>,
+    },
+    Inspect {
+        code: String,
+        cursor: usize,
+        done: oneshot::Sender<Result<(String, String), String>>,
+    },
+}
+
+/// The handle the kernel holds: cheap to clone, usable from async code.
+#[derive(Clone)]
+pub struct Evaluator {
+    jobs: Sender<Job>,
+    interrupter: Interrupter,
+}
+
+impl Evaluator {
+    /// Starts the evaluation thread. The evcxr context is built there, in the background, so
+    /// that the kernel answers `kernel_info` at once; the first job waits for it.
+    pub fn start(publisher: Publisher) -> Evaluator {
+        let (jobs, job_rx) = crossbeam_channel::unbounded();
+        let interrupter = Interrupter::default();
+        let thread_interrupter = interrupter.clone();
+        std::thread::Builder::new()
+            .name("evaluator".into())
+            .spawn(move || run(job_rx, publisher, thread_interrupter))
+            .expect("spawning the evaluator thread");
+        Evaluator { jobs, interrupter }
+    }
+
+    pub fn interrupter(&self) -> &Interrupter {
+        &self.interrupter
+    }
+
+    pub async fn execute(
+        &self,
+        code: String,
+        route: OutputRoute,
+        ask_input: Option<InputAsker>,
+    ) -> Result<CellOutput, CellError> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Execute {
+            code,
+            route,
+            ask_input,
+            done,
+        });
+        result
+            .await
+            .unwrap_or_else(|_| Err(CellError::internal("the evaluator stopped")))
+    }
+
+    pub async fn complete(
+        &self,
+        code: String,
+        cursor: usize,
+    ) -> Result<evcxr::Completions, String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Complete { code, cursor, done });
+        result
+            .await
+            .unwrap_or_else(|_| Err("the evaluator stopped".into()))
+    }
+
+    pub async fn inspect(&self, code: String, cursor: usize) -> Result<(String, String), String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Inspect { code, cursor, done });
+        result
+            .await
+            .unwrap_or_else(|_| Err("the evaluator stopped".into()))
+    }
+
+    fn send(&self, job: Job) {
+        // The evaluator thread lives as long as the process; if it died, the oneshot reports it.
+        let _ = self.jobs.send(job);
+    }
+}
+
+/// Forwards one of evcxr's output channels to IOPub as `stream` messages, batching lines that
+/// arrive within a couple of milliseconds of each other.
+struct StreamForwarder {
+    lines: Receiver<String>,
+    in_flight: Arc<Mutex<()>>,
+}
+
+impl StreamForwarder {
+    fn spawn(
+        name: &'static str,
+        lines: Receiver<String>,
+        publisher: Publisher,
+        route: Arc<Mutex<OutputRoute>>,
+    ) -> Self {
+        let in_flight = Arc::new(Mutex::new(()));
+        let forwarder = StreamForwarder {
+            lines: lines.clone(),
+            in_flight: in_flight.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("forward-{name}"))
+            .spawn(move || {
+                const BATCH_WINDOW: Duration = Duration::from_millis(2);
+                const BATCH_BYTES: usize = 64 * 1024;
+                while let Ok(first) = lines.recv() {
+                    let _publishing = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut text = first;
+                    text.push('\n');
+                    let deadline = Instant::now() + BATCH_WINDOW;
+                    while text.len() < BATCH_BYTES {
+                        match lines.recv_deadline(deadline) {
+                            Ok(line) => {
+                                text.push_str(&line);
+                                text.push('\n');
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let route = route.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    publisher.stream(&route, name, &text);
+                }
+            })
+            .expect("spawning an output forwarder");
+        forwarder
+    }
+
+    /// Returns once every line received so far has been published.
+    fn flush(&self) {
+        while !self.lines.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        drop(self.in_flight.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+struct Engine {
+    ctx: CommandContext,
+    stdout: StreamForwarder,
+    stderr: StreamForwarder,
+    route: Arc<Mutex<OutputRoute>>,
+    /// The pid of the evaluation process our panic hook was installed in.
+    hooked_pid: Option<u32>,
+}
+
+fn run(jobs: Receiver<Job>, publisher: Publisher, interrupter: Interrupter) {
+    let route = Arc::new(Mutex::new(OutputRoute::default()));
+    let mut engine = match CommandContext::new() {
+        Ok((ctx, outputs)) => {
+            let stdout =
+                StreamForwarder::spawn("stdout", outputs.stdout, publisher.clone(), route.clone());
+            let stderr =
+                StreamForwarder::spawn("stderr", outputs.stderr, publisher.clone(), route.clone());
+            let mut engine = Engine {
+                ctx,
+                stdout,
+                stderr,
+                route,
+                hooked_pid: None,
+            };
+            if let Err(e) = engine.install_panic_hook() {
+                tracing::warn!("could not install the panic hook: {e}");
+            }
+            Ok(engine)
+        }
+        Err(e) => Err(format!("could not start the Rust evaluator (evcxr): {e}")),
+    };
+    if let Err(e) = &engine {
+        tracing::error!("{e}");
+    }
+    interrupter.set_runtime(engine.as_ref().ok().map(|e| e.ctx.process_handle()));
+
+    for job in jobs {
+        let engine = match &mut engine {
+            Ok(engine) => engine,
+            Err(message) => {
+                fail_job(job, message);
+                continue;
+            }
+        };
+        match job {
+            Job::Execute {
+                code,
+                route,
+                ask_input,
+                done,
+            } => {
+                let result = engine.execute(&code, route, ask_input, &interrupter);
+                let _ = done.send(result);
+            }
+            Job::Complete { code, cursor, done } => {
+                let result = guarded(|| {
+                    engine
+                        .ctx
+                        .completions(&code, cursor)
+                        .map_err(|e| e.to_string())
+                });
+                let _ = done.send(result.unwrap_or_else(Err));
+            }
+            Job::Inspect { code, cursor, done } => {
+                let result = guarded(|| {
+                    engine
+                        .ctx
+                        .hover_at(&code, cursor)
+                        .map_err(|e| e.to_string())
+                });
+                let _ = done.send(result.unwrap_or_else(Err));
+            }
+        }
+    }
+}
+
+fn fail_job(job: Job, message: &str) {
+    match job {
+        Job::Execute { done, .. } => {
+            let _ = done.send(Err(CellError::internal(message)));
+        }
+        Job::Complete { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Inspect { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+    }
+}
+
+/// Runs evcxr code, turning a panic inside evcxr itself into an error for the user.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("internal error in the evaluator: {message}")
+    })
+}
+
+impl Engine {
+    fn runtime_pid(&self) -> Option<u32> {
+        self.ctx
+            .process_handle()
+            .lock()
+            .ok()
+            .map(|child| child.id())
+    }
+
+    fn install_panic_hook(&mut self) -> Result<(), String> {
+        self.ctx
+            .execute(PANIC_HOOK_CELL)
+            .map_err(|e| e.to_string())?;
+        self.hooked_pid = self.runtime_pid();
+        Ok(())
+    }
+
+    fn variables(&self) -> BTreeSet<String> {
+        self.ctx
+            .variables_and_types()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    fn execute(
+        &mut self,
+        code: &str,
+        route: OutputRoute,
+        ask_input: Option<InputAsker>,
+        interrupter: &Interrupter,
+    ) -> Result<CellOutput, CellError> {
+        // A restarted evaluation process (after an interrupt or a crash) lost the hook.
+        if self.hooked_pid != self.runtime_pid() {
+            if let Err(e) = self.install_panic_hook() {
+                tracing::warn!("could not reinstall the panic hook: {e}");
+            }
+        }
+        *self.route.lock().unwrap_or_else(|p| p.into_inner()) = route.clone();
+        let before = self.variables();
+        let ask = |prompt: &str, password: bool| -> String {
+            match &ask_input {
+                Some(ask) => ask(prompt, password).unwrap_or_default(),
+                None => {
+                    tracing::info!("a cell asked for input, but its frontend does not allow stdin");
+                    String::new()
+                }
+            }
+        };
+        let _running = interrupter.begin_cell();
+        let result = guarded(|| {
+            self.ctx.execute_with_callbacks(
+                code,
+                // evcxr does not export its request type; the closure's argument is inferred.
+                &mut EvalCallbacks {
+                    input_reader: &|request| ask(&request.prompt, request.is_password),
+                },
+            )
+        });
+        let interruption = interrupter.take_interruption();
+        // stderr arrives through its own pipe; give a line written just before the cell ended
+        // the moment it needs to reach its channel, so it is published before the result.
+        std::thread::sleep(Duration::from_millis(2));
+        self.stdout.flush();
+        self.stderr.flush();
+        let after = self.variables();
+
+        let result = match result {
+            Ok(result) => result,
+            Err(internal) => return Err(CellError::internal(&internal)),
+        };
+        match result {
+            Ok(mut outputs) => {
+                if let Some(message) = outputs.content_by_mime_type.remove(PANIC_MIME) {
+                    return Err(diagnostics::panic_error(
+                        &unescape(&message),
+                        &before,
+                        &after,
+                    ));
+                }
+                let data = outputs
+                    .content_by_mime_type
+                    .into_iter()
+                    .map(|(mime, text)| (mime, Value::String(text)))
+                    .collect();
+                Ok(CellOutput { data })
+            }
+            Err(evcxr::Error::CompilationErrors(errors)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_compiling()),
+                None => Err(diagnostics::compile_error(code, &errors)),
+            },
+            Err(evcxr::Error::SubprocessTerminated(message)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_running(&before)),
+                None => Err(diagnostics::process_died(&message, &before)),
+            },
+            Err(evcxr::Error::TypeRedefinedVariablesLost(lost)) => {
+                Err(diagnostics::type_redefined(&lost))
+            }
+            Err(evcxr::Error::Message(message)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_compiling()),
+                None => Err(diagnostics::evaluator_message(&message)),
+            },
+        }
+    }
+}
+
+fn unescape(escaped: &str) -> String {
+    let mut out = String::with_capacity(escaped.len());
+    let mut chars = escaped.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn unescape_reverses_the_hook_encoding() {
+        assert_eq!(unescape(r"line one\nline \\two"), "line one\nline \\two");
+        assert_eq!(unescape(r"trailing\"), "trailing\\");
+    }
+}

@@ -1,0 +1,211 @@
+//! Interrupting a local cell. evcxr has no interrupt API, so: while the cell compiles, kill the
+//! cargo build (nothing is lost); while it runs, kill the evaluation process, which evcxr
+//! restarts without the variables.
+
+use std::collections::HashMap;
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    Compiling,
+    Running,
+}
+
+#[derive(Default)]
+struct State {
+    runtime: Mutex<Option<Arc<Mutex<Child>>>>,
+    running: AtomicBool,
+    /// Set by an interrupt, cleared when the cell's result has been classified. While set, any
+    /// cargo build evcxr starts (it retries) is killed too.
+    pending: Mutex<Option<Interruption>>,
+    /// Tells a stdin prompt in progress to give up.
+    cancel_input: AtomicBool,
+}
+
+#[derive(Clone, Default)]
+pub struct Interrupter {
+    state: Arc<State>,
+}
+
+/// Marks a cell as running until dropped.
+pub struct RunningCell<'a> {
+    state: &'a State,
+}
+
+impl Drop for RunningCell<'_> {
+    fn drop(&mut self) {
+        self.state.running.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Interrupter {
+    pub fn set_runtime(&self, runtime: Option<Arc<Mutex<Child>>>) {
+        *self.state.runtime.lock().unwrap_or_else(|p| p.into_inner()) = runtime;
+    }
+
+    pub fn begin_cell(&self) -> RunningCell<'_> {
+        *self.state.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.state.cancel_input.store(false, Ordering::SeqCst);
+        self.state.running.store(true, Ordering::SeqCst);
+        RunningCell { state: &self.state }
+    }
+
+    pub fn take_interruption(&self) -> Option<Interruption> {
+        self.state
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    pub fn input_cancelled(&self) -> &AtomicBool {
+        &self.state.cancel_input
+    }
+
+    /// Stops the running cell, if any. Returns what was interrupted.
+    pub fn interrupt(&self) -> Option<Interruption> {
+        if !self.state.running.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.state.cancel_input.store(true, Ordering::SeqCst);
+        let kind = if kill_builds() > 0 {
+            Interruption::Compiling
+        } else {
+            if let Some(runtime) = self
+                .state
+                .runtime
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                if let Ok(mut child) = runtime.lock() {
+                    let _ = child.kill();
+                }
+            }
+            Interruption::Running
+        };
+        let mut pending = self.state.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let first = pending.is_none();
+        pending.get_or_insert(kind);
+        drop(pending);
+        if first && kind == Interruption::Compiling {
+            // evcxr may retry a failed build; keep stopping builds until the cell ends.
+            let state = self.state.clone();
+            std::thread::spawn(move || {
+                while state.running.load(Ordering::SeqCst)
+                    && state.pending.lock().map(|p| p.is_some()).unwrap_or(false)
+                {
+                    kill_builds();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        Some(kind)
+    }
+}
+
+/// Kills every cargo build started by this process (and everything under it). Returns how many
+/// processes were killed.
+fn kill_builds() -> usize {
+    let me = std::process::id();
+    let table = process_table();
+    let builds: Vec<u32> = table
+        .iter()
+        .filter(|(_, (parent, name))| *parent == me && name == "cargo")
+        .map(|(pid, _)| *pid)
+        .collect();
+    let mut killed = 0;
+    for build in builds {
+        for pid in subtree(&table, build) {
+            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+/// pid -> (parent pid, command name), read from /proc.
+fn process_table() -> HashMap<u32, (u32, String)> {
+    let mut table = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return table;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may itself contain spaces or parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let parent = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        table.insert(pid, (parent, name));
+    }
+    table
+}
+
+/// `root` and all its descendants, parents before children.
+fn subtree(table: &HashMap<u32, (u32, String)>, root: u32) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            table
+                .iter()
+                .filter(|(_, (p, _))| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_table_sees_this_process_and_its_parent() {
+        let table = process_table();
+        let (parent, _name) = table.get(&std::process::id()).expect("self in /proc");
+        assert_eq!(*parent, std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn subtree_collects_descendants() {
+        let table: HashMap<u32, (u32, String)> = [
+            (2, (1, "a".into())),
+            (3, (2, "b".into())),
+            (4, (3, "c".into())),
+            (5, (1, "d".into())),
+        ]
+        .into_iter()
+        .collect();
+        let mut tree = subtree(&table, 2);
+        tree.sort();
+        assert_eq!(tree, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn interrupt_with_nothing_running_does_nothing() {
+        assert_eq!(Interrupter::default().interrupt(), None);
+    }
+}

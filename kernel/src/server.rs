@@ -1,0 +1,276 @@
+//! The Jupyter kernel server: binds the five channels from a connection file and serves them.
+//! Each socket is owned by one task; the shell handler runs requests one at a time, while
+//! control (interrupt, shutdown) and heartbeat stay responsive during a long cell.
+
+use crate::iopub::{IopubItem, OutputRoute, Publisher, Session};
+use crate::shell::Shell;
+use crate::wire::{self, ReplayGuard, WireMessage};
+use anyhow::{bail, Context};
+use jupyter_protocol::ConnectionInfo;
+use serde_json::{json, Value};
+use std::path::Path;
+use tokio::sync::mpsc;
+use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+pub fn read_connection_file(path: &Path) -> anyhow::Result<ConnectionInfo> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the connection file {}", path.display()))?;
+    let info: ConnectionInfo = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the connection file {}", path.display()))?;
+    if !info.key.is_empty() && info.signature_scheme != "hmac-sha256" {
+        bail!(
+            "unsupported signature scheme {:?}: Parallax signs with hmac-sha256",
+            info.signature_scheme
+        );
+    }
+    Ok(info)
+}
+
+/// Serves the kernel until a shutdown request arrives.
+pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
+    let signer = wire::Signer::new(&info.key);
+    if !signer.is_signing() {
+        tracing::warn!("the connection file has an empty key: messages are not signed");
+    }
+    let session = Session::new(signer);
+    let rust_version = std::thread::spawn(rustc_version);
+
+    let mut heartbeat = RepSocket::new();
+    heartbeat
+        .bind(&info.hb_url())
+        .await
+        .context("binding heartbeat")?;
+    let mut iopub = PubSocket::new();
+    iopub
+        .bind(&info.iopub_url())
+        .await
+        .context("binding iopub")?;
+    let mut control = RouterSocket::new();
+    control
+        .bind(&info.control_url())
+        .await
+        .context("binding control")?;
+    let mut shell = RouterSocket::new();
+    shell
+        .bind(&info.shell_url())
+        .await
+        .context("binding shell")?;
+    let mut stdin = RouterSocket::new();
+    stdin
+        .bind(&info.stdin_url())
+        .await
+        .context("binding stdin")?;
+    tracing::info!("listening on {} (shell port {})", info.ip, info.shell_port);
+
+    let (publisher, iopub_queue) = Publisher::new(session.clone());
+    tokio::spawn(run_iopub(iopub, session.clone(), iopub_queue));
+    tokio::spawn(run_heartbeat(heartbeat));
+    publisher.status(&OutputRoute::default(), "starting");
+
+    let evaluator = crate::evaluator::Evaluator::start(publisher.clone());
+    let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());
+    let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel::<()>();
+
+    let interrupter = evaluator.interrupter().clone();
+    tokio::spawn(async move {
+        let Ok(mut sigint) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        else {
+            return;
+        };
+        while sigint.recv().await.is_some() {
+            tracing::info!("SIGINT: interrupting the running cell");
+            interrupter.interrupt();
+        }
+    });
+
+    tokio::spawn(run_control(
+        control,
+        session.clone(),
+        publisher.clone(),
+        evaluator.interrupter().clone(),
+        kernel_info.clone(),
+        shutdown_tx.clone(),
+    ));
+
+    let stdin_bridge = crate::stdin::StdinBridge::spawn(stdin, session.clone());
+    let (shell_send, shell_recv) = shell.split();
+    let (shell_queue_tx, shell_queue) = mpsc::unbounded_channel();
+    tokio::spawn(read_socket(
+        "shell",
+        shell_recv,
+        session.clone(),
+        shell_queue_tx,
+    ));
+    let shell = Shell::new(
+        session,
+        publisher.clone(),
+        evaluator,
+        stdin_bridge,
+        shell_send,
+        kernel_info,
+        shutdown_tx,
+    );
+    tokio::spawn(shell.run(shell_queue));
+
+    shutdown_rx.recv().await;
+    publisher.flush().await;
+    Ok(())
+}
+
+/// Reads a ROUTER socket, dropping (and logging) anything malformed, unsigned or replayed.
+async fn read_socket<S: SocketRecv>(
+    name: &'static str,
+    mut socket: S,
+    session: Session,
+    queue: mpsc::UnboundedSender<WireMessage>,
+) {
+    let mut replay = ReplayGuard::default();
+    loop {
+        let raw = match socket.recv().await {
+            Ok(raw) => raw,
+            Err(e) => {
+                tracing::warn!("{name}: receive failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        match wire::decode(raw, session.signer(), &mut replay) {
+            Ok(message) => {
+                if queue.send(message).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("{name}: dropped a message: {e}"),
+        }
+    }
+}
+
+async fn run_iopub(
+    mut socket: PubSocket,
+    session: Session,
+    mut queue: mpsc::UnboundedReceiver<IopubItem>,
+) {
+    while let Some(item) = queue.recv().await {
+        match item {
+            IopubItem::Message(out) => {
+                if let Err(e) = socket.send(session.encode(&out)).await {
+                    tracing::warn!("iopub: send failed: {e}");
+                }
+            }
+            IopubItem::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+async fn run_heartbeat(mut socket: RepSocket) {
+    loop {
+        match socket.recv().await {
+            Ok(ping) => {
+                if let Err(e) = socket.send(ping).await {
+                    tracing::warn!("heartbeat: send failed: {e}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!("heartbeat: receive failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn run_control(
+    socket: RouterSocket,
+    session: Session,
+    publisher: Publisher,
+    interrupter: crate::interrupt::Interrupter,
+    kernel_info: Value,
+    shutdown: mpsc::UnboundedSender<()>,
+) {
+    let (mut send, recv) = socket.split();
+    let (queue_tx, mut queue) = mpsc::unbounded_channel();
+    tokio::spawn(read_socket("control", recv, session.clone(), queue_tx));
+    while let Some(request) = queue.recv().await {
+        let route = OutputRoute::answering(&request);
+        publisher.status(&route, "busy");
+        let (reply, stop) = match request.msg_type() {
+            "kernel_info_request" => (
+                Some(session.reply(&request, "kernel_info_reply", kernel_info.clone())),
+                false,
+            ),
+            "interrupt_request" => {
+                match interrupter.interrupt() {
+                    Some(kind) => tracing::info!("interrupted the running cell while {kind:?}"),
+                    None => tracing::info!("interrupt requested with no cell running"),
+                }
+                (
+                    Some(session.reply(&request, "interrupt_reply", json!({"status": "ok"}))),
+                    false,
+                )
+            }
+            "shutdown_request" => {
+                let restart = request.content["restart"].as_bool().unwrap_or(false);
+                let content = json!({"status": "ok", "restart": restart});
+                (
+                    Some(session.reply(&request, "shutdown_reply", content)),
+                    true,
+                )
+            }
+            other => {
+                tracing::warn!("control: ignored a {other} message");
+                (None, false)
+            }
+        };
+        if let Some(reply) = reply {
+            send_logged(&mut send, session.encode(&reply), "control").await;
+        }
+        publisher.status(&route, "idle");
+        if stop {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+pub async fn send_logged<S: SocketSend>(socket: &mut S, message: ZmqMessage, name: &str) {
+    if let Err(e) = socket.send(message).await {
+        tracing::warn!("{name}: send failed: {e}");
+    }
+}
+
+fn rustc_version() -> String {
+    std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.split_whitespace().nth(1).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn kernel_info(rust_version: &str) -> Value {
+    json!({
+        "status": "ok",
+        "protocol_version": crate::iopub::PROTOCOL_VERSION,
+        "implementation": "parallax",
+        "implementation_version": env!("CARGO_PKG_VERSION"),
+        "language_info": {
+            "name": "rust",
+            "version": rust_version,
+            "mimetype": "text/rust",
+            "file_extension": ".rs",
+            "pygments_lexer": "rust",
+            "codemirror_mode": "rust",
+        },
+        "banner": format!(
+            "Parallax {}: interactive parallel Rust (evaluated with evcxr). %lsmagic lists the magics.",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "help_links": [
+            {"text": "The Rust Programming Language", "url": "https://doc.rust-lang.org/book/"},
+            {"text": "evcxr", "url": "https://github.com/evcxr/evcxr"},
+        ],
+        "debugger": false,
+    })
+}

@@ -1,0 +1,108 @@
+"""Shared set-up for the integration tests: one release build of `parallax`, a kernelspec for it
+in a private Jupyter path, and helpers to start real kernels through jupyter_client."""
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import KernelManager
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def parallax_binary() -> Path:
+    explicit = os.environ.get("PARALLAX_BIN")
+    if explicit:
+        return Path(explicit)
+    target = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache/parallax/target"))
+    return Path(target) / "release" / "parallax"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernelspec():
+    """Installs the kernelspec into a private data dir and points Jupyter at it, so the tests
+    never touch the user's own Jupyter set-up."""
+    binary = parallax_binary()
+    assert binary.exists(), f"build the kernel first: {binary} is missing"
+    prefix = Path(tempfile.mkdtemp(prefix="parallax-jupyter-"))
+    subprocess.run([str(binary), "install", "--prefix", str(prefix)], check=True)
+    os.environ["JUPYTER_PATH"] = str(prefix / "share" / "jupyter")
+    os.environ["JUPYTER_DATA_DIR"] = str(prefix / "data")
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(prefix / "runtime")
+    os.environ["JUPYTER_CONFIG_DIR"] = str(prefix / "config")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+class RunningKernel:
+    """A real kernel process, its client, and its log (the kernel's stderr)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        self.km = KernelManager(kernel_name="parallax")
+        self.km.start_kernel(stderr=self.log_file)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def log(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text()
+
+    def execute(self, code: str, timeout: float = 120, **kwargs):
+        """Runs a cell; returns (reply, outputs) where outputs are the IOPub messages between
+        busy and idle that belong to it."""
+        outputs = []
+        reply = self.kc.execute_interactive(
+            code, timeout=timeout, output_hook=outputs.append, **kwargs
+        )
+        return reply, outputs
+
+    def stop(self):
+        try:
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=False)
+        finally:
+            self.log_file.close()
+
+
+def stream_text(outputs, name="stdout") -> str:
+    return "".join(
+        m["content"]["text"]
+        for m in outputs
+        if m["msg_type"] == "stream" and m["content"]["name"] == name
+    )
+
+
+def of_type(outputs, msg_type):
+    return [m for m in outputs if m["msg_type"] == msg_type]
+
+
+@pytest.fixture
+def kernel(request, kernelspec):
+    log = ARTIFACTS / f"{request.node.name}.kernel.log"
+    running = RunningKernel(log)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_kernel(request, kernelspec):
+    log = ARTIFACTS / f"{request.module.__name__}.kernel.log"
+    running = RunningKernel(log)
+    yield running
+    running.stop()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

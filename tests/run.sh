@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting and lints, Rust unit tests, then the integration tests through
+# real Jupyter clients against the release binary built once for the run.
+set -euo pipefail
+source "$(dirname "$0")/../install/env.sh"
+cd "$PARALLAX_ROOT"
+"$PARALLAX_ROOT/install/build.sh"
+"$PARALLAX_ROOT/install/venv.sh"
+cargo fmt --all --check
+cargo clippy --release --locked --all-targets -- -D warnings
+cargo test --release --locked
+# pytest exits 5 when it collects nothing: that is a failure here too.
+"$PARALLAX_ROOT/.venv/bin/python" -m pytest -p no:cacheprovider -v tests "$@"
