@@ -16,7 +16,12 @@ def test_console_runs_a_multiline_cell():
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
     child = pexpect.spawn(
         jupyter,
-        ["console", "--kernel", "parallax", "--colors=NoColor"],
+        [
+            "console",
+            "--kernel",
+            "parallax",
+            "--colors=NoColor",
+        ],
         env=env,
         encoding="utf-8",
         timeout=180,
@@ -38,7 +43,10 @@ def test_console_runs_a_multiline_cell():
         child.sendline("base * 4 + 2")
         child.expect(r"Out\[(?:\x1b\[[0-9;?]*[A-Za-z])*\d+(?:\x1b\[[0-9;?]*[A-Za-z])*\]:")
         child.expect("42")
+        child.expect(PROMPT)
     finally:
-        child.sendline("exit")
+        child.sendcontrol("d")
+        child.expect("really want to exit", timeout=30)
+        child.sendline("y")
         child.expect(pexpect.EOF, timeout=30)
         child.close()

@@ -145,6 +145,9 @@ def test_garbage_on_every_socket_does_not_crash_the_kernel(kernel):
 
 
 def test_input_request_round_trip(kernel):
+    # evcxr_input is the crate evcxr's stdin protocol comes with; :dep fetches it from crates.io.
+    reply, _ = kernel.execute(':dep evcxr_input = "1"', timeout=300)
+    assert reply["content"]["status"] == "ok", reply["content"]
     prompts = []
 
     def answer(msg):
@@ -162,7 +165,8 @@ def test_input_request_round_trip(kernel):
 
 
 def test_compile_error_is_shown_once_like_rustc(kernel):
-    reply, outputs = kernel.execute('let a = 1;\nlet x: i32 = "text";')
+    kernel.execute("let a = 1;")
+    reply, outputs = kernel.execute('let b = 2;\nlet x: i32 = "text";')
     errors = of_type(outputs, "error")
     assert len(errors) == 1
     content = errors[0]["content"]
@@ -173,6 +177,7 @@ def test_compile_error_is_shown_once_like_rustc(kernel):
     assert 'let x: i32 = "text";' in text
     assert "^" in text
     assert reply["content"]["status"] == "error"
+    print("\n".join(content["traceback"]))
     # The state from before the failing cell is untouched.
     _, outputs = kernel.execute("a + 1")
     assert of_type(outputs, "execute_result")[0]["content"]["data"]["text/plain"] == "2"

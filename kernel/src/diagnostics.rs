@@ -178,30 +178,38 @@ pub fn render_diagnostics(code: &str, diagnostics: &[Diagnostic]) -> CellError {
             text.push_str(&format!("{gutter}--> cell:{line}:{column}\n"));
             text.push_str(&format!("{gutter} |\n"));
         }
-        for ((start_line, start_col, end_line, end_col), label, primary) in &spans {
+        // One snippet per source line, with every label on that line under it, as rustc does.
+        let mut lines_shown: Vec<usize> = spans.iter().map(|((line, ..), ..)| *line).collect();
+        lines_shown.sort_unstable();
+        lines_shown.dedup();
+        for line_number in lines_shown {
             let source = lines
-                .get(start_line.saturating_sub(1))
+                .get(line_number.saturating_sub(1))
                 .copied()
                 .unwrap_or("");
             let source_width = source.chars().count();
-            let first = start_col.saturating_sub(1).min(source_width);
-            let last = if end_line == start_line {
-                end_col.saturating_sub(1).min(source_width)
-            } else {
-                source_width
-            };
-            let marker = if *primary { "^" } else { "-" };
-            let underline = marker.repeat(last.saturating_sub(first).max(1));
-            text.push_str(&format!("{start_line:>width$} | {source}\n"));
-            let label = if label.is_empty() {
-                String::new()
-            } else {
-                format!(" {label}")
-            };
-            text.push_str(&format!(
-                "{gutter} | {}{underline}{label}\n",
-                " ".repeat(first)
-            ));
+            text.push_str(&format!("{line_number:>width$} | {source}\n"));
+            for ((_, start_col, end_line, end_col), label, primary) in
+                spans.iter().filter(|((line, ..), ..)| *line == line_number)
+            {
+                let first = start_col.saturating_sub(1).min(source_width);
+                let last = if *end_line == line_number {
+                    end_col.saturating_sub(1).min(source_width)
+                } else {
+                    source_width
+                };
+                let marker = if *primary { "^" } else { "-" };
+                let underline = marker.repeat(last.saturating_sub(first).max(1));
+                let label = if label.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {label}")
+                };
+                text.push_str(&format!(
+                    "{gutter} | {}{underline}{label}\n",
+                    " ".repeat(first)
+                ));
+            }
         }
         for help in &diagnostic.help {
             text.push_str(&format!("{gutter} = help: {help}\n"));
@@ -251,7 +259,6 @@ mod tests {
                 "  |\n",
                 "2 | let x: i32 = \"a\";\n",
                 "  |              ^^^ expected `i32`, found `&str`\n",
-                "2 | let x: i32 = \"a\";\n",
                 "  |        --- expected due to this\n",
             )]
         );
@@ -269,7 +276,7 @@ mod tests {
         let error = render_diagnostics("y", &[diagnostic]);
         assert_eq!(
             error.traceback[0],
-            "error: cannot find value `y` in this scope\n = help: a local variable with a similar name exists: `x`\n"
+            "error: cannot find value `y` in this scope\n  = help: a local variable with a similar name exists: `x`\n"
         );
     }
 

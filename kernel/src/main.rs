@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zeromq=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,parallax=info")),
         )
         .init();
     let result = match cli.command {

@@ -424,7 +424,8 @@ mod tests {
     #[test]
     fn cursor_conversions_respect_multibyte_characters() {
         let code = "let é = 1; é";
-        assert_eq!(byte_offset(code, 5), 5);
+        assert_eq!(byte_offset(code, 4), 4);
+        assert_eq!(byte_offset(code, 5), 6); // é is two bytes
         assert_eq!(byte_offset(code, 6), 7);
         assert_eq!(byte_offset(code, 100), code.len());
         assert_eq!(code_points(code, 7), 6);

@@ -404,7 +404,10 @@ mod tests {
         let cell = "let a = 1;\n%lsmagic\n:dep x = \"1\"\na";
         let blanked = blank_non_rust(cell);
         assert_eq!(blanked.len(), cell.len());
-        assert_eq!(blanked, "let a = 1;\n        \n           \na");
+        assert_eq!(
+            blanked,
+            format!("let a = 1;\n{}\n{}\na", " ".repeat(8), " ".repeat(12))
+        );
         let nested = "let s = \"\n%inside\";";
         assert_eq!(blank_non_rust(nested), nested);
     }
