@@ -117,9 +117,16 @@ pub struct Diagnostic {
     pub level: String,
     pub code: Option<String>,
     pub message: String,
-    /// (start line, start column, end line, end column), 1-based, end column exclusive.
-    pub labels: Vec<(Option<(usize, usize, usize, usize)>, String, bool)>,
+    pub labels: Vec<Label>,
     pub help: Vec<String>,
+}
+
+/// A labelled span: (start line, start column, end line, end column), 1-based, end column
+/// exclusive.
+pub struct Label {
+    pub span: Option<(usize, usize, usize, usize)>,
+    pub text: String,
+    pub primary: bool,
 }
 
 impl From<&evcxr::CompilationError> for Diagnostic {
@@ -131,12 +138,13 @@ impl From<&evcxr::CompilationError> for Diagnostic {
             labels: error
                 .spanned_messages()
                 .iter()
-                .map(|m| {
-                    let span = m
+                .map(|m| Label {
+                    span: m
                         .span
                         .as_ref()
-                        .map(|s| (s.start_line, s.start_column, s.end_line, s.end_column));
-                    (span, m.label.clone(), m.is_primary)
+                        .map(|s| (s.start_line, s.start_column, s.end_line, s.end_column)),
+                    text: m.label.clone(),
+                    primary: m.is_primary,
                 })
                 .collect(),
             help: error
@@ -166,7 +174,7 @@ pub fn render_diagnostics(code: &str, diagnostics: &[Diagnostic]) -> CellError {
         let spans: Vec<_> = diagnostic
             .labels
             .iter()
-            .filter_map(|(span, label, primary)| span.map(|s| (s, label, *primary)))
+            .filter_map(|label| label.span.map(|s| (s, &label.text, label.primary)))
             .collect();
         let width = spans
             .iter()
@@ -239,12 +247,16 @@ mod tests {
             code: Some("E0308".into()),
             message: "mismatched types".into(),
             labels: vec![
-                (
-                    Some((2, 14, 2, 17)),
-                    "expected `i32`, found `&str`".into(),
-                    true,
-                ),
-                (Some((2, 8, 2, 11)), "expected due to this".into(), false),
+                Label {
+                    span: Some((2, 14, 2, 17)),
+                    text: "expected `i32`, found `&str`".into(),
+                    primary: true,
+                },
+                Label {
+                    span: Some((2, 8, 2, 11)),
+                    text: "expected due to this".into(),
+                    primary: false,
+                },
             ],
             help: vec![],
         };

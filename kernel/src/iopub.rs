@@ -100,7 +100,7 @@ impl OutputRoute {
 
 /// What IOPub's task is asked to do.
 pub enum IopubItem {
-    Message(Outgoing),
+    Message(Box<Outgoing>),
     /// Answered once every message queued before it has been sent.
     Flush(oneshot::Sender<()>),
 }
@@ -136,7 +136,7 @@ impl Publisher {
             self.session.id
         ))];
         // Fails only once the IOPub task has stopped, at shutdown, when nobody listens anyway.
-        let _ = self.queue.send(IopubItem::Message(out));
+        let _ = self.queue.send(IopubItem::Message(Box::new(out)));
     }
 
     pub fn status(&self, route: &OutputRoute, state: &str) {
