@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import threading
 import time
 
@@ -46,6 +47,36 @@ def test_interrupt_stops_an_endless_cell_and_the_next_cell_runs(kernel):
     reply, outputs = kernel.execute("1 + 1")
     assert reply["content"]["status"] == "ok"
     assert of_type(outputs, "execute_result")[0]["content"]["data"]["text/plain"] == "2"
+
+
+def test_interrupt_during_compilation_loses_nothing(kernel):
+    kernel.execute("let survivor = 7;")
+    result = {}
+    # Building a dependency keeps cargo busy for many seconds: long enough to interrupt it.
+    code = ':dep regex = "1"\nregex::Regex::new("a+").unwrap().is_match("aaa")'
+    worker = threading.Thread(
+        target=lambda: result.setdefault("reply", kernel.kc.execute_interactive(code, timeout=300))
+    )
+    worker.start()
+
+    def cargo_running():
+        out = subprocess.run(["pgrep", "-P", str(kernel.km.provisioner.pid), "cargo"],
+                             capture_output=True, text=True)
+        return out.returncode == 0
+
+    assert wait_until(cargo_running, 60), "cargo never started"
+    t0 = time.monotonic()
+    kernel.km.interrupt_kernel()
+    worker.join(10)
+    elapsed = time.monotonic() - t0
+    assert not worker.is_alive(), "the cell did not end after the interrupt"
+    assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
+    content = result["reply"]["content"]
+    assert content["status"] == "error"
+    assert content["ename"] == "Interrupted"
+    assert "nothing was lost" in content["evalue"], content["evalue"]
+    reply, outputs = kernel.execute("survivor * 6")
+    assert of_type(outputs, "execute_result")[0]["content"]["data"]["text/plain"] == "42"
 
 
 def test_interrupt_while_idle_is_harmless(kernel):
