@@ -2,64 +2,15 @@
 //! signature, then header, parent header, metadata, content and binary buffers.
 
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
 use jupyter_protocol::Header;
+pub use parallax_engine_protocol::Signer;
 use serde_json::Value;
-use sha2::Sha256;
 use std::collections::{HashSet, VecDeque};
 use zeromq::ZmqMessage;
 
 const DELIMITER: &[u8] = b"<IDS|MSG>";
 /// How many recent signatures are remembered to drop replayed messages.
 const REPLAY_WINDOW: usize = 4096;
-
-/// Signs and checks messages with the connection file's key.
-#[derive(Clone)]
-pub struct Signer {
-    mac: Option<Hmac<Sha256>>,
-}
-
-impl Signer {
-    /// An empty key means "no signing", as in the Jupyter spec; the kernel warns about it.
-    pub fn new(key: &str) -> Self {
-        let mac = if key.is_empty() {
-            None
-        } else {
-            // HMAC accepts keys of any length, so this cannot fail.
-            Some(Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key"))
-        };
-        Signer { mac }
-    }
-
-    pub fn is_signing(&self) -> bool {
-        self.mac.is_some()
-    }
-
-    fn mac_over(&self, parts: &[&[u8]]) -> Option<Hmac<Sha256>> {
-        let mut mac = self.mac.clone()?;
-        for part in parts {
-            mac.update(part);
-        }
-        Some(mac)
-    }
-
-    pub fn sign(&self, parts: &[&[u8]]) -> String {
-        match self.mac_over(parts) {
-            Some(mac) => hex::encode(mac.finalize().into_bytes()),
-            None => String::new(),
-        }
-    }
-
-    fn verify(&self, parts: &[&[u8]], signature: &[u8]) -> bool {
-        match self.mac_over(parts) {
-            None => true,
-            Some(mac) => match hex::decode(signature) {
-                Ok(raw) => mac.verify_slice(&raw).is_ok(),
-                Err(_) => false,
-            },
-        }
-    }
-}
 
 /// Why an incoming message was dropped.
 #[derive(Debug, PartialEq, Eq)]
@@ -241,17 +192,6 @@ mod tests {
         assert_eq!(decoded.msg_type(), "kernel_info_request");
         assert_eq!(decoded.content, json!({"a": 1}));
         assert_eq!(decoded.header["msg_id"], "m1");
-    }
-
-    #[test]
-    fn signature_matches_python_hmac() {
-        // hmac.new(b"key", b'{"h":1}{}{}{"c":2}', hashlib.sha256).hexdigest(), as jupyter_client
-        // signs the four JSON frames.
-        let signer = Signer::new("key");
-        assert_eq!(
-            signer.sign(&[b"{\"h\":1}", b"{}", b"{}", b"{\"c\":2}"]),
-            "06829948ac688bc613e1a3e1eaf6fdbabc39332b27532bd39e22164d4bc8179a"
-        );
     }
 
     #[test]

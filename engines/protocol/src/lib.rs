@@ -1,0 +1,313 @@
+//! The messages Parallax's controller (in the kernel) and its engines exchange over ZeroMQ, and
+//! their signed framing. Engines may run on other hosts, so nothing here assumes a shared file
+//! system: everything an engine needs travels in these messages.
+//!
+//! A message is a list of frames: the hex HMAC-SHA256 signature, the JSON envelope, then binary
+//! buffers. The signature covers the envelope and every buffer. Each sender numbers its messages;
+//! a receiver drops a number it has already seen from that sender, so a captured message cannot
+//! be replayed.
+
+pub mod signing;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+pub use signing::Signer;
+use std::collections::HashMap;
+
+/// Sent by the controller to one engine.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToEngine {
+    /// Evaluate a cell as task `task`.
+    Execute {
+        task: u64,
+        code: String,
+    },
+    /// Stop task `task` if it is still running.
+    Interrupt {
+        task: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
+    /// Exit cleanly.
+    Shutdown,
+}
+
+/// Sent by an engine to the controller.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromEngine {
+    /// The first message of an engine process: who it is and where it runs.
+    Register {
+        engine: u32,
+        pid: u32,
+        host: String,
+    },
+    /// The engine's evaluation context is built; it can take cells.
+    Ready {
+        engine: u32,
+    },
+    /// Output a task printed, as it printed it.
+    Stream {
+        task: u64,
+        name: StreamName,
+        text: String,
+    },
+    /// Rich output (a MIME bundle) a task produced.
+    Display {
+        task: u64,
+        data: Map<String, Value>,
+    },
+    /// A task ended.
+    Done {
+        task: u64,
+        outcome: Outcome,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamName {
+    Stdout,
+    Stderr,
+}
+
+/// How a task ended.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The cell ran; `data` is its final expression's MIME bundle (empty when it has none).
+    Ok { data: Map<String, Value> },
+    Error {
+        ename: String,
+        evalue: String,
+        traceback: Vec<String>,
+    },
+}
+
+/// A decoded message with its sender's session and sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<T> {
+    pub session: String,
+    pub seq: u64,
+    pub body: T,
+    pub buffers: Vec<Bytes>,
+}
+
+#[derive(Serialize)]
+struct OutgoingHeader<'a, T> {
+    session: &'a str,
+    seq: u64,
+    body: &'a T,
+}
+
+#[derive(Deserialize)]
+struct IncomingHeader<T> {
+    session: String,
+    seq: u64,
+    body: T,
+}
+
+/// Why an incoming message was dropped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    TooFewFrames(usize),
+    BadSignature,
+    Replayed { session: String, seq: u64 },
+    BadJson(String),
+}
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtocolError::TooFewFrames(n) => write!(f, "{n} frames, need at least 2"),
+            ProtocolError::BadSignature => write!(f, "invalid HMAC signature"),
+            ProtocolError::Replayed { session, seq } => {
+                write!(f, "replayed message {seq} from session {session}")
+            }
+            ProtocolError::BadJson(e) => write!(f, "malformed envelope: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Numbers and signs outgoing messages for one sender.
+pub struct Sender {
+    signer: Signer,
+    session: String,
+    next_seq: u64,
+}
+
+impl Sender {
+    pub fn new(signer: Signer, session: impl Into<String>) -> Self {
+        Sender {
+            signer,
+            session: session.into(),
+            next_seq: 0,
+        }
+    }
+
+    pub fn encode<T: Serialize>(&mut self, body: &T, buffers: Vec<Bytes>) -> Vec<Bytes> {
+        let header = OutgoingHeader {
+            session: &self.session,
+            seq: self.next_seq,
+            body,
+        };
+        self.next_seq += 1;
+        // Our message types hold only strings, numbers and JSON values: they always serialize.
+        let envelope = serde_json::to_vec(&header).expect("protocol messages serialize");
+        let mut signed: Vec<&[u8]> = vec![&envelope];
+        signed.extend(buffers.iter().map(|b| b.as_ref()));
+        let signature = self.signer.sign(&signed);
+        let mut frames = Vec::with_capacity(2 + buffers.len());
+        frames.push(Bytes::from(signature));
+        frames.push(Bytes::from(envelope));
+        frames.extend(buffers);
+        frames
+    }
+}
+
+/// Checks and decodes incoming messages, remembering each sender's last sequence number.
+pub struct Receiver {
+    signer: Signer,
+    last_seq: HashMap<String, u64>,
+}
+
+impl Receiver {
+    pub fn new(signer: Signer) -> Self {
+        Receiver {
+            signer,
+            last_seq: HashMap::new(),
+        }
+    }
+
+    pub fn decode<T: DeserializeOwned>(
+        &mut self,
+        mut frames: Vec<Bytes>,
+    ) -> Result<Envelope<T>, ProtocolError> {
+        if frames.len() < 2 {
+            return Err(ProtocolError::TooFewFrames(frames.len()));
+        }
+        let buffers = frames.split_off(2);
+        let signed: Vec<&[u8]> = std::iter::once(frames[1].as_ref())
+            .chain(buffers.iter().map(|b| b.as_ref()))
+            .collect();
+        if !self.signer.verify(&signed, &frames[0]) {
+            return Err(ProtocolError::BadSignature);
+        }
+        let header: IncomingHeader<T> = serde_json::from_slice(&frames[1])
+            .map_err(|e| ProtocolError::BadJson(e.to_string()))?;
+        let last = self.last_seq.get(&header.session);
+        if last.is_some_and(|&last| header.seq <= last) {
+            return Err(ProtocolError::Replayed {
+                session: header.session,
+                seq: header.seq,
+            });
+        }
+        self.last_seq.insert(header.session.clone(), header.seq);
+        Ok(Envelope {
+            session: header.session,
+            seq: header.seq,
+            body: header.body,
+            buffers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pair() -> (Sender, Receiver) {
+        (
+            Sender::new(Signer::new("k"), "engine-0"),
+            Receiver::new(Signer::new("k")),
+        )
+    }
+
+    #[test]
+    fn round_trip_with_buffers() {
+        let (mut tx, mut rx) = pair();
+        let body = FromEngine::Done {
+            task: 3,
+            outcome: Outcome::Ok {
+                data: json!({"text/plain": "2"}).as_object().unwrap().clone(),
+            },
+        };
+        let frames = tx.encode(&body, vec![Bytes::from_static(b"\x00\x01binary")]);
+        let got: Envelope<FromEngine> = rx.decode(frames).unwrap();
+        assert_eq!(got.body, body);
+        assert_eq!(got.session, "engine-0");
+        assert_eq!(got.buffers, vec![Bytes::from_static(b"\x00\x01binary")]);
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let (mut tx, _) = pair();
+        let frames = tx.encode(
+            &ToEngine::Execute {
+                task: 1,
+                code: "1 + 1".into(),
+            },
+            vec![],
+        );
+        let envelope: Value = serde_json::from_slice(&frames[1]).unwrap();
+        assert_eq!(
+            envelope,
+            json!({"session": "engine-0", "seq": 0, "body": {"type": "execute", "task": 1, "code": "1 + 1"}})
+        );
+    }
+
+    #[test]
+    fn tampered_buffer_or_wrong_key_is_rejected() {
+        let (mut tx, mut rx) = pair();
+        let mut frames = tx.encode(&ToEngine::Shutdown, vec![Bytes::from_static(b"data")]);
+        frames[2] = Bytes::from_static(b"DATA");
+        assert_eq!(
+            rx.decode::<ToEngine>(frames).unwrap_err(),
+            ProtocolError::BadSignature
+        );
+        let frames = Sender::new(Signer::new("other"), "x").encode(&ToEngine::Shutdown, vec![]);
+        assert_eq!(
+            rx.decode::<ToEngine>(frames).unwrap_err(),
+            ProtocolError::BadSignature
+        );
+    }
+
+    #[test]
+    fn replays_and_old_sequence_numbers_are_rejected() {
+        let (mut tx, mut rx) = pair();
+        let first = tx.encode(&ToEngine::Ping { nonce: 1 }, vec![]);
+        let second = tx.encode(&ToEngine::Ping { nonce: 2 }, vec![]);
+        assert!(rx.decode::<ToEngine>(second).is_ok());
+        assert!(matches!(
+            rx.decode::<ToEngine>(first),
+            Err(ProtocolError::Replayed { seq: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        let (_, mut rx) = pair();
+        assert_eq!(
+            rx.decode::<ToEngine>(vec![Bytes::from_static(b"x")])
+                .unwrap_err(),
+            ProtocolError::TooFewFrames(1)
+        );
+        let signer = Signer::new("k");
+        let body = b"{not json";
+        let frames = vec![Bytes::from(signer.sign(&[body])), Bytes::from_static(body)];
+        assert!(matches!(
+            rx.decode::<ToEngine>(frames),
+            Err(ProtocolError::BadJson(_))
+        ));
+    }
+}
