@@ -18,6 +18,7 @@ const PANIC_MIME: &str = "application/vnd.parallax.panic";
 
 /// Installed in the evaluation process so that a panic in a cell reaches us as structured data
 /// rather than as free text on stderr. Panics on other threads keep the usual stderr report.
+/// A statement, not an expression, so that evcxr does not try to display a value.
 const PANIC_HOOK_CELL: &str = r#"{
     let cell_thread = std::thread::current().id();
     std::panic::set_hook(Box::new(move |info| {
@@ -38,7 +39,7 @@ const PANIC_HOOK_CELL: &str = r#"{
             eprintln!("thread '{name}' panicked: {message}");
         }
     }));
-}"#;
+};"#;
 
 /// What a successful cell produced: the MIME bundle of its final expression and rich output.
 #[derive(Debug, Default)]
