@@ -204,6 +204,7 @@ struct Engine {
 
 fn run(jobs: Receiver<Job>, publisher: Publisher, interrupter: Interrupter) {
     let route = Arc::new(Mutex::new(OutputRoute::default()));
+    let started = Instant::now();
     let mut engine = match CommandContext::new() {
         Ok((ctx, outputs)) => {
             let stdout =
@@ -217,9 +218,14 @@ fn run(jobs: Receiver<Job>, publisher: Publisher, interrupter: Interrupter) {
                 route,
                 hooked_pid: None,
             };
+            let context_built = started.elapsed();
             if let Err(e) = engine.install_panic_hook() {
                 tracing::warn!("could not install the panic hook: {e}");
             }
+            tracing::info!(
+                "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
+                started.elapsed()
+            );
             Ok(engine)
         }
         Err(e) => Err(format!("could not start the Rust evaluator (evcxr): {e}")),
