@@ -1,11 +1,8 @@
 //! `parallax`: the Parallax Jupyter kernel, and its installer.
 
 mod completeness;
-mod diagnostics;
-mod evaluator;
 mod history;
 mod install;
-mod interrupt;
 mod iopub;
 mod server;
 mod shell;

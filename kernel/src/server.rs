@@ -67,7 +67,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     tokio::spawn(run_heartbeat(heartbeat));
     publisher.status(&OutputRoute::default(), "starting");
 
-    let evaluator = crate::evaluator::Evaluator::start(publisher.clone());
+    let evaluator = parallax_eval::Evaluator::start();
     let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel::<()>();
 
@@ -185,7 +185,7 @@ async fn run_control(
     socket: RouterSocket,
     session: Session,
     publisher: Publisher,
-    interrupter: crate::interrupt::Interrupter,
+    interrupter: parallax_eval::Interrupter,
     kernel_info: Value,
     shutdown: mpsc::UnboundedSender<()>,
 ) {

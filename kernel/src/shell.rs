@@ -2,14 +2,13 @@
 //! at a time, in arrival order, as Jupyter frontends expect.
 
 use crate::completeness::{self, Completeness};
-use crate::diagnostics::CellError;
-use crate::evaluator::{CellOutput, Evaluator, InputAsker};
 use crate::history::History;
 use crate::iopub::{OutputRoute, Publisher, Session};
 use crate::server::send_logged;
 use crate::stdin::StdinBridge;
 use crate::wire::WireMessage;
 use jupyter_protocol::{ExecuteRequest, JupyterMessageContent};
+use parallax_eval::{CellError, CellOutput, Evaluator, InputAsker, StreamSink};
 use parallax_magics::{Command, Segment};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
@@ -253,6 +252,13 @@ impl Shell {
         }
     }
 
+    /// A sink that publishes a cell's printed output as `stream` messages answering `route`.
+    fn stream_to(&self, route: &OutputRoute) -> StreamSink {
+        let publisher = self.publisher.clone();
+        let route = route.clone();
+        Arc::new(move |name, text| publisher.stream(&route, name, text))
+    }
+
     fn input_asker(&self, request: &WireMessage) -> InputAsker {
         let bridge = self.stdin.clone();
         let identities = request.identities.clone();
@@ -284,7 +290,7 @@ impl Shell {
             let output = match segment {
                 Segment::Rust(rust) => {
                     self.evaluator
-                        .execute(rust, route.clone(), ask_input.clone())
+                        .execute(rust, self.stream_to(route), ask_input.clone())
                         .await?
                 }
                 Segment::LineMagic(line) => self.run_magic(&line, None, route)?,

@@ -3,7 +3,6 @@
 
 use crate::diagnostics::{self, CellError};
 use crate::interrupt::Interrupter;
-use crate::iopub::{OutputRoute, Publisher};
 use crossbeam_channel::{Receiver, Sender};
 use evcxr::{CommandContext, EvalCallbacks};
 use serde_json::{Map, Value};
@@ -50,10 +49,17 @@ pub struct CellOutput {
 /// How a stdin prompt from a cell reaches the frontend.
 pub type InputAsker = Arc<dyn Fn(&str, bool) -> Option<String> + Send + Sync>;
 
+/// Where a cell's printed output goes: called with "stdout" or "stderr" and a batch of lines.
+pub type StreamSink = Arc<dyn Fn(&'static str, &str) + Send + Sync>;
+
+fn discard_output() -> StreamSink {
+    Arc::new(|_, _| {})
+}
+
 enum Job {
     Execute {
         code: String,
-        route: OutputRoute,
+        sink: StreamSink,
         ask_input: Option<InputAsker>,
         done: oneshot::Sender<Result<CellOutput, CellError>>,
     },
@@ -79,13 +85,13 @@ pub struct Evaluator {
 impl Evaluator {
     /// Starts the evaluation thread. The evcxr context is built there, in the background, so
     /// that the kernel answers `kernel_info` at once; the first job waits for it.
-    pub fn start(publisher: Publisher) -> Evaluator {
+    pub fn start() -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let interrupter = Interrupter::default();
         let thread_interrupter = interrupter.clone();
         std::thread::Builder::new()
             .name("evaluator".into())
-            .spawn(move || run(job_rx, publisher, thread_interrupter))
+            .spawn(move || run(job_rx, thread_interrupter))
             .expect("spawning the evaluator thread");
         Evaluator { jobs, interrupter }
     }
@@ -94,16 +100,17 @@ impl Evaluator {
         &self.interrupter
     }
 
+    /// Runs a cell; what it prints goes to `sink` as it is printed.
     pub async fn execute(
         &self,
         code: String,
-        route: OutputRoute,
+        sink: StreamSink,
         ask_input: Option<InputAsker>,
     ) -> Result<CellOutput, CellError> {
         let (done, result) = oneshot::channel();
         self.send(Job::Execute {
             code,
-            route,
+            sink,
             ask_input,
             done,
         });
@@ -146,12 +153,7 @@ struct StreamForwarder {
 }
 
 impl StreamForwarder {
-    fn spawn(
-        name: &'static str,
-        lines: Receiver<String>,
-        publisher: Publisher,
-        route: Arc<Mutex<OutputRoute>>,
-    ) -> Self {
+    fn spawn(name: &'static str, lines: Receiver<String>, sink: Arc<Mutex<StreamSink>>) -> Self {
         let in_flight = Arc::new(Mutex::new(()));
         let forwarder = StreamForwarder {
             lines: lines.clone(),
@@ -176,8 +178,8 @@ impl StreamForwarder {
                             Err(_) => break,
                         }
                     }
-                    let route = route.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    publisher.stream(&route, name, &text);
+                    let sink = sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    sink(name, &text);
                 }
             })
             .expect("spawning an output forwarder");
@@ -197,25 +199,24 @@ struct Engine {
     ctx: CommandContext,
     stdout: StreamForwarder,
     stderr: StreamForwarder,
-    route: Arc<Mutex<OutputRoute>>,
+    /// The current cell's sink; output printed between cells goes to the last cell's.
+    sink: Arc<Mutex<StreamSink>>,
     /// The pid of the evaluation process our panic hook was installed in.
     hooked_pid: Option<u32>,
 }
 
-fn run(jobs: Receiver<Job>, publisher: Publisher, interrupter: Interrupter) {
-    let route = Arc::new(Mutex::new(OutputRoute::default()));
+fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
+    let sink = Arc::new(Mutex::new(discard_output()));
     let started = Instant::now();
     let mut engine = match CommandContext::new() {
         Ok((ctx, outputs)) => {
-            let stdout =
-                StreamForwarder::spawn("stdout", outputs.stdout, publisher.clone(), route.clone());
-            let stderr =
-                StreamForwarder::spawn("stderr", outputs.stderr, publisher.clone(), route.clone());
+            let stdout = StreamForwarder::spawn("stdout", outputs.stdout, sink.clone());
+            let stderr = StreamForwarder::spawn("stderr", outputs.stderr, sink.clone());
             let mut engine = Engine {
                 ctx,
                 stdout,
                 stderr,
-                route,
+                sink,
                 hooked_pid: None,
             };
             let context_built = started.elapsed();
@@ -246,11 +247,11 @@ fn run(jobs: Receiver<Job>, publisher: Publisher, interrupter: Interrupter) {
         match job {
             Job::Execute {
                 code,
-                route,
+                sink,
                 ask_input,
                 done,
             } => {
-                let result = engine.execute(&code, route, ask_input, &interrupter);
+                let result = engine.execute(&code, sink, ask_input, &interrupter);
                 let _ = done.send(result);
             }
             Job::Complete { code, cursor, done } => {
@@ -328,7 +329,7 @@ impl Engine {
     fn execute(
         &mut self,
         code: &str,
-        route: OutputRoute,
+        sink: StreamSink,
         ask_input: Option<InputAsker>,
         interrupter: &Interrupter,
     ) -> Result<CellOutput, CellError> {
@@ -338,7 +339,7 @@ impl Engine {
                 tracing::warn!("could not reinstall the panic hook: {e}");
             }
         }
-        *self.route.lock().unwrap_or_else(|p| p.into_inner()) = route.clone();
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
         let before = self.variables();
         let ask = |prompt: &str, password: bool| -> String {
             match &ask_input {

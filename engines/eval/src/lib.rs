@@ -1,0 +1,11 @@
+//! Rust cell evaluation with evcxr, shared by the kernel's own context and every engine: one
+//! evcxr context on a thread of its own, output streamed to a per-cell sink while the cell runs,
+//! panics reported with the variables that survived, and interrupts that work.
+
+pub mod diagnostics;
+mod evaluator;
+pub mod interrupt;
+
+pub use diagnostics::CellError;
+pub use evaluator::{CellOutput, Evaluator, InputAsker, StreamSink};
+pub use interrupt::{Interrupter, Interruption};
