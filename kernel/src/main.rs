@@ -34,11 +34,26 @@ enum Cmd {
     },
     /// Install the `parallax` kernelspec so that Jupyter can start this kernel.
     Install(install::InstallArgs),
+    /// Run an engine (the kernel starts these for `%cluster start`).
+    Engine {
+        /// The controller's endpoint, tcp://HOST:PORT.
+        #[arg(long)]
+        controller: String,
+        /// This engine's id in the pool.
+        #[arg(long)]
+        id: u32,
+        /// A file (mode 0600) holding the key that signs every message.
+        #[arg(long)]
+        key_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+        die_with_parent();
+    }
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
-    // roles this call never returns. It must come before anything else.
+    // roles this call never returns. It must come before anything else but the line above.
     evcxr::runtime_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -53,12 +68,33 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Kernel { connection_file } => run_kernel(&connection_file),
         Cmd::Install(args) => install::install(&args),
+        Cmd::Engine {
+            controller,
+            id,
+            key_file,
+        } => parallax_engine::run(parallax_engine::EngineConfig {
+            controller,
+            engine_id: id,
+            key_file,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("parallax: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// An evaluation process runs user code that may loop forever; it must not outlive the kernel
+/// or engine that started it, even when that one is killed with SIGKILL.
+fn die_with_parent() {
+    // SAFETY: prctl and getppid take plain integers and touch no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() == 1 {
+            libc::_exit(1);
         }
     }
 }

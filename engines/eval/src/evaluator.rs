@@ -73,6 +73,10 @@ enum Job {
         cursor: usize,
         done: oneshot::Sender<Result<(String, String), String>>,
     },
+    /// Answered once the evcxr context is built (or failed to build).
+    Ready {
+        done: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The handle the kernel holds: cheap to clone, usable from async code.
@@ -134,6 +138,15 @@ impl Evaluator {
     pub async fn inspect(&self, code: String, cursor: usize) -> Result<(String, String), String> {
         let (done, result) = oneshot::channel();
         self.send(Job::Inspect { code, cursor, done });
+        result
+            .await
+            .unwrap_or_else(|_| Err("the evaluator stopped".into()))
+    }
+
+    /// Waits until the evcxr context is built. Errors if it could not be.
+    pub async fn ready(&self) -> Result<(), String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Ready { done });
         result
             .await
             .unwrap_or_else(|_| Err("the evaluator stopped".into()))
@@ -272,6 +285,9 @@ fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
                 });
                 let _ = done.send(result.unwrap_or_else(Err));
             }
+            Job::Ready { done } => {
+                let _ = done.send(Ok(()));
+            }
         }
     }
 }
@@ -285,6 +301,9 @@ fn fail_job(job: Job, message: &str) {
             let _ = done.send(Err(message.to_owned()));
         }
         Job::Inspect { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Ready { done } => {
             let _ = done.send(Err(message.to_owned()));
         }
     }

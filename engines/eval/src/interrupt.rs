@@ -65,6 +65,23 @@ impl Interrupter {
         &self.state.cancel_input
     }
 
+    /// Kills the evaluation process and any build in progress, so that nothing outlives its
+    /// owner when it exits.
+    pub fn kill_all(&self) {
+        kill_builds();
+        if let Some(runtime) = self
+            .state
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if let Ok(mut child) = runtime.lock() {
+                let _ = child.kill();
+            }
+        }
+    }
+
     /// Stops the running cell, if any. Returns what was interrupted.
     pub fn interrupt(&self) -> Option<Interruption> {
         if !self.state.running.load(Ordering::SeqCst) {
