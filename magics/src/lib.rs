@@ -1,11 +1,13 @@
 //! Parallax magics: splitting a cell into Rust code and magic lines, parsing each magic into a
 //! typed [`Command`], and the help text for every magic. Pure: no I/O.
 
+pub mod px;
 pub mod scan;
 mod words;
 
 use std::fmt;
 
+pub use px::{ClusterCommand, GroupOutputs, PxFlags, Targets};
 pub use words::split_words;
 
 /// A parsed magic, ready for the kernel to run.
