@@ -1,9 +1,11 @@
 //! `parallax`: the Parallax Jupyter kernel, and its installer.
 
 mod completeness;
+mod controller;
 mod history;
 mod install;
 mod iopub;
+mod parallel;
 mod server;
 mod shell;
 mod stdin;

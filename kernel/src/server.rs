@@ -68,10 +68,12 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     publisher.status(&OutputRoute::default(), "starting");
 
     let evaluator = parallax_eval::Evaluator::start();
+    let controller = crate::controller::Controller::new(&info.key);
     let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel::<()>();
 
     let interrupter = evaluator.interrupter().clone();
+    let sigint_controller = controller.clone();
     tokio::spawn(async move {
         let Ok(mut sigint) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -81,6 +83,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         while sigint.recv().await.is_some() {
             tracing::info!("SIGINT: interrupting the running cell");
             interrupter.interrupt();
+            sigint_controller.interrupt_all().await;
         }
     });
 
@@ -89,6 +92,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         session.clone(),
         publisher.clone(),
         evaluator.interrupter().clone(),
+        controller.clone(),
         kernel_info.clone(),
         shutdown_tx.clone(),
     ));
@@ -106,6 +110,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         session,
         publisher.clone(),
         evaluator,
+        controller.clone(),
         stdin_bridge,
         shell_send,
         kernel_info,
@@ -114,6 +119,8 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     tokio::spawn(shell.run(shell_queue));
 
     shutdown_rx.recv().await;
+    controller.stop_all().await;
+    crate::controller::remove_key_dir();
     publisher.flush().await;
     Ok(())
 }
@@ -186,6 +193,7 @@ async fn run_control(
     session: Session,
     publisher: Publisher,
     interrupter: parallax_eval::Interrupter,
+    controller: crate::controller::Controller,
     kernel_info: Value,
     shutdown: mpsc::UnboundedSender<()>,
 ) {
@@ -203,8 +211,9 @@ async fn run_control(
             "interrupt_request" => {
                 match interrupter.interrupt() {
                     Some(kind) => tracing::info!("interrupted the running cell while {kind:?}"),
-                    None => tracing::info!("interrupt requested with no cell running"),
+                    None => tracing::info!("interrupt requested with no local cell running"),
                 }
+                controller.interrupt_all().await;
                 (
                     Some(session.reply(&request, "interrupt_reply", json!({"status": "ok"}))),
                     false,

@@ -4,6 +4,7 @@
 use crate::completeness::{self, Completeness};
 use crate::history::History;
 use crate::iopub::{OutputRoute, Publisher, Session};
+use crate::parallel::Parallel;
 use crate::server::send_logged;
 use crate::stdin::StdinBridge;
 use crate::wire::WireMessage;
@@ -25,16 +26,19 @@ pub struct Shell {
     kernel_info: Value,
     shutdown: mpsc::UnboundedSender<()>,
     history: History,
+    parallel: Parallel,
     execution_count: i64,
     /// Requests taken off the queue while aborting after an error, to be served next.
     deferred: VecDeque<WireMessage>,
 }
 
 impl Shell {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         session: Session,
         publisher: Publisher,
         evaluator: Evaluator,
+        controller: crate::controller::Controller,
         stdin: StdinBridge,
         socket: RouterSendHalf,
         kernel_info: Value,
@@ -49,6 +53,7 @@ impl Shell {
             kernel_info,
             shutdown,
             history: History::default(),
+            parallel: Parallel::new(controller),
             execution_count: 0,
             deferred: VecDeque::new(),
         }
@@ -283,6 +288,11 @@ impl Shell {
         route: &OutputRoute,
         ask_input: Option<InputAsker>,
     ) -> Result<CellOutput, CellError> {
+        // In %autopx mode every cell but `%autopx` itself goes to the engines.
+        if self.parallel.autopx && code.trim() != "%autopx" {
+            let flags = parallax_magics::PxFlags::default();
+            return self.parallel.px(&flags, code, &self.publisher, route).await;
+        }
         let segments = parallax_magics::split_cell(code);
         let last = segments.len().saturating_sub(1);
         let mut result = CellOutput::default();
@@ -293,8 +303,10 @@ impl Shell {
                         .execute(rust, self.stream_to(route), ask_input.clone())
                         .await?
                 }
-                Segment::LineMagic(line) => self.run_magic(&line, None, route)?,
-                Segment::CellMagic { line, body } => self.run_magic(&line, Some(&body), route)?,
+                Segment::LineMagic(line) => self.run_magic(&line, None, route).await?,
+                Segment::CellMagic { line, body } => {
+                    self.run_magic(&line, Some(&body), route).await?
+                }
             };
             if index == last {
                 result = output;
@@ -305,7 +317,7 @@ impl Shell {
         Ok(result)
     }
 
-    fn run_magic(
+    async fn run_magic(
         &mut self,
         line: &str,
         body: Option<&str>,
@@ -321,6 +333,39 @@ impl Shell {
                 // The parser only accepts names it knows, so the help exists.
                 let help = parallax_magics::help_for(&name).unwrap_or_default();
                 self.publisher.stream(route, "stdout", &help);
+            }
+            Command::Cluster(command) => {
+                return self.parallel.cluster(command, &self.publisher, route).await;
+            }
+            Command::Px { flags, code } => {
+                let local = flags.over(self.parallel.defaults()).local.unwrap_or(false);
+                let engines = self
+                    .parallel
+                    .px(&flags, &code, &self.publisher, route)
+                    .await;
+                if local {
+                    let mine = self
+                        .evaluator
+                        .execute(code, self.stream_to(route), None)
+                        .await;
+                    engines?;
+                    return mine;
+                }
+                return engines;
+            }
+            Command::PxResult => return self.parallel.px_result(&self.publisher, route).await,
+            Command::Autopx => {
+                self.parallel.autopx = !self.parallel.autopx;
+                let state = if self.parallel.autopx {
+                    "on: every cell now runs on the engines (run %autopx again to stop)"
+                } else {
+                    "off: cells run in the notebook's own context again"
+                };
+                self.publisher
+                    .stream(route, "stdout", &format!("%autopx is {state}\n"));
+            }
+            Command::PxConfig { flags } => {
+                self.parallel.configure(flags, &self.publisher, route);
             }
         }
         Ok(CellOutput::default())

@@ -11,12 +11,22 @@ pub use px::{ClusterCommand, GroupOutputs, PxFlags, Targets};
 pub use words::split_words;
 
 /// A parsed magic, ready for the kernel to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// `%lsmagic`: list every magic.
     Lsmagic,
     /// `%magic NAME` or `%NAME?`: show the help of one magic.
     Help { name: String },
+    /// `%cluster start|status|stop|restart|add`.
+    Cluster(ClusterCommand),
+    /// `%px CODE` or a `%%px` cell: run code on the engines.
+    Px { flags: PxFlags, code: String },
+    /// `%pxresult`: show the outputs of the last non-blocking `%px`, waiting if needed.
+    PxResult,
+    /// `%autopx`: toggle sending every following cell to the engines.
+    Autopx,
+    /// `%pxconfig FLAGS`: set the default `%px` flags (no flags: show them).
+    PxConfig { flags: PxFlags },
 }
 
 /// Whether a magic is used as a line (`%name`) or as a whole cell (`%%name`).
@@ -72,7 +82,60 @@ pub const MAGICS: &[MagicSpec] = &[
         summary: "Show the help of the magic NAME (with or without its % sign).",
         details: "`%NAME?` and `%%NAME?` show the same help.",
     },
+    MagicSpec {
+        name: "cluster",
+        kind: MagicKind::Line,
+        usage: "%cluster start [-n N] | status | stop | restart | add -n K",
+        summary: "Start, inspect, stop, restart or grow the pool of local engines.",
+        details: "start: start N engines (default: the number of cores) and wait until they can run a cell.\n\
+status: one row per engine: id, pid, host, state, uptime.\n\
+stop: stop every engine. restart: stop them and start as many again. add -n K: start K more.\n\
+Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its environment.",
+    },
+    MagicSpec {
+        name: "px",
+        kind: MagicKind::Line,
+        usage: "%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local] CODE",
+        summary: "Run one line of Rust on the engines.",
+        details: PX_FLAGS_HELP,
+    },
+    MagicSpec {
+        name: "px",
+        kind: MagicKind::Cell,
+        usage: "%%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local]",
+        summary: "Run the rest of the cell on the engines.",
+        details: PX_FLAGS_HELP,
+    },
+    MagicSpec {
+        name: "pxresult",
+        kind: MagicKind::Line,
+        usage: "%pxresult",
+        summary: "Show the outputs of the last non-blocking %px, waiting for it if it is still running.",
+        details: "",
+    },
+    MagicSpec {
+        name: "autopx",
+        kind: MagicKind::Line,
+        usage: "%autopx",
+        summary: "Toggle sending every following cell to the engines, as if it began with %%px.",
+        details: "Run %autopx again to go back to running cells in the notebook's own context.",
+    },
+    MagicSpec {
+        name: "pxconfig",
+        kind: MagicKind::Line,
+        usage: "%pxconfig [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local|--no-local]",
+        summary: "Set the default flags of %px, %%px and %autopx (with no flags: show them).",
+        details: "",
+    },
 ];
+
+const PX_FLAGS_HELP: &str = "Each engine keeps its own state across cells. Output is shown live, prefixed with \
+the engine: [stdout:2], [stderr:0], Out[1:5].\n\
+  --targets T, -t T   engines to run on: all, 3, 0,2, 1:3, ::2 (default: all)\n\
+  --block, --noblock  wait for the result (default), or return at once and see it with %pxresult\n\
+  --timeout SECS      stop the cell on engines still running after SECS; keep the others' results\n\
+  --group-outputs G   order (live, as they come), engine (engine by engine) or type (stdout, stderr, results)\n\
+  --local             also run the code in the notebook's own context";
 
 /// Finds a magic by name and kind.
 pub fn lookup(name: &str, kind: MagicKind) -> Option<&'static MagicSpec> {
@@ -204,7 +267,7 @@ pub fn blank_non_rust(cell: &str) -> String {
 
 /// Parses one magic line (`%name args`) or the first line of a cell magic (`%%name args`) with
 /// its body.
-pub fn parse(line: &str, _body: Option<&str>) -> Result<Command, MagicError> {
+pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
     let (kind, rest) = match line.trim().strip_prefix("%%") {
         Some(rest) => (MagicKind::Cell, rest),
         None => match line.trim().strip_prefix('%') {
@@ -242,6 +305,57 @@ pub fn parse(line: &str, _body: Option<&str>) -> Result<Command, MagicError> {
         "lsmagic" => {
             no_arguments(spec, &words)?;
             Ok(Command::Lsmagic)
+        }
+        "cluster" => px::parse_cluster(&words)
+            .map(Command::Cluster)
+            .map_err(|e| MagicError::new(e, Some(spec.usage))),
+        "px" => {
+            let (flags, code) =
+                px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
+            let code = match (kind, body) {
+                (MagicKind::Cell, Some(body)) => {
+                    if !code.trim().is_empty() {
+                        return Err(MagicError::new(
+                            format!(
+                                "%%px takes only flags on its first line, not `{}`",
+                                code.trim()
+                            ),
+                            Some(spec.usage),
+                        ));
+                    }
+                    body
+                }
+                _ => code,
+            };
+            if code.trim().is_empty() {
+                return Err(MagicError::new(
+                    "no code to run on the engines",
+                    Some(spec.usage),
+                ));
+            }
+            Ok(Command::Px {
+                flags,
+                code: code.to_owned(),
+            })
+        }
+        "pxresult" => {
+            no_arguments(spec, &words)?;
+            Ok(Command::PxResult)
+        }
+        "autopx" => {
+            no_arguments(spec, &words)?;
+            Ok(Command::Autopx)
+        }
+        "pxconfig" => {
+            let (flags, rest) =
+                px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
+            if !rest.trim().is_empty() {
+                return Err(MagicError::new(
+                    format!("%pxconfig takes only flags, not `{}`", rest.trim()),
+                    Some(spec.usage),
+                ));
+            }
+            Ok(Command::PxConfig { flags })
         }
         "magic" => match words.as_slice() {
             [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
@@ -368,6 +482,81 @@ mod tests {
         let err = parse("%magic \"unclosed", None).unwrap_err();
         assert!(err.message.contains("unclosed quote"), "{err}");
         assert_eq!(err.usage, Some("%magic NAME"));
+    }
+
+    #[test]
+    fn px_line_and_cell() {
+        assert_eq!(
+            parse("%px --targets 1:3 let a = 1;", None),
+            Ok(Command::Px {
+                flags: PxFlags {
+                    targets: Some(Targets::Slice {
+                        start: Some(1),
+                        stop: Some(3),
+                        step: None
+                    }),
+                    ..PxFlags::default()
+                },
+                code: "let a = 1;".into(),
+            })
+        );
+        assert_eq!(
+            parse("%%px --noblock", Some("let a = 1;\na")),
+            Ok(Command::Px {
+                flags: PxFlags {
+                    block: Some(false),
+                    ..PxFlags::default()
+                },
+                code: "let a = 1;\na".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn px_errors_print_usage() {
+        for (line, body, expected) in [
+            ("%px", None, "no code"),
+            ("%px --targets", None, "needs a target list"),
+            ("%px --frobnicate 1", None, "unknown flag --frobnicate"),
+            ("%%px", Some("  \n"), "no code"),
+            ("%%px let a = 1;", Some("a"), "only flags"),
+            ("%px -t x 1", None, "bad engine id"),
+        ] {
+            let err = parse(line, body).unwrap_err();
+            assert!(err.message.contains(expected), "{line}: {err}");
+            assert!(err.usage.is_some_and(|u| u.contains("px")), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn other_parallel_magics() {
+        assert_eq!(parse("%pxresult", None), Ok(Command::PxResult));
+        assert_eq!(parse("%autopx", None), Ok(Command::Autopx));
+        assert_eq!(
+            parse("%cluster start -n 2", None),
+            Ok(Command::Cluster(ClusterCommand::Start { engines: Some(2) }))
+        );
+        assert_eq!(
+            parse("%pxconfig --noblock", None),
+            Ok(Command::PxConfig {
+                flags: PxFlags {
+                    block: Some(false),
+                    ..PxFlags::default()
+                }
+            })
+        );
+        for (line, expected) in [
+            ("%pxresult 3", "takes no arguments"),
+            ("%autopx on", "takes no arguments"),
+            ("%cluster", "needs a subcommand"),
+            ("%cluster start -n -2", "positive"),
+            ("%pxconfig --targets 1 extra", "only flags"),
+            ("%pxconfig --bogus", "unknown flag"),
+        ] {
+            let err = parse(line, None).unwrap_err();
+            assert!(err.message.contains(expected), "{line}: {err}");
+            assert!(err.usage.is_some(), "{line}");
+        }
     }
 
     #[test]

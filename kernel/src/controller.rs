@@ -1,0 +1,565 @@
+//! The controller: owns the pool of engines. It starts engine processes, talks to them over a
+//! signed ZeroMQ ROUTER socket, routes each task's output to whoever runs the job, and notices
+//! at once when an engine process dies. Engines reach it over TCP only, so nothing here
+//! assumes that they share this host's file system, except for launching local ones.
+
+use anyhow::Context;
+use bytes::Bytes;
+use parallax_engine_protocol::{
+    FromEngine, Outcome, Receiver, Sender, Signer, StreamName, ToEngine,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use zeromq::{RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+/// How long `%cluster start` waits for engines to build their evaluation context.
+const START_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineState {
+    Starting,
+    Idle,
+    Busy,
+    Dead(String),
+}
+
+impl std::fmt::Display for EngineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineState::Starting => write!(f, "starting"),
+            EngineState::Idle => write!(f, "idle"),
+            EngineState::Busy => write!(f, "busy"),
+            EngineState::Dead(why) => write!(f, "dead ({why})"),
+        }
+    }
+}
+
+struct Engine {
+    pid: u32,
+    host: String,
+    state: EngineState,
+    started: Instant,
+    identity: Option<Bytes>,
+    /// Tasks sent to this engine and not finished, oldest first.
+    running: Vec<u64>,
+    executed: u64,
+}
+
+/// What a job hears about its tasks.
+#[derive(Debug, Clone)]
+pub enum TaskEvent {
+    Stream {
+        engine: u32,
+        name: StreamName,
+        text: String,
+    },
+    Done {
+        engine: u32,
+        execution_count: u64,
+        outcome: Outcome,
+    },
+}
+
+/// One row of `%cluster status`.
+pub struct EngineStatus {
+    pub id: u32,
+    pub pid: u32,
+    pub host: String,
+    pub state: EngineState,
+    pub uptime: Duration,
+}
+
+#[derive(Default)]
+struct Registry {
+    engines: BTreeMap<u32, Engine>,
+    next_engine: u32,
+    next_task: u64,
+    /// task -> (engine, where its events go)
+    tasks: HashMap<u64, (u32, mpsc::UnboundedSender<TaskEvent>)>,
+}
+
+struct Link {
+    endpoint: String,
+    key_file: PathBuf,
+    commands: mpsc::UnboundedSender<(u32, ToEngine)>,
+}
+
+/// A cheap handle on the controller.
+#[derive(Clone)]
+pub struct Controller {
+    registry: Arc<Mutex<Registry>>,
+    signer: Signer,
+    key: String,
+    link: Arc<tokio::sync::Mutex<Option<Link>>>,
+    /// Bumped whenever an engine changes state, for waiters.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Controller {
+    pub fn new(key: &str) -> Self {
+        let (changed, _) = watch::channel(0);
+        Controller {
+            registry: Arc::default(),
+            signer: Signer::new(key),
+            key: key.to_owned(),
+            link: Arc::default(),
+            changed: Arc::new(changed),
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Binds the engines' socket on first use.
+    async fn link(&self) -> anyhow::Result<(String, PathBuf)> {
+        let mut link = self.link.lock().await;
+        if let Some(link) = link.as_ref() {
+            return Ok((link.endpoint.clone(), link.key_file.clone()));
+        }
+        let mut socket = RouterSocket::new();
+        let endpoint = socket
+            .bind("tcp://127.0.0.1:0")
+            .await
+            .context("binding the engines' socket")?
+            .to_string();
+        let key_file = write_key_file(&self.key)?;
+        let (send, recv) = socket.split();
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        tokio::spawn(self.clone().receive(recv));
+        tokio::spawn(self.clone().dispatch(send, command_rx));
+        tokio::spawn(self.clone().ping());
+        *link = Some(Link {
+            endpoint: endpoint.clone(),
+            key_file: key_file.clone(),
+            commands,
+        });
+        Ok((endpoint, key_file))
+    }
+
+    async fn send(&self, engine: u32, message: ToEngine) {
+        if let Some(link) = self.link.lock().await.as_ref() {
+            let _ = link.commands.send((engine, message));
+        }
+    }
+
+    /// Starts `count` engines and waits until each is ready or dead. Returns the new ids.
+    pub async fn start_engines(&self, count: u32) -> anyhow::Result<Vec<u32>> {
+        let (endpoint, key_file) = self.link().await?;
+        let exe = std::env::current_exe().context("finding the parallax binary")?;
+        let ids: Vec<u32> = {
+            let mut registry = self.registry();
+            let first = registry.next_engine;
+            registry.next_engine += count;
+            (first..first + count).collect()
+        };
+        let total = self
+            .registry()
+            .engines
+            .values()
+            .filter(|e| !is_dead(e))
+            .count() as u32
+            + count;
+        for &id in &ids {
+            let mut command = tokio::process::Command::new(&exe);
+            command
+                .args(["engine", "--controller", &endpoint, "--id", &id.to_string()])
+                .arg("--key-file")
+                .arg(&key_file)
+                .env("PARALLAX_ENGINE_ID", id.to_string())
+                .env("PARALLAX_ENGINES", total.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true);
+            // SAFETY: prctl in the child between fork and exec touches no memory of ours; it
+            // ties the engine's life to this kernel's, even when the kernel is SIGKILLed.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = command.spawn().context("starting an engine process")?;
+            let pid = child.id().unwrap_or(0);
+            self.registry().engines.insert(
+                id,
+                Engine {
+                    pid,
+                    host: "localhost".into(),
+                    state: EngineState::Starting,
+                    started: Instant::now(),
+                    identity: None,
+                    running: Vec::new(),
+                    executed: 0,
+                },
+            );
+            tokio::spawn(self.clone().watch_process(id, child));
+        }
+        self.notify();
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let starting = {
+                let registry = self.registry();
+                ids.iter()
+                    .filter(|id| {
+                        registry
+                            .engines
+                            .get(id)
+                            .is_some_and(|e| e.state == EngineState::Starting)
+                    })
+                    .count()
+            };
+            if starting == 0 {
+                return Ok(ids);
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                anyhow::bail!("{starting} engines were not ready after {START_TIMEOUT:?}");
+            }
+        }
+    }
+
+    /// Waits for an engine process to exit and reports it: at once, by id and cause.
+    async fn watch_process(self, id: u32, mut child: tokio::process::Child) {
+        let status = child.wait().await;
+        let cause = match status {
+            Ok(status) => match (status.signal(), status.code()) {
+                (Some(signal), _) => format!("killed by signal {signal} ({})", signal_name(signal)),
+                (None, Some(code)) => format!("exited with code {code}"),
+                (None, None) => "exited".to_owned(),
+            },
+            Err(e) => format!("lost: {e}"),
+        };
+        let orphaned: Vec<(u64, mpsc::UnboundedSender<TaskEvent>)> = {
+            let mut registry = self.registry();
+            let running = match registry.engines.get_mut(&id) {
+                Some(engine) => {
+                    if !matches!(engine.state, EngineState::Dead(_)) {
+                        engine.state = EngineState::Dead(cause.clone());
+                    }
+                    std::mem::take(&mut engine.running)
+                }
+                None => Vec::new(),
+            };
+            running
+                .into_iter()
+                .filter_map(|task| registry.tasks.remove(&task).map(|(_, tx)| (task, tx)))
+                .collect()
+        };
+        tracing::warn!("engine {id} {cause}");
+        for (_, events) in orphaned {
+            let _ = events.send(TaskEvent::Done {
+                engine: id,
+                execution_count: 0,
+                outcome: Outcome::Error {
+                    ename: "EngineDied".into(),
+                    evalue: format!("engine {id} {cause}"),
+                    traceback: vec![format!(
+                        "EngineDied: engine {id} {cause}; the other engines go on"
+                    )],
+                },
+            });
+        }
+        self.notify();
+    }
+
+    async fn receive(self, mut socket: zeromq::RouterRecvHalf) {
+        let mut receiver = Receiver::new(self.signer.clone());
+        loop {
+            let raw = match socket.recv().await {
+                Ok(raw) => raw,
+                Err(e) => {
+                    tracing::warn!("engines: receive failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let mut frames = raw.into_vec();
+            if frames.is_empty() {
+                continue;
+            }
+            let identity = frames.remove(0);
+            match receiver.decode::<FromEngine>(frames) {
+                Ok(envelope) => self.handle(identity, envelope.body),
+                Err(e) => tracing::warn!("engines: dropped a message: {e}"),
+            }
+        }
+    }
+
+    fn handle(&self, identity: Bytes, message: FromEngine) {
+        let mut registry = self.registry();
+        let sender = registry
+            .engines
+            .iter()
+            .find(|(_, e)| e.identity.as_ref() == Some(&identity))
+            .map(|(id, _)| *id);
+        match message {
+            FromEngine::Register { engine, pid, host } => match registry.engines.get_mut(&engine) {
+                Some(record) if record.pid == pid && record.identity.is_none() => {
+                    record.identity = Some(identity);
+                    record.host = host;
+                }
+                _ => tracing::warn!(
+                    "engines: unexpected registration as engine {engine} (pid {pid})"
+                ),
+            },
+            FromEngine::Ready { engine } if sender == Some(engine) => {
+                if let Some(record) = registry.engines.get_mut(&engine) {
+                    if record.state == EngineState::Starting {
+                        record.state = EngineState::Idle;
+                    }
+                }
+                drop(registry);
+                self.notify();
+            }
+            FromEngine::Stream { task, name, text } => {
+                if let Some((engine, events)) = registry.tasks.get(&task) {
+                    if sender == Some(*engine) {
+                        let _ = events.send(TaskEvent::Stream {
+                            engine: *engine,
+                            name,
+                            text,
+                        });
+                    }
+                }
+            }
+            FromEngine::Done { task, outcome } => {
+                let owned = registry
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|(e, _)| sender == Some(*e));
+                if owned {
+                    if let Some((engine, events)) = registry.tasks.remove(&task) {
+                        let mut count = 0;
+                        if let Some(record) = registry.engines.get_mut(&engine) {
+                            record.running.retain(|t| *t != task);
+                            record.executed += 1;
+                            count = record.executed;
+                            if record.running.is_empty() && record.state == EngineState::Busy {
+                                record.state = EngineState::Idle;
+                            }
+                        }
+                        let _ = events.send(TaskEvent::Done {
+                            engine,
+                            execution_count: count,
+                            outcome,
+                        });
+                    }
+                }
+            }
+            FromEngine::Pong { .. } => {}
+            other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
+        }
+    }
+
+    async fn dispatch(
+        self,
+        mut socket: RouterSendHalf,
+        mut commands: mpsc::UnboundedReceiver<(u32, ToEngine)>,
+    ) {
+        let mut sender = Sender::new(
+            self.signer.clone(),
+            format!("controller-{}", std::process::id()),
+        );
+        while let Some((engine, message)) = commands.recv().await {
+            let identity = self
+                .registry()
+                .engines
+                .get(&engine)
+                .and_then(|e| e.identity.clone());
+            let Some(identity) = identity else { continue };
+            let mut frames = vec![identity];
+            frames.extend(sender.encode(&message, Vec::new()));
+            if let Ok(message) = ZmqMessage::try_from(frames) {
+                if let Err(e) = socket.send(message).await {
+                    tracing::warn!("engines: send to engine {engine} failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Engines exit when they stop hearing from us; a ping a second keeps them alive.
+    async fn ping(self) {
+        let mut nonce = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            nonce += 1;
+            for id in self.live_engines() {
+                self.send(id, ToEngine::Ping { nonce }).await;
+            }
+        }
+    }
+
+    /// Ids of the engines that are not dead, ascending.
+    pub fn live_engines(&self) -> Vec<u32> {
+        self.registry()
+            .engines
+            .iter()
+            .filter(|(_, e)| !is_dead(e))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn status(&self) -> Vec<EngineStatus> {
+        self.registry()
+            .engines
+            .iter()
+            .map(|(id, e)| EngineStatus {
+                id: *id,
+                pid: e.pid,
+                host: e.host.clone(),
+                state: e.state.clone(),
+                uptime: e.started.elapsed(),
+            })
+            .collect()
+    }
+
+    /// Sends `code` to each engine in `targets`; the events of every task go to one channel.
+    pub async fn submit(
+        &self,
+        targets: &[u32],
+        code: &str,
+    ) -> (Vec<(u32, u64)>, mpsc::UnboundedReceiver<TaskEvent>) {
+        let (events, event_rx) = mpsc::unbounded_channel();
+        let mut sent = Vec::new();
+        for &engine in targets {
+            let task = {
+                let mut registry = self.registry();
+                let task = registry.next_task;
+                registry.next_task += 1;
+                registry.tasks.insert(task, (engine, events.clone()));
+                if let Some(record) = registry.engines.get_mut(&engine) {
+                    record.running.push(task);
+                    if record.state == EngineState::Idle {
+                        record.state = EngineState::Busy;
+                    }
+                }
+                task
+            };
+            self.send(
+                engine,
+                ToEngine::Execute {
+                    task,
+                    code: code.to_owned(),
+                },
+            )
+            .await;
+            sent.push((engine, task));
+        }
+        (sent, event_rx)
+    }
+
+    /// Asks engines to stop these tasks (each engine stops its running cell).
+    pub async fn interrupt(&self, tasks: &[(u32, u64)]) {
+        for &(engine, task) in tasks {
+            self.send(engine, ToEngine::Interrupt { task }).await;
+        }
+    }
+
+    /// Interrupts every task still running anywhere (the kernel's stop button).
+    pub async fn interrupt_all(&self) {
+        let running: Vec<(u32, u64)> = self
+            .registry()
+            .engines
+            .iter()
+            .filter_map(|(id, e)| e.running.first().map(|t| (*id, *t)))
+            .collect();
+        self.interrupt(&running).await;
+    }
+
+    /// Stops every engine: asks politely, then kills what is left.
+    pub async fn stop_all(&self) -> usize {
+        let live = self.live_engines();
+        for &id in &live {
+            self.send(id, ToEngine::Shutdown).await;
+        }
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.live_engines().is_empty() {
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        for id in self.live_engines() {
+            let pid = self.registry().engines.get(&id).map(|e| e.pid);
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) takes plain integers.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.live_engines().is_empty() {
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        self.registry().engines.clear();
+        live.len()
+    }
+}
+
+fn is_dead(engine: &Engine) -> bool {
+    matches!(engine.state, EngineState::Dead(_))
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGINT => "SIGINT",
+        _ => "signal",
+    }
+}
+
+/// Writes the connection key for engines to read: a private directory, a file of mode 0600.
+fn write_key_file(key: &str) -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("parallax-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let path = dir.join("engine.key");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut file, key.as_bytes())?;
+    Ok(path)
+}
+
+/// Removes the key file's directory (at kernel exit).
+pub fn remove_key_dir() {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let _ = std::fs::remove_dir_all(base.join(format!("parallax-{}", std::process::id())));
+}
