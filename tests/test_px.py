@@ -1,0 +1,300 @@
+"""The engine pool and %px through jupyter_client, with real engine processes."""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import RunningKernel, ARTIFACTS, of_type, stream_text, wait_until
+
+ID_FN = 'fn id() -> u32 { std::env::var("PARALLAX_ENGINE_ID").unwrap().parse().unwrap() }'
+
+
+@pytest.fixture(scope="module")
+def cluster(kernelspec):
+    running = RunningKernel(ARTIFACTS / "test_px.kernel.log")
+    reply, outputs = running.execute("%cluster start -n 3", timeout=600)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert re.search(r"Started 3 engines in [\d.]+ s \(ids 0, 1, 2\)", stream_text(outputs))
+    reply, _ = running.execute("%%px\n" + ID_FN)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    yield running
+    running.stop()
+
+
+def results(outputs):
+    """engine id -> text/plain of its Out[...] display."""
+    found = {}
+    for m in of_type(outputs, "display_data"):
+        meta = m["content"]["metadata"]
+        if "engine" in meta:
+            found[meta["engine"]] = m["content"]["data"]["text/plain"]
+    return found
+
+
+def engine_errors(outputs):
+    return {
+        int(re.match(r"\[(\d+):", m["content"]["ename"]).group(1)): m["content"]
+        for m in of_type(outputs, "error")
+        if re.match(r"\[\d+:", m["content"]["ename"])
+    }
+
+
+def test_engines_have_their_id_and_count_in_the_environment(cluster):
+    _, outputs = cluster.execute(
+        '%px println!("{} of {}", std::env::var("PARALLAX_ENGINE_ID").unwrap(), '
+        'std::env::var("PARALLAX_ENGINES").unwrap());'
+    )
+    text = stream_text(outputs)
+    for i in range(3):
+        assert f"[stdout:{i}] {i} of 3\n" in text, text
+
+
+def test_per_engine_outputs_prefixes_and_state(cluster):
+    reply, outputs = cluster.execute(
+        '%%px\nlet v = id() * 10;\nprintln!("out {}", v);\neprintln!("err {}", id());'
+    )
+    assert reply["content"]["status"] == "ok"
+    out, err = stream_text(outputs), stream_text(outputs, "stderr")
+    for i in range(3):
+        assert f"[stdout:{i}] out {i * 10}\n" in out
+        assert f"[stderr:{i}] err {i}\n" in err
+    # Each engine kept its own `v`.
+    _, outputs = cluster.execute("%px v + 1")
+    got = results(outputs)
+    assert set(got) == {0, 1, 2}
+    for i in range(3):
+        assert re.fullmatch(rf"Out\[{i}:\d+\]: {i * 10 + 1}", got[i]), got
+
+
+def test_targets_subsets(cluster):
+    for targets, expected in [("0,2", {0, 2}), ("1:3", {1, 2}), ("::2", {0, 2}), ("1", {1}), ("all", {0, 1, 2})]:
+        _, outputs = cluster.execute(f"%px --targets {targets} id()")
+        assert set(results(outputs)) == expected, targets
+    _, outputs = cluster.execute("%px -t 2 id()")
+    assert set(results(outputs)) == {2}
+    reply, _ = cluster.execute("%px --targets 7 id()")
+    assert reply["content"]["status"] == "error"
+    assert "no engine with id 7" in reply["content"]["evalue"]
+
+
+def test_noblock_then_pxresult(cluster):
+    t0 = time.monotonic()
+    reply, outputs = cluster.execute(
+        '%%px --noblock\nstd::thread::sleep(std::time::Duration::from_millis(1500));\n'
+        'println!("late {}", id());\nid() + 100'
+    )
+    assert reply["content"]["status"] == "ok"
+    assert "%pxresult" in stream_text(outputs)
+    assert not results(outputs)
+    assert time.monotonic() - t0 < 1.5, "--noblock waited for the engines"
+    reply, outputs = cluster.execute("%pxresult")
+    assert reply["content"]["status"] == "ok"
+    text = stream_text(outputs)
+    for i in range(3):
+        assert f"[stdout:{i}] late {i}\n" in text
+    assert {k: v.split(": ")[1] for k, v in results(outputs).items()} == {0: "100", 1: "101", 2: "102"}
+
+
+def test_autopx_on_and_off(cluster):
+    reply, outputs = cluster.execute("%autopx")
+    assert "on" in stream_text(outputs)
+    _, outputs = cluster.execute('println!("auto {}", id());')
+    text = stream_text(outputs)
+    assert all(f"[stdout:{i}] auto {i}" in text for i in range(3)), text
+    _, outputs = cluster.execute("%autopx")
+    assert "off" in stream_text(outputs)
+    _, outputs = cluster.execute('println!("local again");')
+    assert stream_text(outputs) == "local again\n"
+
+
+def test_error_on_one_engine_others_succeed(cluster):
+    reply, outputs = cluster.execute('%%px\nif id() == 1 { panic!("boom on one"); }\nid() * 2')
+    assert reply["content"]["status"] == "error"
+    assert "1 of 3 engines failed: engine 1 (panic)" in reply["content"]["evalue"]
+    errors = engine_errors(outputs)
+    assert set(errors) == {1}
+    assert errors[1]["evalue"] == "boom on one"
+    assert {k: v.split(": ")[1] for k, v in results(outputs).items()} == {0: "0", 2: "4"}
+    # A compile error is shown per engine, in full.
+    reply, outputs = cluster.execute('%px --targets 0 let x: u8 = "no";')
+    errors = engine_errors(outputs)
+    assert "error[E0308]" in "\n".join(errors[0]["traceback"])
+
+
+def test_timeout_stops_only_the_slow_engine(cluster):
+    t0 = time.monotonic()
+    reply, outputs = cluster.execute(
+        "%%px --timeout 3\n"
+        "if id() == 1 { loop { std::thread::sleep(std::time::Duration::from_millis(10)); } }\n"
+        'println!("finished {}", id());'
+    )
+    elapsed = time.monotonic() - t0
+    assert reply["content"]["status"] == "error"
+    text = stream_text(outputs)
+    assert "[stdout:0] finished 0" in text and "[stdout:2] finished 2" in text
+    errors = engine_errors(outputs)
+    assert set(errors) == {1}
+    assert "[1:Timeout]" == errors[1]["ename"]
+    assert elapsed < 15, elapsed
+    # The stopped engine takes cells again.
+    _, outputs = cluster.execute("%px --targets 1 id()")
+    assert results(outputs)[1].endswith(": 1")
+
+
+def test_interrupt_during_long_px(cluster):
+    started = threading.Event()
+    result = {}
+
+    def hook(msg):
+        if msg["msg_type"] == "stream" and "spinning" in msg["content"].get("text", ""):
+            started.set()
+
+    code = '%%px\nlet keep = 5;\nprintln!("spinning");\nloop { std::thread::sleep(std::time::Duration::from_millis(10)); }'
+    outputs = []
+
+    def run():
+        result["reply"] = cluster.kc.execute_interactive(
+            code, timeout=120, output_hook=lambda m: (outputs.append(m), hook(m))
+        )
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(120)
+    time.sleep(0.5)  # let every engine reach its loop
+    t0 = time.monotonic()
+    cluster.km.interrupt_kernel()
+    worker.join(10)
+    elapsed = time.monotonic() - t0
+    assert not worker.is_alive()
+    assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
+    errors = engine_errors(outputs)
+    assert set(errors) == {0, 1, 2}
+    for content in errors.values():
+        assert "Interrupted" in content["ename"]
+        assert "variables lost" in content["evalue"] or "none were lost" in content["evalue"]
+    _, outputs = cluster.execute("%px id()")
+    assert set(results(outputs)) == {0, 1, 2}
+
+
+def test_magic_errors_print_usage(cluster):
+    for code in [
+        "%px",
+        "%px --bogus 1",
+        "%px --targets",
+        "%px --timeout never 1",
+        "%px --group-outputs colour 1",
+        "%%px let a = 1;\nb",
+        "%pxresult now",
+        "%autopx please",
+        "%pxconfig --targets 0 extra",
+        "%cluster",
+        "%cluster start -n zero",
+        "%cluster launch",
+        "%cluster add",
+    ]:
+        reply, _ = cluster.execute(code)
+        content = reply["content"]
+        assert content["status"] == "error", code
+        assert content["ename"] == "UsageError", code
+        assert "Usage: %" in content["evalue"], (code, content["evalue"])
+
+
+def test_sigkill_of_one_engine_mid_cell(cluster):
+    _, outputs = cluster.execute('%px println!("pid {}", std::process::id());')
+    # The cell runs in evcxr's evaluation process; its parent is the engine process.
+    cluster.execute("%cluster status")
+    _, status_out = cluster.execute("%cluster status")
+    rows = [r.split() for r in stream_text(status_out).splitlines()[1:]]
+    engine_pid = {int(r[0]): int(r[1]) for r in rows}
+    seen = {}
+
+    def hook(msg):
+        if msg["msg_type"] == "error":
+            seen.setdefault(msg["content"]["ename"], time.monotonic())
+        if msg["msg_type"] == "stream" and "working" in msg["content"].get("text", ""):
+            seen.setdefault("working", time.monotonic())
+
+    code = (
+        '%%px\nprintln!("working");\n'
+        "std::thread::sleep(std::time::Duration::from_secs(if id() == 1 { 30 } else { 4 }));\n"
+        'println!("survived {}", id());'
+    )
+    outputs = []
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault(
+            "reply",
+            cluster.kc.execute_interactive(
+                code, timeout=120, output_hook=lambda m: (outputs.append(m), hook(m))
+            ),
+        )
+    )
+    worker.start()
+    assert wait_until(lambda: "working" in seen, 60)
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    os.kill(engine_pid[1], signal.SIGKILL)
+    worker.join(60)
+    assert not worker.is_alive()
+    assert "[1:EngineDied]" in seen
+    assert seen["[1:EngineDied]"] - killed_at < 1.0
+    text = stream_text(outputs)
+    assert "[stdout:0] survived 0" in text and "[stdout:2] survived 2" in text
+    errors = engine_errors(outputs)
+    assert "killed by signal 9 (SIGKILL)" in errors[1]["evalue"]
+    _, status_out = cluster.execute("%cluster status")
+    assert re.search(r"^\s*1\s+\d+\s+\S+\s+dead", stream_text(status_out), re.M)
+    # The pool goes on without it.
+    _, outputs = cluster.execute("%px id()")
+    assert set(results(outputs)) == {0, 2}
+
+
+def descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):
+    running = RunningKernel(ARTIFACTS / "test_px_sigkill.kernel.log")
+    try:
+        reply, _ = running.execute("%cluster start -n 2", timeout=600)
+        assert reply["content"]["status"] == "ok"
+        running.execute(
+            "%px --noblock loop { std::thread::sleep(std::time::Duration::from_millis(10)); }"
+        )
+        time.sleep(2)
+        kernel_pid = running.km.provisioner.pid
+        procs = descendants(kernel_pid)
+        assert len(procs) >= 4, procs  # 2 engines and their evaluation processes, at least
+        os.kill(kernel_pid, signal.SIGKILL)
+        assert wait_until(lambda: not any(alive(p) for p in procs), 10), [
+            p for p in procs if alive(p)
+        ]
+    finally:
+        running.log_file.close()
+        running.kc.stop_channels()
