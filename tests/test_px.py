@@ -203,6 +203,59 @@ def test_magic_errors_print_usage(cluster):
         assert "Usage: %" in content["evalue"], (code, content["evalue"])
 
 
+def test_group_outputs_engine_and_type(cluster):
+    code = '%%px --group-outputs {}\nprintln!("a{{}}", id());\neprintln!("e{{}}", id());\nprintln!("b{{}}", id());\nid()'
+    _, outputs = cluster.execute(code.format("engine"))
+    order = [
+        (m["content"].get("metadata", {}).get("engine"), m["msg_type"], m["content"].get("text", ""))
+        for m in outputs
+        if m["msg_type"] in ("stream", "display_data")
+    ]
+    engines_in_order = [re.search(r"\[\w+:(\d+)\]", t).group(1) if t else str(e) for e, _, t in order]
+    # All of one engine's outputs come before the next engine's.
+    assert engines_in_order == sorted(engines_in_order), order
+    _, outputs = cluster.execute(code.format("type"))
+    kinds = [
+        "stdout" if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        else "stderr" if m["msg_type"] == "stream"
+        else "result"
+        for m in outputs
+        if m["msg_type"] in ("stream", "display_data")
+    ]
+    assert kinds == sorted(kinds, key=["stdout", "stderr", "result"].index), kinds
+
+
+def test_local_runs_in_the_notebook_too(cluster):
+    reply, outputs = cluster.execute('%px --local --targets 0 let both = 21;')
+    assert reply["content"]["status"] == "ok"
+    _, outputs = cluster.execute("both * 2")
+    assert of_type(outputs, "execute_result")[0]["content"]["data"]["text/plain"] == "42"
+    _, outputs = cluster.execute("%px --targets 0 both * 2")
+    assert results(outputs)[0].endswith(": 42")
+
+
+def test_pxconfig_sets_defaults(cluster):
+    _, outputs = cluster.execute("%pxconfig --targets 1")
+    assert "--targets 1" in stream_text(outputs)
+    _, outputs = cluster.execute("%px id()")
+    assert set(results(outputs)) == {1}
+    _, outputs = cluster.execute("%pxconfig --targets all")
+    _, outputs = cluster.execute("%px id()")
+    assert set(results(outputs)) == {0, 1, 2}
+
+
+def test_rich_output_from_engines_carries_the_engine_id(cluster):
+    _, outputs = cluster.execute(
+        '%px --targets 0,2 println!("EVCXR_BEGIN_CONTENT text/html\\n<i>engine {}</i>\\nEVCXR_END_CONTENT", id());'
+    )
+    html = {
+        m["content"]["metadata"]["engine"]: m["content"]["data"]["text/html"]
+        for m in of_type(outputs, "display_data")
+        if "text/html" in m["content"]["data"]
+    }
+    assert html == {0: "<i>engine 0</i>", 2: "<i>engine 2</i>"}
+
+
 def test_sigkill_of_one_engine_mid_cell(cluster):
     _, outputs = cluster.execute('%px println!("pid {}", std::process::id());')
     # The cell runs in evcxr's evaluation process; its parent is the engine process.
@@ -282,8 +335,22 @@ def alive(pid):
 def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):
     running = RunningKernel(ARTIFACTS / "test_px_sigkill.kernel.log")
     try:
-        reply, _ = running.execute("%cluster start -n 2", timeout=600)
+        reply, _ = running.execute("%cluster start -n 1", timeout=600)
         assert reply["content"]["status"] == "ok"
+        reply, _ = running.execute("%cluster start", timeout=600)
+        assert "already running" in reply["content"]["evalue"]
+        reply, outputs = running.execute("%cluster add -n 1", timeout=600)
+        assert "Started 1 engines" in stream_text(outputs) and "(ids 1)" in stream_text(outputs)
+        reply, outputs = running.execute("%cluster stop")
+        assert "Stopped 2 engines" in stream_text(outputs)
+        reply, _ = running.execute("%px 1")
+        assert reply["content"]["ename"] == "NoEngines"
+        reply, outputs = running.execute("%cluster start -n 1", timeout=600)
+        reply, outputs = running.execute("%cluster restart", timeout=600)
+        assert "Stopped 1 engines" in stream_text(outputs)
+        reply, outputs = running.execute("%cluster add -n 1", timeout=600)
+        _, outputs = running.execute('%px std::env::var("PARALLAX_ENGINE_ID").unwrap()')
+        assert sorted(results(outputs)) == [0, 1]
         running.execute(
             "%px --noblock loop { std::thread::sleep(std::time::Duration::from_millis(10)); }"
         )
@@ -298,3 +365,4 @@ def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):
     finally:
         running.log_file.close()
         running.kc.stop_channels()
+

@@ -514,7 +514,10 @@ impl Controller {
                 break;
             }
         }
-        self.registry().engines.clear();
+        // A new pool numbers its engines from 0 again, so PARALLAX_ENGINE_ID stays 0..N-1.
+        let mut registry = self.registry();
+        registry.engines.clear();
+        registry.next_engine = 0;
         live.len()
     }
 }
