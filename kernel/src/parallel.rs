@@ -333,14 +333,15 @@ impl Parallel {
                 "the targets select no engine",
             ));
         }
-        let (tasks, events) = self.controller.submit(&targets, code).await;
         let timeout = flags.timeout.map(Duration::from_secs_f64);
         let group = flags.group_outputs.unwrap_or_default();
         if !flags.block.unwrap_or(true) {
             let (report_tx, report_rx) = watch::channel(None);
             let controller = self.controller.clone();
+            let job_targets = targets.clone();
+            let code = code.to_owned();
             tokio::spawn(async move {
-                let report = collect(controller, tasks, events, timeout, None).await;
+                let report = run_job(controller, &job_targets, &code, timeout, None).await;
                 let _ = report_tx.send(Some(report));
             });
             self.pending = Some(Pending { report: report_rx });
@@ -356,7 +357,7 @@ impl Parallel {
             return Ok(CellOutput::default());
         }
         let live = (group == GroupOutputs::Order).then(|| (publisher.clone(), route.clone()));
-        let report = collect(self.controller.clone(), tasks, events, timeout, live).await;
+        let report = run_job(self.controller.clone(), &targets, code, timeout, live).await;
         if group != GroupOutputs::Order {
             report.publish_grouped(group, publisher, route);
         }
@@ -386,6 +387,50 @@ impl Parallel {
         report.publish_grouped(group, publisher, route);
         report.outcome()
     }
+}
+
+/// A cell that adds dependencies (`:dep`) makes every engine build them. Engines on one host
+/// share evcxr's dependency cache, but it races when several miss at once, so one engine
+/// builds first and the others then find the build in the cache.
+fn adds_dependencies(code: &str) -> bool {
+    code.lines()
+        .any(|line| line.trim_start().starts_with(":dep"))
+}
+
+/// Runs `code` on `targets` and collects the report, building dependencies on one engine
+/// first when the cell adds any. If that first engine fails, the others do not run the cell.
+async fn run_job(
+    controller: Controller,
+    targets: &[u32],
+    code: &str,
+    timeout: Option<Duration>,
+    live: Option<(Publisher, OutputRoute)>,
+) -> Report {
+    let (first, rest) = match targets.split_first() {
+        Some((first, rest)) if adds_dependencies(code) && !rest.is_empty() => (vec![*first], rest),
+        _ => (targets.to_vec(), &[][..]),
+    };
+    let (tasks, events) = controller.submit(&first, code).await;
+    let mut report = collect(controller.clone(), tasks, events, timeout, live.clone()).await;
+    if !rest.is_empty() {
+        if report.failures().is_empty() {
+            let (tasks, events) = controller.submit(rest, code).await;
+            let others = collect(controller, tasks, events, timeout, live).await;
+            report.pieces.extend(others.pieces);
+        } else {
+            let skipped: Vec<String> = rest.iter().map(u32::to_string).collect();
+            let note = format!(
+                "engines {} did not run this cell: building its dependencies failed on engine {}\n",
+                skipped.join(", "),
+                first[0]
+            );
+            if let Some((publisher, route)) = &live {
+                publisher.stream(route, "stderr", &note);
+            }
+        }
+    }
+    report.targets = targets.to_vec();
+    report
 }
 
 /// Collects a job's events until every task is done. With `live`, publishes each piece as it

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
+/// evcxr's command that caches built dependencies (size in MiB).
+const DEPENDENCY_CACHE: &str = ":cache 4000";
+
 /// The controller pings every second; this long without any message means it is gone.
 const CONTROLLER_SILENCE_LIMIT: Duration = Duration::from_secs(10);
 
@@ -125,6 +128,18 @@ async fn run_tasks(
 ) {
     match evaluator.ready().await {
         Ok(()) => {
+            // evcxr's dependency cache lives in the user's cache directory, so engines on one
+            // host share it; the controller has one engine build a new dependency first.
+            let quiet: StreamSink = Arc::new(|_, _| {});
+            if let Err(e) = evaluator
+                .execute(DEPENDENCY_CACHE.into(), quiet, None)
+                .await
+            {
+                tracing::warn!(
+                    "engine {engine}: could not enable the dependency cache: {}",
+                    e.evalue
+                );
+            }
             let _ = outbound.send(FromEngine::Ready { engine });
         }
         Err(e) => {
