@@ -51,6 +51,11 @@ def test_engines_have_their_id_and_count_in_the_environment(cluster):
     text = stream_text(outputs)
     for i in range(3):
         assert f"[stdout:{i}] {i} of 3\n" in text, text
+    # The same through the helper crate, with no :dep line.
+    _, outputs = cluster.execute("%px (parallax_env::engine_id(), parallax_env::engines())")
+    assert {k: v.split(": ", 1)[1] for k, v in results(outputs).items()} == {
+        i: f"(Some({i}), Some(3))" for i in range(3)
+    }
 
 
 def test_per_engine_outputs_prefixes_and_state(cluster):

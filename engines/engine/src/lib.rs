@@ -14,6 +14,24 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
+/// The helper crate engine cells use without a `:dep` of their own, carried in this binary so
+/// that an engine on another host needs nothing but the binary.
+const ENV_CRATE_SOURCE: &str = include_str!("../../env/src/lib.rs");
+const ENV_CRATE_MANIFEST: &str = include_str!("../../env/Cargo.toml");
+
+/// Writes the helper crate into a private directory and returns the `:dep` line for it.
+fn env_crate_dep() -> std::io::Result<String> {
+    let dir = std::env::temp_dir().join(format!("parallax-env-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(dir.join("Cargo.toml"), ENV_CRATE_MANIFEST)?;
+    std::fs::write(dir.join("src").join("lib.rs"), ENV_CRATE_SOURCE)?;
+    let path = dir
+        .to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    Ok(format!(":dep parallax_env = {{ path = \"{path}\" }}"))
+}
+
 /// evcxr's command that caches built dependencies (size in MiB).
 const DEPENDENCY_CACHE: &str = ":cache 4000";
 
@@ -116,6 +134,9 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     };
     // A cell still running must not outlive the engine.
     evaluator.interrupter().kill_all();
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("parallax-env-{}", std::process::id())),
+    );
     result
 }
 
@@ -132,13 +153,24 @@ async fn run_tasks(
             // host share it; the controller has one engine build a new dependency first.
             let quiet: StreamSink = Arc::new(|_, _| {});
             if let Err(e) = evaluator
-                .execute(DEPENDENCY_CACHE.into(), quiet, None)
+                .execute(DEPENDENCY_CACHE.into(), quiet.clone(), None)
                 .await
             {
                 tracing::warn!(
                     "engine {engine}: could not enable the dependency cache: {}",
                     e.evalue
                 );
+            }
+            match env_crate_dep() {
+                Ok(dep) => {
+                    if let Err(e) = evaluator.execute(dep, quiet, None).await {
+                        tracing::warn!(
+                            "engine {engine}: parallax_env is unavailable: {}",
+                            e.evalue
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("engine {engine}: could not write parallax_env: {e}"),
             }
             let _ = outbound.send(FromEngine::Ready { engine });
         }
