@@ -48,6 +48,8 @@ struct Engine {
     /// Tasks sent to this engine and not finished, oldest first.
     running: Vec<u64>,
     executed: u64,
+    /// We asked it to exit, so its exit is no news.
+    stopping: bool,
 }
 
 /// What a job hears about its tasks.
@@ -200,6 +202,7 @@ impl Controller {
                     identity: None,
                     running: Vec::new(),
                     executed: 0,
+                    stopping: false,
                 },
             );
             tokio::spawn(self.clone().watch_process(id, child));
@@ -242,10 +245,12 @@ impl Controller {
             },
             Err(e) => format!("lost: {e}"),
         };
+        let mut expected = false;
         let orphaned: Vec<(u64, mpsc::UnboundedSender<TaskEvent>)> = {
             let mut registry = self.registry();
             let running = match registry.engines.get_mut(&id) {
                 Some(engine) => {
+                    expected = engine.stopping;
                     if !matches!(engine.state, EngineState::Dead(_)) {
                         engine.state = EngineState::Dead(cause.clone());
                     }
@@ -258,7 +263,11 @@ impl Controller {
                 .filter_map(|task| registry.tasks.remove(&task).map(|(_, tx)| (task, tx)))
                 .collect()
         };
-        tracing::warn!("engine {id} {cause}");
+        if expected {
+            tracing::info!("engine {id} stopped: {cause}");
+        } else {
+            tracing::warn!("engine {id} {cause}");
+        }
         for (_, events) in orphaned {
             let _ = events.send(TaskEvent::Done {
                 engine: id,
@@ -397,7 +406,14 @@ impl Controller {
         loop {
             tick.tick().await;
             nonce += 1;
-            for id in self.live_engines() {
+            let listening: Vec<u32> = self
+                .registry()
+                .engines
+                .iter()
+                .filter(|(_, e)| !is_dead(e) && !e.stopping && e.identity.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in listening {
                 self.send(id, ToEngine::Ping { nonce }).await;
             }
         }
@@ -483,6 +499,9 @@ impl Controller {
     /// Stops every engine: asks politely, then kills what is left.
     pub async fn stop_all(&self) -> usize {
         let live = self.live_engines();
+        for engine in self.registry().engines.values_mut() {
+            engine.stopping = true;
+        }
         for &id in &live {
             self.send(id, ToEngine::Shutdown).await;
         }
