@@ -48,3 +48,11 @@ def test_quickstart_outputs():
     assert code[3].outputs[-1]["data"]["text/plain"] == '"6171"'
     html = [o for o in code[4].outputs if "text/html" in o.get("data", {})]
     assert html and "<b>261</b> steps" in html[0]["data"]["text/html"]
+    # The engine pool part.
+    assert "Started 2 engines" in outputs_text(code[5])
+    engines_said = outputs_text(code[6])
+    assert "[stdout:0] engine 0 of 2" in engines_said and "[stdout:1] engine 1 of 2" in engines_said
+    found = sorted(o["data"]["text/plain"].split(": ")[1] for o in code[7].outputs if "data" in o)
+    assert found == ["820022", "837799"]
+    assert "idle" in outputs_text(code[8])
+    assert "Stopped 2 engines" in outputs_text(code[9])
