@@ -496,6 +496,19 @@ impl Controller {
         self.interrupt(&running).await;
     }
 
+    async fn wait_for_no_live_engines(&self, within: Duration) {
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.live_engines().is_empty() {
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
     /// Stops every engine: asks politely, then kills what is left.
     pub async fn stop_all(&self) -> usize {
         let live = self.live_engines();
@@ -505,16 +518,7 @@ impl Controller {
         for &id in &live {
             self.send(id, ToEngine::Shutdown).await;
         }
-        let mut changed = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while !self.live_engines().is_empty() {
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
+        self.wait_for_no_live_engines(Duration::from_secs(3)).await;
         for id in self.live_engines() {
             let pid = self.registry().engines.get(&id).map(|e| e.pid);
             if let Some(pid) = pid {
@@ -524,15 +528,7 @@ impl Controller {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while !self.live_engines().is_empty() {
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
+        self.wait_for_no_live_engines(Duration::from_secs(3)).await;
         // A new pool numbers its engines from 0 again, so PARALLAX_ENGINE_ID stays 0..N-1.
         let mut registry = self.registry();
         registry.engines.clear();

@@ -69,16 +69,21 @@ impl Interrupter {
     /// owner when it exits.
     pub fn kill_all(&self) {
         kill_builds();
-        if let Some(runtime) = self
+        self.kill_runtime();
+    }
+
+    /// Kills the evaluation process; evcxr starts a fresh one, without the variables.
+    fn kill_runtime(&self) {
+        let runtime = self
             .state
             .runtime
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+            .clone();
+        if let Some(runtime) = runtime {
             if let Ok(mut child) = runtime.lock() {
                 let _ = child.kill();
-            }
+            };
         }
     }
 
@@ -91,17 +96,7 @@ impl Interrupter {
         let kind = if kill_builds() > 0 {
             Interruption::Compiling
         } else {
-            if let Some(runtime) = self
-                .state
-                .runtime
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                if let Ok(mut child) = runtime.lock() {
-                    let _ = child.kill();
-                }
-            }
+            self.kill_runtime();
             Interruption::Running
         };
         let mut pending = self.state.pending.lock().unwrap_or_else(|p| p.into_inner());
