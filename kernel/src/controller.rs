@@ -388,7 +388,10 @@ impl Controller {
                 .engines
                 .get(&engine)
                 .and_then(|e| e.identity.clone());
-            let Some(identity) = identity else { continue };
+            let Some(identity) = identity else {
+                tracing::warn!("engines: engine {engine} has not registered; dropped {message:?}");
+                continue;
+            };
             let mut frames = vec![identity];
             frames.extend(sender.encode(&message, Vec::new()));
             if let Ok(message) = ZmqMessage::try_from(frames) {
@@ -417,6 +420,16 @@ impl Controller {
                 self.send(id, ToEngine::Ping { nonce }).await;
             }
         }
+    }
+
+    /// Ids of the engines that can take cells (registered and ready), ascending.
+    pub fn ready_engines(&self) -> Vec<u32> {
+        self.registry()
+            .engines
+            .iter()
+            .filter(|(_, e)| matches!(e.state, EngineState::Idle | EngineState::Busy))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Ids of the engines that are not dead, ascending.

@@ -314,7 +314,7 @@ impl Parallel {
         route: &OutputRoute,
     ) -> Result<CellOutput, CellError> {
         let flags = flags.over(&self.defaults);
-        let engines = self.controller.live_engines();
+        let engines = self.controller.ready_engines();
         if engines.is_empty() {
             return Err(CellError::plain(
                 "NoEngines",

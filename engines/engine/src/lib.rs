@@ -32,6 +32,9 @@ fn env_crate_dep() -> std::io::Result<String> {
     Ok(format!(":dep parallax_env = {{ path = \"{path}\" }}"))
 }
 
+/// The exit code of an engine whose evcxr context could not be built.
+const EXIT_NO_EVALUATOR: i32 = 3;
+
 /// evcxr's command that caches built dependencies (size in MiB).
 const DEPENDENCY_CACHE: &str = ":cache 4000";
 
@@ -175,7 +178,9 @@ async fn run_tasks(
             let _ = outbound.send(FromEngine::Ready { engine });
         }
         Err(e) => {
+            // Exiting is how the controller learns of it: it reports the exit code at once.
             tracing::error!("engine {engine}: {e}");
+            std::process::exit(EXIT_NO_EVALUATOR);
         }
     }
     while let Some((task, code)) = tasks.recv().await {
