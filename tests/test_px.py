@@ -398,3 +398,15 @@ def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):
         running.log_file.close()
         running.kc.stop_channels()
 
+
+
+def test_shutdown_stops_the_engines(kernelspec):
+    running = RunningKernel(ARTIFACTS / "test_px_shutdown.kernel.log")
+    reply, _ = running.execute("%cluster start -n 1", timeout=600)
+    assert reply["content"]["status"] == "ok"
+    kernel_pid = running.km.provisioner.pid
+    procs = descendants(kernel_pid)
+    assert procs
+    running.stop()  # a shutdown_request, as a frontend sends it
+    assert wait_until(lambda: not any(alive(p) for p in procs), 10), [p for p in procs if alive(p)]
+    assert "engine 0 stopped" in running.log_path.read_text()
