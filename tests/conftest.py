@@ -106,3 +106,14 @@ def wait_until(predicate, timeout: float, interval: float = 0.05):
             return True
         time.sleep(interval)
     return predicate()
+
+
+def interrupt_and_wait(kernel, worker, limit: float = 10) -> float:
+    """Interrupts the kernel while `worker` runs a cell; returns the seconds until the cell
+    ended. Fails if it did not end within `limit`."""
+    t0 = time.monotonic()
+    kernel.km.interrupt_kernel()
+    worker.join(limit)
+    elapsed = time.monotonic() - t0
+    assert not worker.is_alive(), "the cell did not end after the interrupt"
+    return elapsed

@@ -12,7 +12,7 @@ import time
 import zmq
 from jupyter_client.session import Session
 
-from conftest import of_type, stream_text, wait_until
+from conftest import interrupt_and_wait, of_type, stream_text, wait_until
 
 
 def test_interrupt_stops_an_endless_cell_and_the_next_cell_runs(kernel):
@@ -34,11 +34,7 @@ def test_interrupt_stops_an_endless_cell_and_the_next_cell_runs(kernel):
     worker = threading.Thread(target=run)
     worker.start()
     assert started.wait(120), "the endless cell never started"
-    t0 = time.monotonic()
-    kernel.km.interrupt_kernel()
-    worker.join(10)
-    elapsed = time.monotonic() - t0
-    assert not worker.is_alive(), "the cell did not end after the interrupt"
+    elapsed = interrupt_and_wait(kernel, worker)
     assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
     content = result["reply"]["content"]
     assert content["status"] == "error"
@@ -65,11 +61,7 @@ def test_interrupt_during_compilation_loses_nothing(kernel):
         return out.returncode == 0
 
     assert wait_until(cargo_running, 60), "cargo never started"
-    t0 = time.monotonic()
-    kernel.km.interrupt_kernel()
-    worker.join(10)
-    elapsed = time.monotonic() - t0
-    assert not worker.is_alive(), "the cell did not end after the interrupt"
+    elapsed = interrupt_and_wait(kernel, worker)
     assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
     content = result["reply"]["content"]
     assert content["status"] == "error"

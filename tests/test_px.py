@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import RunningKernel, ARTIFACTS, of_type, stream_text, wait_until
+from conftest import ARTIFACTS, RunningKernel, interrupt_and_wait, of_type, stream_text, wait_until
 
 ID_FN = 'fn id() -> u32 { std::env::var("PARALLAX_ENGINE_ID").unwrap().parse().unwrap() }'
 
@@ -170,11 +170,7 @@ def test_interrupt_during_long_px(cluster):
     worker.start()
     assert started.wait(120)
     time.sleep(0.5)  # let every engine reach its loop
-    t0 = time.monotonic()
-    cluster.km.interrupt_kernel()
-    worker.join(10)
-    elapsed = time.monotonic() - t0
-    assert not worker.is_alive()
+    elapsed = interrupt_and_wait(cluster, worker)
     assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s"
     errors = engine_errors(outputs)
     assert set(errors) == {0, 1, 2}

@@ -7,7 +7,6 @@ use parallax_engine_protocol::{Outcome, StreamName};
 use parallax_eval::{CellError, CellOutput};
 use parallax_magics::{ClusterCommand, GroupOutputs, PxFlags, Targets};
 use serde_json::{json, Map, Value};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -443,7 +442,7 @@ async fn collect(
     live: Option<(Publisher, OutputRoute)>,
 ) -> Report {
     let targets: Vec<u32> = tasks.iter().map(|(engine, _)| *engine).collect();
-    let remaining = Arc::new(Mutex::new(tasks.clone()));
+    let mut remaining = tasks.clone();
     let mut report = Report {
         pieces: Vec::new(),
         targets,
@@ -452,15 +451,14 @@ async fn collect(
     let mut deadline = timeout.map(|t| started + t);
     let mut timed_out: Vec<u32> = Vec::new();
     loop {
-        if remaining.lock().map(|r| r.is_empty()).unwrap_or(true) {
+        if remaining.is_empty() {
             break;
         }
         let next = match deadline {
             Some(at) => match tokio::time::timeout_at(at, events.recv()).await {
                 Ok(event) => event,
                 Err(_) => {
-                    let still: Vec<(u32, u64)> =
-                        remaining.lock().map(|r| r.clone()).unwrap_or_default();
+                    let still: Vec<(u32, u64)> = remaining.clone();
                     if timed_out.is_empty() {
                         // First pass: ask the engines still running to stop.
                         timed_out = still.iter().map(|(e, _)| *e).collect();
@@ -497,9 +495,7 @@ async fn collect(
                 execution_count,
                 outcome,
             } => {
-                if let Ok(mut r) = remaining.lock() {
-                    r.retain(|(e, _)| *e != engine);
-                }
+                remaining.retain(|(e, _)| *e != engine);
                 match outcome {
                     Outcome::Ok { data } if data.is_empty() => continue,
                     Outcome::Ok { data } => Piece::Result {
