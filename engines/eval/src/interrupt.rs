@@ -93,16 +93,25 @@ impl Interrupter {
             return None;
         }
         self.state.cancel_input.store(true, Ordering::SeqCst);
-        let kind = if kill_builds() > 0 {
-            Interruption::Compiling
-        } else {
-            self.kill_runtime();
+        let builds = build_processes();
+        let kind = if builds.is_empty() {
             Interruption::Running
+        } else {
+            Interruption::Compiling
         };
+        // Recorded before anything is killed: the evaluator asks what happened as soon as the
+        // kill makes evcxr return, and must not take an interrupt for a crash.
         let mut pending = self.state.pending.lock().unwrap_or_else(|p| p.into_inner());
         let first = pending.is_none();
-        pending.get_or_insert(kind);
+        // Stopping the run loses the variables, whatever an earlier interrupt stopped.
+        if *pending != Some(Interruption::Running) {
+            *pending = Some(kind);
+        }
         drop(pending);
+        match kind {
+            Interruption::Compiling => kill(&builds),
+            Interruption::Running => self.kill_runtime(),
+        }
         if first && kind == Interruption::Compiling {
             // evcxr may retry a failed build; keep stopping builds until the cell ends.
             let state = self.state.clone();
@@ -119,26 +128,29 @@ impl Interrupter {
     }
 }
 
-/// Kills every cargo build started by this process (and everything under it). Returns how many
-/// processes were killed.
-fn kill_builds() -> usize {
+/// Every cargo build started by this process, and everything under it.
+fn build_processes() -> Vec<u32> {
     let me = std::process::id();
     let table = process_table();
-    let builds: Vec<u32> = table
+    table
         .iter()
         .filter(|(_, (parent, name))| *parent == me && name == "cargo")
-        .map(|(pid, _)| *pid)
-        .collect();
-    let mut killed = 0;
-    for build in builds {
-        for pid in subtree(&table, build) {
-            // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
-                killed += 1;
-            }
+        .flat_map(|(pid, _)| subtree(&table, *pid))
+        .collect()
+}
+
+fn kill(pids: &[u32]) {
+    for &pid in pids {
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
         }
     }
-    killed
+}
+
+/// Kills every cargo build started by this process (and everything under it).
+fn kill_builds() {
+    kill(&build_processes());
 }
 
 /// pid -> (parent pid, command name), read from /proc.
