@@ -5,11 +5,16 @@
 use anyhow::Context;
 use bytes::Bytes;
 use parallax_engine_protocol::{
-    FromEngine, Outcome, Receiver, Sender, Signer, StreamName, ToEngine,
+    ends_from_bytes, ends_to_bytes, DataMeta, FromEngine, Outcome, Receiver, Sender, Signer,
+    StreamName, ToEngine,
 };
-use parallax_eval::{Evaluator, StreamSink};
+use parallax_eval::{
+    cells, CellError, CellOutput, DataPort, Evaluator, MapInput, MapOutput, Payload, StreamSink,
+};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -60,6 +65,42 @@ pub fn run(config: EngineConfig) -> anyhow::Result<()> {
     runtime.block_on(serve(config, signer))
 }
 
+/// What the engine's task runner is asked to do, one task at a time, in arrival order.
+enum Work {
+    Code(String),
+    Store {
+        name: String,
+        type_src: String,
+        value: bool,
+        payload: Payload,
+    },
+    Fetch {
+        name: String,
+        value: bool,
+    },
+    Map {
+        func: String,
+    },
+}
+
+type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
+
+/// The maps this engine serves: their chunk feeds, and maps ended before their cell began.
+#[derive(Default)]
+struct Maps {
+    feeds: HashMap<u64, std_mpsc::Sender<MapInput>>,
+    ended: HashSet<u64>,
+}
+
+type SharedMaps = Arc<Mutex<Maps>>;
+
+fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, Maps> {
+    maps.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cell stopping a map is given this long to finish its chunk before it is interrupted.
+const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
+
 async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     let mut socket = DealerSocket::new();
     socket
@@ -72,22 +113,26 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         format!("engine-{engine}-{}", std::process::id()),
     );
     let mut receiver = Receiver::new(signer);
-    let (outbound, mut outbound_rx) = mpsc::unbounded_channel::<FromEngine>();
+    let (outbound, mut outbound_rx) = mpsc::unbounded_channel::<(FromEngine, Vec<Bytes>)>();
 
     let register = FromEngine::Register {
         engine,
         pid: std::process::id(),
         host: hostname(),
     };
-    send(&mut socket, &mut sender, &register).await?;
+    send(&mut socket, &mut sender, &register, Vec::new()).await?;
 
     let evaluator = Evaluator::start();
-    let (tasks, task_rx) = mpsc::unbounded_channel::<(u64, String)>();
+    let maps = SharedMaps::default();
+    let running = Arc::new(AtomicU64::new(NO_TASK));
+    let (tasks, task_rx) = mpsc::unbounded_channel::<(u64, Work)>();
     tokio::spawn(run_tasks(
         evaluator.clone(),
         task_rx,
         outbound.clone(),
         engine,
+        maps.clone(),
+        running.clone(),
     ));
 
     let mut last_heard = Instant::now();
@@ -99,8 +144,8 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     Ok(raw) => raw,
                     Err(e) => break Err(anyhow::anyhow!("controller connection failed: {e}")),
                 };
-                let message = match receiver.decode::<ToEngine>(raw.into_vec()) {
-                    Ok(envelope) => envelope.body,
+                let (message, buffers) = match receiver.decode::<ToEngine>(raw.into_vec()) {
+                    Ok(envelope) => (envelope.body, envelope.buffers),
                     Err(e) => {
                         tracing::warn!("engine {engine}: dropped a message: {e}");
                         continue;
@@ -109,20 +154,67 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                 last_heard = Instant::now();
                 match message {
                     ToEngine::Execute { task, code } => {
-                        let _ = tasks.send((task, code));
+                        let _ = tasks.send((task, Work::Code(code)));
                     }
+                    ToEngine::Store { task, name, type_src, value, meta } => {
+                        match payload_from(meta, buffers) {
+                            Ok(payload) => {
+                                let _ = tasks.send((task, Work::Store { name, type_src, value, payload }));
+                            }
+                            Err(e) => {
+                                tracing::warn!("engine {engine}: dropped a store: {e}");
+                                let _ = outbound.send((done_error(task, "DataError", &e), Vec::new()));
+                            }
+                        }
+                    }
+                    ToEngine::Fetch { task, name, value } => {
+                        let _ = tasks.send((task, Work::Fetch { name, value }));
+                    }
+                    ToEngine::Map { task, func } => {
+                        let _ = tasks.send((task, Work::Map { func }));
+                    }
+                    ToEngine::Chunk { task, chunk, start, meta } => {
+                        let feed = lock(&maps).feeds.get(&task).cloned();
+                        match (feed, payload_from(meta, buffers)) {
+                            (Some(feed), Ok(items)) => {
+                                let _ = feed.send(MapInput::Chunk { chunk, start, items });
+                            }
+                            (None, _) => tracing::warn!("engine {engine}: a chunk for map {task}, which is not serving"),
+                            (_, Err(e)) => {
+                                tracing::warn!("engine {engine}: dropped a chunk: {e}");
+                                let refused = FromEngine::ChunkRefused { task, chunk, message: e };
+                                let _ = outbound.send((refused, Vec::new()));
+                            }
+                        }
+                    }
+                    ToEngine::MapEnd { task } => end_map(&maps, task),
                     ToEngine::Interrupt { task } => {
                         tracing::info!("engine {engine}: interrupt for task {task}");
-                        evaluator.interrupter().interrupt();
+                        let serving = lock(&maps).feeds.contains_key(&task);
+                        if serving {
+                            // A map stops between chunks and keeps the engine's variables; only
+                            // an item that runs on and on needs the hard way.
+                            end_map(&maps, task);
+                            let interrupter = evaluator.interrupter().clone();
+                            let running = running.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(MAP_STOP_GRACE).await;
+                                if running.load(Ordering::SeqCst) == task {
+                                    interrupter.interrupt();
+                                }
+                            });
+                        } else {
+                            evaluator.interrupter().interrupt();
+                        }
                     }
                     ToEngine::Ping { nonce } => {
-                        let _ = outbound.send(FromEngine::Pong { nonce });
+                        let _ = outbound.send((FromEngine::Pong { nonce }, Vec::new()));
                     }
                     ToEngine::Shutdown => break Ok(()),
                 }
             }
-            Some(message) = outbound_rx.recv() => {
-                if let Err(e) = send(&mut socket, &mut sender, &message).await {
+            Some((message, buffers)) = outbound_rx.recv() => {
+                if let Err(e) = send(&mut socket, &mut sender, &message, buffers).await {
                     break Err(e);
                 }
             }
@@ -143,12 +235,68 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     result
 }
 
+const NO_TASK: u64 = u64::MAX;
+
+fn end_map(maps: &SharedMaps, task: u64) {
+    let mut maps = lock(maps);
+    match maps.feeds.get(&task) {
+        Some(feed) => {
+            let _ = feed.send(MapInput::End);
+        }
+        None => {
+            maps.ended.insert(task);
+        }
+    }
+}
+
+fn payload_from(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> {
+    let [ends, data]: [Bytes; 2] = buffers
+        .try_into()
+        .map_err(|b: Vec<Bytes>| format!("{} buffers, expected 2", b.len()))?;
+    let ends = ends_from_bytes(&ends).ok_or("item ends are not 8-byte numbers")?;
+    let payload = Payload {
+        meta: meta.into(),
+        ends,
+        data,
+    };
+    payload.validate()?;
+    Ok(payload)
+}
+
+fn payload_buffers(payload: &Payload) -> Vec<Bytes> {
+    vec![ends_to_bytes(&payload.ends), payload.data.clone()]
+}
+
+fn done_error(task: u64, ename: &str, evalue: &str) -> FromEngine {
+    FromEngine::Done {
+        task,
+        outcome: Outcome::Error {
+            ename: ename.to_owned(),
+            evalue: evalue.to_owned(),
+            traceback: vec![format!("{ename}: {evalue}")],
+        },
+    }
+}
+
+fn outcome_of(result: Result<CellOutput, CellError>) -> Outcome {
+    match result {
+        Ok(output) => Outcome::Ok { data: output.data },
+        Err(error) => Outcome::Error {
+            ename: error.ename,
+            evalue: error.evalue,
+            traceback: error.traceback,
+        },
+    }
+}
+
 /// Runs tasks one at a time, in the order they arrived.
 async fn run_tasks(
     evaluator: Evaluator,
-    mut tasks: mpsc::UnboundedReceiver<(u64, String)>,
-    outbound: mpsc::UnboundedSender<FromEngine>,
+    mut tasks: mpsc::UnboundedReceiver<(u64, Work)>,
+    outbound: Outbound,
     engine: u32,
+    maps: SharedMaps,
+    running: Arc<AtomicU64>,
 ) {
     match evaluator.ready().await {
         Ok(()) => {
@@ -175,7 +323,7 @@ async fn run_tasks(
                 }
                 Err(e) => tracing::warn!("engine {engine}: could not write parallax_env: {e}"),
             }
-            let _ = outbound.send(FromEngine::Ready { engine });
+            let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
         }
         Err(e) => {
             // Exiting is how the controller learns of it: it reports the exit code at once.
@@ -183,7 +331,7 @@ async fn run_tasks(
             std::process::exit(EXIT_NO_EVALUATOR);
         }
     }
-    while let Some((task, code)) = tasks.recv().await {
+    while let Some((task, work)) = tasks.recv().await {
         let sink_outbound = outbound.clone();
         let sink: StreamSink = Arc::new(move |name, text| {
             let name = if name == "stderr" {
@@ -191,21 +339,174 @@ async fn run_tasks(
             } else {
                 StreamName::Stdout
             };
-            let _ = sink_outbound.send(FromEngine::Stream {
+            let stream = FromEngine::Stream {
                 task,
                 name,
                 text: text.to_owned(),
-            });
+            };
+            let _ = sink_outbound.send((stream, Vec::new()));
         });
-        let outcome = match evaluator.execute(code, sink, None).await {
-            Ok(output) => Outcome::Ok { data: output.data },
-            Err(error) => Outcome::Error {
-                ename: error.ename,
-                evalue: error.evalue,
-                traceback: error.traceback,
+        running.store(task, Ordering::SeqCst);
+        let outcome = match work {
+            Work::Code(code) => outcome_of(evaluator.execute(code, sink, None).await),
+            work => match evaluator.data_port().await {
+                Ok(port) => {
+                    run_data_work(&evaluator, &port, task, work, sink, &outbound, &maps).await
+                }
+                Err(error) => outcome_of(Err(error)),
             },
         };
-        let _ = outbound.send(FromEngine::Done { task, outcome });
+        running.store(NO_TASK, Ordering::SeqCst);
+        let _ = outbound.send((FromEngine::Done { task, outcome }, Vec::new()));
+    }
+}
+
+/// Runs the cell of a data task; what it sends back goes out before the task's `Done`.
+async fn run_data_work(
+    evaluator: &Evaluator,
+    port: &DataPort,
+    task: u64,
+    work: Work,
+    sink: StreamSink,
+    outbound: &Outbound,
+    maps: &SharedMaps,
+) -> Outcome {
+    match work {
+        Work::Code(code) => outcome_of(evaluator.execute(code, sink, None).await),
+        Work::Store {
+            name,
+            type_src,
+            value,
+            payload,
+        } => {
+            port.offer(task, payload);
+            let code = if value {
+                cells::receive_value(port, task, &name, &type_src)
+            } else {
+                cells::receive_items(port, task, &name, &type_src)
+            };
+            let result = evaluator.execute(code, sink, None).await;
+            port.withdraw(task);
+            outcome_of(result)
+        }
+        Work::Fetch { name, value } => {
+            let arrived = port.expect(task);
+            let code = if value {
+                cells::send_value(port, task, &name)
+            } else {
+                cells::send_items(port, task, &name, None)
+            };
+            let result = evaluator.execute(code, sink, None).await;
+            port.withdraw(task);
+            if let Err(error) = result {
+                return outcome_of(Err(error));
+            }
+            let spelled = evaluator.variable_type(cells::SENT).await;
+            match (arrived.await, spelled.as_deref().and_then(cells::sent_type)) {
+                (Ok(payload), Some(type_src)) => {
+                    let buffers = payload_buffers(&payload);
+                    let fetched = FromEngine::Fetched {
+                        task,
+                        type_src,
+                        meta: payload.meta.into(),
+                    };
+                    let _ = outbound.send((fetched, buffers));
+                    Outcome::Ok {
+                        data: Default::default(),
+                    }
+                }
+                (Err(_), _) => outcome_of(Err(CellError::internal("the values never arrived"))),
+                (_, None) => outcome_of(Err(CellError::internal(&format!(
+                    "evcxr did not name the type of `{name}` (found {spelled:?})"
+                )))),
+            }
+        }
+        Work::Map { func } => {
+            let session = port.open_map(task);
+            let ended_early = {
+                let mut maps = lock(maps);
+                maps.feeds.insert(task, session.input.clone());
+                maps.ended.remove(&task)
+            };
+            if ended_early {
+                let _ = session.input.send(MapInput::End);
+            }
+            let forwarder =
+                tokio::spawn(forward_map_output(task, session.output, outbound.clone()));
+            let result = evaluator
+                .execute(cells::serve_map(port, task, &func), sink, None)
+                .await;
+            lock(maps).feeds.remove(&task);
+            port.withdraw(task);
+            // The cell is over, so its side of the session is closed and the forwarder ends
+            // once it has passed on every result.
+            let _ = forwarder.await;
+            if let Err(error) = result {
+                return outcome_of(Err(error));
+            }
+            if let Some(type_src) = evaluator
+                .variable_type(cells::SENT)
+                .await
+                .as_deref()
+                .and_then(cells::sent_type)
+            {
+                let _ = outbound.send((FromEngine::ResultType { task, type_src }, Vec::new()));
+            }
+            Outcome::Ok {
+                data: Default::default(),
+            }
+        }
+    }
+}
+
+async fn forward_map_output(
+    task: u64,
+    mut output: mpsc::UnboundedReceiver<MapOutput>,
+    outbound: Outbound,
+) {
+    while let Some(item) = output.recv().await {
+        let message = match item {
+            MapOutput::Ready {
+                arg_type,
+                result_type,
+            } => (
+                FromEngine::MapReady {
+                    task,
+                    arg_type,
+                    result_type,
+                },
+                Vec::new(),
+            ),
+            MapOutput::Done {
+                chunk,
+                elapsed_ns,
+                results,
+                failures,
+            } => {
+                let buffers = payload_buffers(&results);
+                (
+                    FromEngine::ChunkDone {
+                        task,
+                        chunk,
+                        elapsed_ns,
+                        failures,
+                        meta: results.meta.into(),
+                    },
+                    buffers,
+                )
+            }
+            MapOutput::Refused { chunk, message } => (
+                FromEngine::ChunkRefused {
+                    task,
+                    chunk,
+                    message,
+                },
+                Vec::new(),
+            ),
+        };
+        if outbound.send(message).is_err() {
+            return;
+        }
     }
 }
 
@@ -213,8 +514,9 @@ async fn send(
     socket: &mut DealerSocket,
     sender: &mut Sender,
     message: &FromEngine,
+    buffers: Vec<Bytes>,
 ) -> anyhow::Result<()> {
-    let frames: Vec<Bytes> = sender.encode(message, Vec::new());
+    let frames: Vec<Bytes> = sender.encode(message, buffers);
     let message = ZmqMessage::try_from(frames).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     socket
         .send(message)

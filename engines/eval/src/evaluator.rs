@@ -1,6 +1,7 @@
 //! Local evaluation: one evcxr `CommandContext` on a thread of its own, fed jobs over a channel,
 //! with its stdout and stderr streamed to IOPub while a cell runs.
 
+use crate::dataport::DataPort;
 use crate::diagnostics::{self, CellError};
 use crate::interrupt::Interrupter;
 use crossbeam_channel::{Receiver, Sender};
@@ -77,6 +78,11 @@ enum Job {
     Ready {
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// The type of a variable, as evcxr spells it in the cells it generates.
+    VariableType {
+        name: String,
+        done: oneshot::Sender<Option<String>>,
+    },
 }
 
 /// The handle the kernel holds: cheap to clone, usable from async code.
@@ -84,6 +90,8 @@ enum Job {
 pub struct Evaluator {
     jobs: Sender<Job>,
     interrupter: Interrupter,
+    /// The data socket, opened and the `parallax_data` crate added on the first data cell.
+    data: Arc<tokio::sync::OnceCell<DataPort>>,
 }
 
 impl Evaluator {
@@ -97,7 +105,11 @@ impl Evaluator {
             .name("evaluator".into())
             .spawn(move || run(job_rx, thread_interrupter))
             .expect("spawning the evaluator thread");
-        Evaluator { jobs, interrupter }
+        Evaluator {
+            jobs,
+            interrupter,
+            data: Arc::default(),
+        }
     }
 
     pub fn interrupter(&self) -> &Interrupter {
@@ -150,6 +162,54 @@ impl Evaluator {
         result
             .await
             .unwrap_or_else(|_| Err("the evaluator stopped".into()))
+    }
+
+    /// The type of variable `name`, if the context has it.
+    pub async fn variable_type(&self, name: &str) -> Option<String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::VariableType {
+            name: name.to_owned(),
+            done,
+        });
+        result.await.ok().flatten()
+    }
+
+    /// The data socket of this context, with the `parallax_data` crate ready for its cells.
+    /// The first call builds the crate (from evcxr's dependency cache once any context of this
+    /// user has built it); a failure is returned and the next call tries again.
+    pub async fn data_port(&self) -> Result<DataPort, CellError> {
+        self.data
+            .get_or_try_init(|| async {
+                let port = DataPort::open(&private_base())
+                    .map_err(|e| CellError::internal(&format!("opening the data socket: {e}")))?;
+                let dir = port.dir().join("parallax_data");
+                write_crate(&dir).map_err(|e| {
+                    CellError::internal(&format!("writing the parallax_data crate: {e}"))
+                })?;
+                let quiet: StreamSink = discard_output();
+                // The notebook's context does not otherwise cache dependencies; engines do.
+                self.execute(":cache 4000".into(), quiet.clone(), None)
+                    .await?;
+                let path = dir
+                    .to_string_lossy()
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"");
+                self.execute(
+                    format!(":dep parallax_data = {{ path = \"{path}\" }}"),
+                    quiet,
+                    None,
+                )
+                .await
+                .map_err(|e| {
+                    CellError::plain(
+                        "DataError",
+                        format!("could not build the parallax_data crate: {}", e.evalue),
+                    )
+                })?;
+                Ok(port)
+            })
+            .await
+            .cloned()
     }
 
     fn send(&self, job: Job) {
@@ -288,6 +348,14 @@ fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
             Job::Ready { done } => {
                 let _ = done.send(Ok(()));
             }
+            Job::VariableType { name, done } => {
+                let found = engine
+                    .ctx
+                    .variables_and_types()
+                    .find(|(variable, _)| *variable == name)
+                    .map(|(_, ty)| ty.to_owned());
+                let _ = done.send(found);
+            }
         }
     }
 }
@@ -306,7 +374,27 @@ fn fail_job(job: Job, message: &str) {
         Job::Ready { done } => {
             let _ = done.send(Err(message.to_owned()));
         }
+        Job::VariableType { done, .. } => {
+            let _ = done.send(None);
+        }
     }
+}
+
+/// Where private directories go: the user's runtime directory, else the temporary one.
+pub fn private_base() -> std::path::PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn write_crate(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir.join("src"))?;
+    std::fs::write(dir.join("Cargo.toml"), crate::cells::DATA_CRATE_MANIFEST)?;
+    std::fs::write(
+        dir.join("src").join("lib.rs"),
+        crate::cells::DATA_CRATE_SOURCE,
+    )
 }
 
 /// Runs evcxr code, turning a panic inside evcxr itself into an error for the user.

@@ -2,10 +2,13 @@
 //! evcxr context on a thread of its own, output streamed to a per-cell sink while the cell runs,
 //! panics reported with the variables that survived, and interrupts that work.
 
+pub mod cells;
+pub mod dataport;
 pub mod diagnostics;
 mod evaluator;
 pub mod interrupt;
 
+pub use dataport::{DataPort, MapInput, MapOutput, MapSession, Payload};
 pub use diagnostics::CellError;
-pub use evaluator::{CellOutput, Evaluator, InputAsker, StreamSink};
+pub use evaluator::{private_base, CellOutput, Evaluator, InputAsker, StreamSink};
 pub use interrupt::{Interrupter, Interruption};

@@ -34,6 +34,38 @@ pub enum ToEngine {
     },
     /// Exit cleanly.
     Shutdown,
+    /// Store the values in the buffers (item ends, then bytes) as variable `name`, as task
+    /// `task`: one value of type `type_src` (`%push`), or a `Vec<type_src>` (`%scatter`).
+    Store {
+        task: u64,
+        name: String,
+        type_src: String,
+        value: bool,
+        meta: DataMeta,
+    },
+    /// Send variable `name` back as task `task`: as one value (`%pull`), or its items
+    /// (`%gather`). The engine answers `Fetched`, then `Done`.
+    Fetch {
+        task: u64,
+        name: String,
+        value: bool,
+    },
+    /// Serve a map as task `task`: apply `func` (a function's name or a closure) to the
+    /// chunks that follow until `MapEnd`.
+    Map {
+        task: u64,
+        func: String,
+    },
+    /// Items `start..` of a map's input (buffers: item ends, then bytes).
+    Chunk {
+        task: u64,
+        chunk: u64,
+        start: u64,
+        meta: DataMeta,
+    },
+    MapEnd {
+        task: u64,
+    },
 }
 
 /// Sent by an engine to the controller.
@@ -69,6 +101,91 @@ pub enum FromEngine {
     Pong {
         nonce: u64,
     },
+    /// The values a `Fetch` asked for (buffers: item ends, then bytes); `type_src` is their
+    /// type as a cell writes it.
+    Fetched {
+        task: u64,
+        type_src: String,
+        meta: DataMeta,
+    },
+    /// A map's cell is serving; the types are `std::any::type_name`s.
+    MapReady {
+        task: u64,
+        arg_type: String,
+        result_type: String,
+    },
+    /// The results of one chunk (buffers: item ends, then bytes), without the failed items.
+    ChunkDone {
+        task: u64,
+        chunk: u64,
+        elapsed_ns: u64,
+        failures: Vec<(u64, String)>,
+        meta: DataMeta,
+    },
+    /// The map's cell could not read a chunk.
+    ChunkRefused {
+        task: u64,
+        chunk: u64,
+        message: String,
+    },
+    /// After a map: its result type as a cell writes it.
+    ResultType {
+        task: u64,
+        type_src: String,
+    },
+}
+
+/// How the values in a message's buffers are laid out (see the `parallax_data` crate).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataMeta {
+    pub type_name: String,
+    pub count: u64,
+    pub width: u32,
+    pub elem_width: u32,
+}
+
+impl From<parallax_data::Meta> for DataMeta {
+    fn from(meta: parallax_data::Meta) -> Self {
+        DataMeta {
+            type_name: meta.type_name,
+            count: meta.count,
+            width: meta.width,
+            elem_width: meta.elem_width,
+        }
+    }
+}
+
+impl From<DataMeta> for parallax_data::Meta {
+    fn from(meta: DataMeta) -> Self {
+        parallax_data::Meta {
+            type_name: meta.type_name,
+            count: meta.count,
+            width: meta.width,
+            elem_width: meta.elem_width,
+        }
+    }
+}
+
+/// Item ends as the little-endian bytes a buffer carries.
+pub fn ends_to_bytes(ends: &[u64]) -> Bytes {
+    let mut bytes = Vec::with_capacity(ends.len() * 8);
+    for end in ends {
+        bytes.extend_from_slice(&end.to_le_bytes());
+    }
+    Bytes::from(bytes)
+}
+
+/// Item ends from a buffer; `None` if its length is not a multiple of 8.
+pub fn ends_from_bytes(bytes: &[u8]) -> Option<Vec<u64>> {
+    if !bytes.len().is_multiple_of(8) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect(),
+    )
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

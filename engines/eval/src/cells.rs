@@ -1,0 +1,118 @@
+//! The cells that move data: generated Rust that calls the `parallax_data` crate with this
+//! process's data socket. Values never appear in them, only expressions, names and types.
+
+use crate::dataport::DataPort;
+
+/// The variable a sending cell leaves behind: `parallax_data::Sent<T>`, whose type evcxr
+/// spells as a cell would, so that the receiving side can name `T`.
+pub const SENT: &str = "parallax_sent";
+
+/// The source of the `parallax_data` crate, carried in the binary so that an engine on another
+/// host needs nothing but the binary.
+pub const DATA_CRATE_SOURCE: &str = include_str!("../../data/src/lib.rs");
+pub const DATA_CRATE_MANIFEST: &str = include_str!("../../data/Cargo.toml");
+
+fn link_args(port: &DataPort, id: u64) -> String {
+    format!("{:?}, {:?}, {id}", port.socket(), port.token())
+}
+
+/// A leading `&` would borrow the input twice; the cell borrows it itself.
+fn unborrowed(expr: &str) -> &str {
+    let expr = expr.trim();
+    match expr.strip_prefix('&') {
+        Some(rest) if !rest.starts_with('&') && !rest.starts_with("mut ") => rest.trim_start(),
+        _ => expr,
+    }
+}
+
+/// Sends the items `expr` yields as transfer `id`. `item_type` pins the items' type (so that
+/// `0..10` becomes the `u64`s a function expects); `None` lets Rust infer it.
+pub fn send_items(port: &DataPort, id: u64, expr: &str, item_type: Option<&str>) -> String {
+    let expr = unborrowed(expr);
+    format!(
+        "let {SENT} = parallax_data::send_items::<{ty}>({args}, {{\n\
+         use parallax_data::{{ViaClone as _, ViaRef as _}};\n\
+         (&&parallax_data::Input(&(\n{expr}\n))).parallax_items()\n}});",
+        ty = item_type.unwrap_or("_"),
+        args = link_args(port, id),
+    )
+}
+
+/// Sends the value of `expr` (borrowed, never moved) as transfer `id`.
+pub fn send_value(port: &DataPort, id: u64, expr: &str) -> String {
+    let expr = unborrowed(expr);
+    format!(
+        "let {SENT} = parallax_data::send_value({args}, &(\n{expr}\n));",
+        args = link_args(port, id)
+    )
+}
+
+/// Stores transfer `id` as `name: Vec<item_type>`.
+pub fn receive_items(port: &DataPort, id: u64, name: &str, item_type: &str) -> String {
+    format!(
+        "let {name}: Vec<{item_type}> = parallax_data::receive_items({});",
+        link_args(port, id)
+    )
+}
+
+/// Stores transfer `id` as `name: value_type`.
+pub fn receive_value(port: &DataPort, id: u64, name: &str, value_type: &str) -> String {
+    format!(
+        "let {name}: {value_type} = parallax_data::receive_value({});",
+        link_args(port, id)
+    )
+}
+
+/// Serves map task `task` with `func` (a function's name or a closure).
+pub fn serve_map(port: &DataPort, task: u64, func: &str) -> String {
+    format!(
+        "let {SENT} = parallax_data::serve_map({}, \n{func}\n);",
+        link_args(port, task)
+    )
+}
+
+/// `T` out of evcxr's spelling of `parallax_data::Sent<T>`.
+pub fn sent_type(spelled: &str) -> Option<String> {
+    let spelled = spelled.trim();
+    let start = spelled.find("Sent<")? + "Sent<".len();
+    let inner = spelled[start..].strip_suffix('>')?;
+    (!inner.trim().is_empty()).then(|| inner.trim().to_owned())
+}
+
+/// Whether a `std::any::type_name` is also how a cell writes the type: true for numbers,
+/// `bool`, `char`, `str` and tuples or arrays of them, which have no path.
+pub fn type_name_is_source(name: &str) -> bool {
+    !name.contains("::") && !name.contains('<') && !name.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_types_are_read_from_evcxrs_spelling() {
+        assert_eq!(sent_type("Sent<u64>").as_deref(), Some("u64"));
+        assert_eq!(
+            sent_type("parallax_data::Sent<Vec<(u8, String)>>").as_deref(),
+            Some("Vec<(u8, String)>")
+        );
+        assert_eq!(sent_type("u64"), None);
+        assert_eq!(sent_type("Sent<>"), None);
+    }
+
+    #[test]
+    fn borrowed_inputs_are_borrowed_once() {
+        assert_eq!(unborrowed(" &data "), "data");
+        assert_eq!(unborrowed("&data[..3]"), "data[..3]");
+        assert_eq!(unborrowed("&&x"), "&&x");
+        assert_eq!(unborrowed("0..10"), "0..10");
+    }
+
+    #[test]
+    fn type_names_that_are_source() {
+        assert!(type_name_is_source("u64"));
+        assert!(type_name_is_source("(u64, f32)"));
+        assert!(!type_name_is_source("alloc::string::String"));
+        assert!(!type_name_is_source("ctx::Point"));
+    }
+}

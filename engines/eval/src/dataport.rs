@@ -1,0 +1,536 @@
+//! The host's end of the data socket: where cells of this process's evcxr context hand over
+//! and fetch values (through the `parallax_data` crate) and where a `%pmap` cell takes its
+//! chunks. A Unix socket in a private directory (0700), and every connection must open with this
+//! process's random token, so only cells this process generated can use it.
+
+use bytes::Bytes;
+use parallax_data::{kind, read_frame, validate, write_frame, Frame, FrameRef, Meta};
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Encoded values in transit: what `parallax_data::Meta` says, the item ends and the bytes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Payload {
+    pub meta: Meta,
+    pub ends: Vec<u64>,
+    pub data: Bytes,
+}
+
+impl Payload {
+    /// Checks the layout of values that came from elsewhere.
+    pub fn validate(&self) -> Result<(), String> {
+        validate(&self.meta, &self.ends, self.data.len() as u64)
+    }
+
+    /// Items `start..end`, sharing the bytes.
+    pub fn slice(&self, start: u64, end: u64) -> Payload {
+        let (from, to) = parallax_data::byte_range(&self.meta, &self.ends, start, end);
+        let ends = if self.meta.width > 0 {
+            Vec::new()
+        } else {
+            self.ends[start as usize..end as usize]
+                .iter()
+                .map(|e| e - from as u64)
+                .collect()
+        };
+        Payload {
+            meta: Meta {
+                count: end - start,
+                ..self.meta.clone()
+            },
+            ends,
+            data: self.data.slice(from..to),
+        }
+    }
+
+    /// The items of every part, in order, as one payload. Parts must hold one type.
+    pub fn concat(type_name: &str, parts: &[Payload]) -> Result<Payload, String> {
+        let mut meta = Meta {
+            type_name: type_name.to_owned(),
+            ..Meta::default()
+        };
+        if let Some(first) = parts.first() {
+            meta.width = first.meta.width;
+            meta.elem_width = first.meta.elem_width;
+        }
+        for part in parts {
+            if part.meta.type_name != type_name
+                || part.meta.width != meta.width
+                || part.meta.elem_width != meta.elem_width
+            {
+                return Err(format!(
+                    "cannot join values of type `{}` with values of type `{}`",
+                    part.meta.type_name, type_name
+                ));
+            }
+        }
+        if parts.len() == 1 {
+            return Ok(parts[0].clone());
+        }
+        let total: usize = parts.iter().map(|p| p.data.len()).sum();
+        let mut data = Vec::with_capacity(total);
+        let mut ends = Vec::new();
+        for part in parts {
+            let base = data.len() as u64;
+            ends.extend(part.ends.iter().map(|e| e + base));
+            data.extend_from_slice(&part.data);
+            meta.count += part.meta.count;
+        }
+        Ok(Payload {
+            meta,
+            ends,
+            data: Bytes::from(data),
+        })
+    }
+}
+
+/// What a map's host side hands the serving cell.
+pub enum MapInput {
+    Chunk {
+        chunk: u64,
+        start: u64,
+        items: Payload,
+    },
+    End,
+}
+
+/// What comes back from a serving cell.
+#[derive(Debug)]
+pub enum MapOutput {
+    /// The cell is serving: its argument and result types (`std::any::type_name`).
+    Ready {
+        arg_type: String,
+        result_type: String,
+    },
+    Done {
+        chunk: u64,
+        elapsed_ns: u64,
+        results: Payload,
+        failures: Vec<(u64, String)>,
+    },
+    /// A chunk the cell could not read (its items are not of the argument type).
+    Refused { chunk: u64, message: String },
+}
+
+/// The host's handles on one map: feed chunks in, read results out.
+pub struct MapSession {
+    pub input: std_mpsc::Sender<MapInput>,
+    pub output: mpsc::UnboundedReceiver<MapOutput>,
+}
+
+struct MapWaiting {
+    input: std_mpsc::Receiver<MapInput>,
+    output: mpsc::UnboundedSender<MapOutput>,
+}
+
+#[derive(Default)]
+struct Table {
+    expected: HashMap<u64, oneshot::Sender<Payload>>,
+    offered: HashMap<u64, Payload>,
+    maps: HashMap<u64, MapWaiting>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    socket: String,
+    token: String,
+    table: Mutex<Table>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Cheap to clone; the socket and its directory go when the last clone does.
+#[derive(Clone)]
+pub struct DataPort {
+    inner: Arc<Inner>,
+}
+
+/// The longest first frame a connection may send before it has shown the token.
+const HELLO_LIMIT: u64 = 4096;
+
+impl DataPort {
+    /// Binds a fresh socket in a new private directory under `base`.
+    pub fn open(base: &Path) -> std::io::Result<DataPort> {
+        let token = random_token()?;
+        let dir = base.join(format!(
+            "parallax-data-{}-{}",
+            std::process::id(),
+            &token[..8]
+        ));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let socket_path = dir.join("data.sock");
+        let listener = UnixListener::bind(&socket_path)?;
+        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+        let port = DataPort {
+            inner: Arc::new(Inner {
+                dir,
+                socket: socket_path.to_string_lossy().into_owned(),
+                token,
+                table: Mutex::default(),
+            }),
+        };
+        let weak = Arc::downgrade(&port.inner);
+        std::thread::Builder::new()
+            .name("data-port".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Some(inner) = weak.upgrade() else { return };
+                    match stream {
+                        Ok(stream) => {
+                            let port = DataPort { inner };
+                            let _ = std::thread::Builder::new()
+                                .name("data-connection".into())
+                                .spawn(move || port.serve(stream));
+                        }
+                        Err(e) => tracing::warn!("data socket: accept failed: {e}"),
+                    }
+                }
+            })?;
+        Ok(port)
+    }
+
+    /// The directory this port owns (private to this process's user).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn socket(&self) -> &str {
+        &self.inner.socket
+    }
+
+    pub fn token(&self) -> &str {
+        &self.inner.token
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a cell to hand over transfer `id`. Register before running the cell.
+    pub fn expect(&self, id: u64) -> oneshot::Receiver<Payload> {
+        let (tx, rx) = oneshot::channel();
+        self.table().expected.insert(id, tx);
+        rx
+    }
+
+    /// Holds `payload` until a cell fetches transfer `id`.
+    pub fn offer(&self, id: u64, payload: Payload) {
+        self.table().offered.insert(id, payload);
+    }
+
+    /// Forgets a transfer that no cell took (its cell failed before it got there).
+    pub fn withdraw(&self, id: u64) {
+        let mut table = self.table();
+        table.offered.remove(&id);
+        table.expected.remove(&id);
+        table.maps.remove(&id);
+    }
+
+    /// Prepares map task `task` for the cell that will serve it.
+    pub fn open_map(&self, task: u64) -> MapSession {
+        let (input_tx, input_rx) = std_mpsc::channel();
+        let (output_tx, output_rx) = mpsc::unbounded_channel();
+        self.table().maps.insert(
+            task,
+            MapWaiting {
+                input: input_rx,
+                output: output_tx,
+            },
+        );
+        MapSession {
+            input: input_tx,
+            output: output_rx,
+        }
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        if let Err(e) = self.serve_connection(stream) {
+            tracing::warn!("data socket: {e}");
+        }
+    }
+
+    fn serve_connection(&self, stream: UnixStream) -> Result<(), String> {
+        let mut reader =
+            BufReader::with_capacity(1 << 16, stream.try_clone().map_err(|e| e.to_string())?);
+        let mut writer = BufWriter::with_capacity(1 << 16, stream);
+        let hello = read_frame(&mut reader, HELLO_LIMIT)
+            .map_err(|e| format!("dropped a connection: {e}"))?;
+        if hello.kind != kind::HELLO || !same_token(hello.text.as_bytes(), self.token().as_bytes())
+        {
+            return Err("dropped a connection without the token".into());
+        }
+        loop {
+            let frame = match read_frame(&mut reader, u64::MAX) {
+                Ok(frame) => frame,
+                // The cell closed its end: that is how every connection ends.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("read failed: {e}")),
+            };
+            match frame.kind {
+                kind::PUT => {
+                    let waiting = self.table().expected.remove(&frame.id);
+                    match (waiting, payload_of(frame.meta, frame.ends, frame.data)) {
+                        (Some(waiting), Ok(payload)) => {
+                            let _ = waiting.send(payload);
+                            reply(&mut writer, kind::DATA, frame.id, "", &Payload::default())?;
+                        }
+                        (None, _) => reply(
+                            &mut writer,
+                            kind::ERROR,
+                            frame.id,
+                            "nobody expects this transfer",
+                            &Payload::default(),
+                        )?,
+                        (_, Err(e)) => {
+                            reply(&mut writer, kind::ERROR, frame.id, &e, &Payload::default())?
+                        }
+                    }
+                }
+                kind::GET => {
+                    let offered = self.table().offered.remove(&frame.id);
+                    match offered {
+                        Some(payload) => reply(&mut writer, kind::DATA, frame.id, "", &payload)?,
+                        None => reply(
+                            &mut writer,
+                            kind::ERROR,
+                            frame.id,
+                            "no such transfer",
+                            &Payload::default(),
+                        )?,
+                    }
+                }
+                kind::MAP_JOIN => {
+                    let waiting = self.table().maps.remove(&frame.id);
+                    match waiting {
+                        Some(waiting) => {
+                            return serve_map(&mut reader, &mut writer, frame, waiting)
+                        }
+                        None => reply(
+                            &mut writer,
+                            kind::ERROR,
+                            frame.id,
+                            "no such map",
+                            &Payload::default(),
+                        )?,
+                    }
+                }
+                other => return Err(format!("unexpected frame kind {other}")),
+            }
+        }
+    }
+}
+
+fn serve_map(
+    reader: &mut impl Read,
+    writer: &mut BufWriter<UnixStream>,
+    join: Frame,
+    waiting: MapWaiting,
+) -> Result<(), String> {
+    let _ = waiting.output.send(MapOutput::Ready {
+        arg_type: join.text,
+        result_type: join.meta.type_name,
+    });
+    loop {
+        let input = waiting.input.recv().unwrap_or(MapInput::End);
+        let (chunk, start, items) = match input {
+            MapInput::Chunk {
+                chunk,
+                start,
+                items,
+            } => (chunk, start, items),
+            MapInput::End => {
+                return reply(writer, kind::END, 0, "", &Payload::default());
+            }
+        };
+        let frame = FrameRef {
+            kind: kind::CHUNK,
+            id: chunk,
+            start,
+            text: "",
+            meta: &items.meta,
+            ends: &items.ends,
+            data: &items.data,
+            extra: &[],
+        };
+        write_frame(writer, &frame).map_err(|e| format!("map: write failed: {e}"))?;
+        let done = read_frame(reader, u64::MAX).map_err(|e| format!("map: read failed: {e}"))?;
+        let output = match done.kind {
+            kind::CHUNK_DONE => {
+                let failures: Vec<(u64, String)> = if done.extra.is_empty() {
+                    Vec::new()
+                } else {
+                    postcard::from_bytes(&done.extra)
+                        .map_err(|e| format!("map: bad failure list: {e}"))?
+                };
+                MapOutput::Done {
+                    chunk: done.id,
+                    elapsed_ns: done.start,
+                    results: payload_of(done.meta, done.ends, done.data)?,
+                    failures,
+                }
+            }
+            kind::ERROR => MapOutput::Refused {
+                chunk: done.id,
+                message: done.text,
+            },
+            other => return Err(format!("map: unexpected frame kind {other}")),
+        };
+        if waiting.output.send(output).is_err() {
+            // Nobody waits for this map any more: tell the cell to stop.
+            return reply(writer, kind::END, 0, "", &Payload::default());
+        }
+    }
+}
+
+fn payload_of(meta: Meta, ends: Vec<u64>, data: Vec<u8>) -> Result<Payload, String> {
+    let payload = Payload {
+        meta,
+        ends,
+        data: Bytes::from(data),
+    };
+    payload.validate()?;
+    Ok(payload)
+}
+
+fn reply(
+    writer: &mut BufWriter<UnixStream>,
+    kind: u8,
+    id: u64,
+    text: &str,
+    payload: &Payload,
+) -> Result<(), String> {
+    let frame = FrameRef {
+        kind,
+        id,
+        start: 0,
+        text,
+        meta: &payload.meta,
+        ends: &payload.ends,
+        data: &payload.data,
+        extra: &[],
+    };
+    write_frame(writer, &frame).map_err(|e| format!("write failed: {e}"))
+}
+
+/// Compares without stopping at the first difference, so timing says nothing about the token.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn random_token() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(values: &[u64]) -> Payload {
+        Payload {
+            meta: Meta {
+                type_name: "u64".into(),
+                count: values.len() as u64,
+                width: 8,
+                elem_width: 0,
+            },
+            ends: Vec::new(),
+            data: Bytes::from(
+                values
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        }
+    }
+
+    #[test]
+    fn slices_and_concatenation_keep_item_order() {
+        let all = numbers(&[1, 2, 3, 4, 5]);
+        let parts = [all.slice(0, 2), all.slice(2, 2), all.slice(2, 5)];
+        assert_eq!(parts[1].meta.count, 0);
+        assert_eq!(Payload::concat("u64", &parts).unwrap(), all);
+        let strings = Payload {
+            meta: Meta {
+                type_name: "s".into(),
+                count: 3,
+                width: 0,
+                elem_width: 0,
+            },
+            ends: vec![1, 3, 6],
+            data: Bytes::from_static(b"abbccc"),
+        };
+        let tail = strings.slice(1, 3);
+        assert_eq!(
+            (tail.ends.clone(), &tail.data[..]),
+            (vec![2, 5], &b"bbccc"[..])
+        );
+        let joined = Payload::concat("s", &[strings.slice(0, 1), tail]).unwrap();
+        assert_eq!(joined, strings);
+        assert!(Payload::concat("u64", &[all, strings]).is_err());
+    }
+
+    #[test]
+    fn a_connection_without_the_token_is_dropped_and_the_port_keeps_serving() {
+        let port = DataPort::open(&std::env::temp_dir()).unwrap();
+        let mode = std::fs::metadata(port.dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let mut stranger = UnixStream::connect(port.socket()).unwrap();
+        let hello = FrameRef {
+            kind: kind::HELLO,
+            id: 0,
+            start: 0,
+            text: "wrong",
+            meta: &Meta::default(),
+            ends: &[],
+            data: &[],
+            extra: &[],
+        };
+        write_frame(&mut stranger, &hello).unwrap();
+        let mut rest = Vec::new();
+        // The host closes the connection without a word.
+        assert_eq!(stranger.read_to_end(&mut rest).unwrap(), 0);
+
+        let expected = port.expect(5);
+        let mut cell = UnixStream::connect(port.socket()).unwrap();
+        write_frame(
+            &mut cell,
+            &FrameRef {
+                text: port.token(),
+                ..hello
+            },
+        )
+        .unwrap();
+        let sent = numbers(&[7, 8]);
+        let put = FrameRef {
+            kind: kind::PUT,
+            id: 5,
+            start: 0,
+            text: "",
+            meta: &sent.meta,
+            ends: &sent.ends,
+            data: &sent.data,
+            extra: &[],
+        };
+        write_frame(&mut cell, &put).unwrap();
+        let ack = read_frame(&mut cell, 1 << 20).unwrap();
+        assert_eq!(ack.kind, kind::DATA);
+        assert_eq!(expected.blocking_recv().unwrap(), sent);
+    }
+}
