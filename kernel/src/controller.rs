@@ -569,9 +569,7 @@ fn signal_name(signal: i32) -> &'static str {
 
 /// Writes the connection key for engines to read: a private directory, a file of mode 0600.
 fn write_key_file(key: &str) -> anyhow::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    let base = parallax_eval::private_base();
     let dir = base.join(format!("parallax-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
@@ -589,8 +587,6 @@ fn write_key_file(key: &str) -> anyhow::Result<PathBuf> {
 
 /// Removes the key file's directory (at kernel exit).
 pub fn remove_key_dir() {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+    let base = parallax_eval::private_base();
     let _ = std::fs::remove_dir_all(base.join(format!("parallax-{}", std::process::id())));
 }

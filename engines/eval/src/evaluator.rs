@@ -384,7 +384,6 @@ fn fail_job(job: Job, message: &str) {
 pub fn private_base() -> std::path::PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(std::path::PathBuf::from)
-        .filter(|dir| dir.is_dir())
         .unwrap_or_else(std::env::temp_dir)
 }
 
