@@ -1,12 +1,14 @@
 //! Parallax magics: splitting a cell into Rust code and magic lines, parsing each magic into a
 //! typed [`Command`], and the help text for every magic. Pure: no I/O.
 
+pub mod data;
 pub mod px;
 pub mod scan;
 mod words;
 
 use std::fmt;
 
+pub use data::{Collect, Distribute, Movement, Pmap, PmapFlags};
 pub use px::{ClusterCommand, GroupOutputs, PxFlags, Targets};
 pub use words::split_words;
 
@@ -27,6 +29,12 @@ pub enum Command {
     Autopx,
     /// `%pxconfig FLAGS`: set the default `%px` flags (no flags: show them).
     PxConfig { flags: PxFlags },
+    /// `%pmap FUNC INPUT` or a `%%pmap INPUT` cell with a closure: map across the engines.
+    Pmap(Pmap),
+    /// `%scatter` or `%push`: notebook values to the engines.
+    Distribute(Distribute),
+    /// `%gather` or `%pull`: engine values to the notebook.
+    Collect(Collect),
 }
 
 /// Whether a magic is used as a line (`%name`) or as a whole cell (`%%name`).
@@ -127,7 +135,65 @@ Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its env
         summary: "Set the default flags of %px, %%px and %autopx (with no flags: show them).",
         details: "",
     },
+    MagicSpec {
+        name: "pmap",
+        kind: MagicKind::Line,
+        usage: "%pmap [-o NAME] [--chunk N] [--targets T] [--unordered] [--timeout SECS] [--skip-errors] FUNC INPUT",
+        summary: "Apply FUNC to every item of INPUT across the engines; the results land in a local Vec.",
+        details: PMAP_HELP,
+    },
+    MagicSpec {
+        name: "pmap",
+        kind: MagicKind::Cell,
+        usage: "%%pmap [-o NAME] [--chunk N] [--targets T] [--unordered] [--timeout SECS] [--skip-errors] INPUT",
+        summary: "Apply the cell's closure to every item of INPUT across the engines.",
+        details: PMAP_HELP,
+    },
+    MagicSpec {
+        name: "scatter",
+        kind: MagicKind::Line,
+        usage: "%scatter [--targets T] NAME = EXPR",
+        summary: "Split the items of a local EXPR into contiguous parts, one per engine, as NAME: Vec<T> there.",
+        details: DATA_HELP,
+    },
+    MagicSpec {
+        name: "gather",
+        kind: MagicKind::Line,
+        usage: "%gather [--targets T] NAME [-o LOCAL]",
+        summary: "Concatenate the engines' NAME vectors, in engine order, into a local Vec (LOCAL, default NAME).",
+        details: DATA_HELP,
+    },
+    MagicSpec {
+        name: "push",
+        kind: MagicKind::Line,
+        usage: "%push [--targets T] NAME = EXPR",
+        summary: "Give every engine the same value: a local EXPR, as NAME there.",
+        details: DATA_HELP,
+    },
+    MagicSpec {
+        name: "pull",
+        kind: MagicKind::Line,
+        usage: "%pull [--targets T] NAME [-o LOCAL]",
+        summary: "Bring each engine's NAME back as a local Vec, one value per engine (LOCAL, default NAME).",
+        details: DATA_HELP,
+    },
 ];
+
+const PMAP_HELP: &str = "FUNC names a function or closure defined on the engines (with %%px, say); the cell \
+form takes a closure as its body. INPUT is a Rust expression of the notebook: a range, a Vec, \
+anything iterable whose items serde can serialize. Each engine compiles the map once and then \
+streams chunks of items through it; chunks go to whichever engine is free.\n\
+  -o NAME, --out NAME  the local variable for the results, a Vec<R> in input order (default pmap_out)\n\
+  --chunk N            items per chunk (default: chosen from the measured cost of an item)\n\
+  --targets T, -t T    engines to use (default: all)\n\
+  --unordered          results in completion order\n\
+  --timeout SECS       stop the map after SECS\n\
+  --skip-errors        go on past items whose call panics; their indices go to NAME_failed\n\
+Example: %%px then `fn square(x: u64) -> u64 { x * x }`, then %pmap -o sq square 0..1000u64";
+
+const DATA_HELP: &str = "Values travel in a compact binary encoding (serde); numbers and vectors of \
+numbers as raw bytes. EXPR is evaluated in the notebook's own context and never moved. The type \
+of the engines' variable is the type of the values sent; --targets picks the engines (default all).";
 
 const PX_FLAGS_HELP: &str = "Each engine keeps its own state across cells. Output is shown live, prefixed with \
 the engine: [stdout:2], [stderr:0], Out[1:5].\n\
@@ -357,6 +423,36 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
             }
             Ok(Command::PxConfig { flags })
         }
+        "pmap" => {
+            let body = if kind == MagicKind::Cell {
+                Some(body.unwrap_or(""))
+            } else {
+                None
+            };
+            data::parse_pmap(args, body)
+                .map(Command::Pmap)
+                .map_err(|e| MagicError::new(e, Some(spec.usage)))
+        }
+        "scatter" | "push" => {
+            let movement = if spec.name == "scatter" {
+                Movement::Scatter
+            } else {
+                Movement::Push
+            };
+            data::parse_send(movement, args)
+                .map(Command::Distribute)
+                .map_err(|e| MagicError::new(e, Some(spec.usage)))
+        }
+        "gather" | "pull" => {
+            let movement = if spec.name == "gather" {
+                Movement::Gather
+            } else {
+                Movement::Pull
+            };
+            data::parse_fetch(movement, &words)
+                .map(Command::Collect)
+                .map_err(|e| MagicError::new(e, Some(spec.usage)))
+        }
         "magic" => match words.as_slice() {
             [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
             [name] => Err(MagicError::new(
@@ -557,6 +653,60 @@ mod tests {
             assert!(err.message.contains(expected), "{line}: {err}");
             assert!(err.usage.is_some(), "{line}");
         }
+    }
+
+    #[test]
+    fn data_magics_dispatch_and_print_usage() {
+        assert!(matches!(
+            parse("%%pmap -o sq 0..10u64", Some("|x: u64| x * x")),
+            Ok(Command::Pmap(Pmap { ref func, .. })) if func == "|x: u64| x * x"
+        ));
+        assert!(matches!(
+            parse("%pmap f 0..3", None),
+            Ok(Command::Pmap(Pmap { ref input, .. })) if input == "0..3"
+        ));
+        assert!(matches!(
+            parse("%scatter x = v", None),
+            Ok(Command::Distribute(Distribute {
+                movement: Movement::Scatter,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            parse("%push x = v", None),
+            Ok(Command::Distribute(Distribute {
+                movement: Movement::Push,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            parse("%gather x", None),
+            Ok(Command::Collect(Collect {
+                movement: Movement::Gather,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            parse("%pull x -o y", None),
+            Ok(Command::Collect(Collect {
+                movement: Movement::Pull,
+                ..
+            }))
+        ));
+        for (line, usage) in [
+            ("%pmap", "%pmap ["),
+            ("%scatter x", "%scatter ["),
+            ("%gather", "%gather ["),
+            ("%push = 1", "%push ["),
+            ("%pull a b", "%pull ["),
+        ] {
+            let err = parse(line, None).unwrap_err();
+            assert!(
+                err.usage.is_some_and(|u| u.starts_with(usage)),
+                "{line}: {err}"
+            );
+        }
+        assert!(help_for("%%pmap").unwrap().contains("--skip-errors"));
     }
 
     #[test]
