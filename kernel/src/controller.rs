@@ -5,9 +5,11 @@
 
 use anyhow::Context;
 use bytes::Bytes;
+use parallax_engine::payload_from;
 use parallax_engine_protocol::{
     FromEngine, Outcome, Receiver, Sender, Signer, StreamName, ToEngine,
 };
+use parallax_eval::Payload;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
@@ -65,7 +67,39 @@ pub enum TaskEvent {
         execution_count: u64,
         outcome: Outcome,
     },
+    /// The values a `Fetch` asked for.
+    Fetched {
+        engine: u32,
+        type_src: String,
+        payload: Payload,
+    },
+    /// A map's cell is serving on `engine`.
+    MapReady {
+        engine: u32,
+        arg_type: String,
+        result_type: String,
+    },
+    ChunkDone {
+        engine: u32,
+        chunk: u64,
+        elapsed_ns: u64,
+        failures: Vec<(u64, String)>,
+        results: Payload,
+    },
+    ChunkRefused {
+        engine: u32,
+        chunk: u64,
+        message: String,
+    },
+    /// A map's result type, as a cell writes it.
+    ResultType {
+        engine: u32,
+        type_src: String,
+    },
 }
+
+/// Where a job hears about its tasks.
+pub type Events = mpsc::UnboundedSender<TaskEvent>;
 
 /// One row of `%cluster status`.
 pub struct EngineStatus {
@@ -88,8 +122,11 @@ struct Registry {
 struct Link {
     endpoint: String,
     key_file: PathBuf,
-    commands: mpsc::UnboundedSender<(u32, ToEngine)>,
+    commands: mpsc::UnboundedSender<Outgoing>,
 }
+
+/// A message for one engine, with its binary buffers.
+type Outgoing = (u32, ToEngine, Vec<Bytes>);
 
 /// A cheap handle on the controller.
 #[derive(Clone)]
@@ -149,8 +186,13 @@ impl Controller {
     }
 
     async fn send(&self, engine: u32, message: ToEngine) {
+        self.send_to(engine, message, Vec::new()).await;
+    }
+
+    /// Sends a message with buffers to one engine (a map's chunks, its end).
+    pub async fn send_to(&self, engine: u32, message: ToEngine, buffers: Vec<Bytes>) {
         if let Some(link) = self.link.lock().await.as_ref() {
-            let _ = link.commands.send((engine, message));
+            let _ = link.commands.send((engine, message, buffers));
         }
     }
 
@@ -301,13 +343,13 @@ impl Controller {
             }
             let identity = frames.remove(0);
             match receiver.decode::<FromEngine>(frames) {
-                Ok(envelope) => self.handle(identity, envelope.body),
+                Ok(envelope) => self.handle(identity, envelope.body, envelope.buffers),
                 Err(e) => tracing::warn!("engines: dropped a message: {e}"),
             }
         }
     }
 
-    fn handle(&self, identity: Bytes, message: FromEngine) {
+    fn handle(&self, identity: Bytes, message: FromEngine, buffers: Vec<Bytes>) {
         let mut registry = self.registry();
         let sender = registry
             .engines
@@ -369,6 +411,87 @@ impl Controller {
                 }
             }
             FromEngine::Pong { .. } => {}
+            FromEngine::Fetched {
+                task,
+                type_src,
+                meta,
+            } => {
+                let event = payload_from(meta, buffers).map(|payload| {
+                    move |engine| TaskEvent::Fetched {
+                        engine,
+                        type_src,
+                        payload,
+                    }
+                });
+                forward(&registry, sender, task, event);
+            }
+            FromEngine::MapReady {
+                task,
+                arg_type,
+                result_type,
+            } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::MapReady {
+                    engine,
+                    arg_type,
+                    result_type,
+                }),
+            ),
+            FromEngine::ChunkDone {
+                task,
+                chunk,
+                elapsed_ns,
+                failures,
+                meta,
+            } => {
+                // Results that do not decode are a refused chunk: it is run again elsewhere.
+                match payload_from(meta, buffers) {
+                    Ok(results) => forward(
+                        &registry,
+                        sender,
+                        task,
+                        Ok(|engine| TaskEvent::ChunkDone {
+                            engine,
+                            chunk,
+                            elapsed_ns,
+                            failures,
+                            results,
+                        }),
+                    ),
+                    Err(message) => forward(
+                        &registry,
+                        sender,
+                        task,
+                        Ok(|engine| TaskEvent::ChunkRefused {
+                            engine,
+                            chunk,
+                            message: format!("malformed results: {message}"),
+                        }),
+                    ),
+                }
+            }
+            FromEngine::ChunkRefused {
+                task,
+                chunk,
+                message,
+            } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::ChunkRefused {
+                    engine,
+                    chunk,
+                    message,
+                }),
+            ),
+            FromEngine::ResultType { task, type_src } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::ResultType { engine, type_src }),
+            ),
             other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
         }
     }
@@ -376,13 +499,13 @@ impl Controller {
     async fn dispatch(
         self,
         mut socket: RouterSendHalf,
-        mut commands: mpsc::UnboundedReceiver<(u32, ToEngine)>,
+        mut commands: mpsc::UnboundedReceiver<Outgoing>,
     ) {
         let mut sender = Sender::new(
             self.signer.clone(),
             format!("controller-{}", std::process::id()),
         );
-        while let Some((engine, message)) = commands.recv().await {
+        while let Some((engine, message, buffers)) = commands.recv().await {
             let identity = self
                 .registry()
                 .engines
@@ -393,7 +516,7 @@ impl Controller {
                 continue;
             };
             let mut frames = vec![identity];
-            frames.extend(sender.encode(&message, Vec::new()));
+            frames.extend(sender.encode(&message, buffers));
             if let Ok(message) = ZmqMessage::try_from(frames) {
                 if let Err(e) = socket.send(message).await {
                     tracing::warn!("engines: send to engine {engine} failed: {e}");
@@ -465,30 +588,41 @@ impl Controller {
         let (events, event_rx) = mpsc::unbounded_channel();
         let mut sent = Vec::new();
         for &engine in targets {
-            let task = {
-                let mut registry = self.registry();
-                let task = registry.next_task;
-                registry.next_task += 1;
-                registry.tasks.insert(task, (engine, events.clone()));
-                if let Some(record) = registry.engines.get_mut(&engine) {
-                    record.running.push(task);
-                    if record.state == EngineState::Idle {
-                        record.state = EngineState::Busy;
-                    }
-                }
-                task
-            };
-            self.send(
-                engine,
-                ToEngine::Execute {
-                    task,
-                    code: code.to_owned(),
-                },
-            )
-            .await;
+            let task = self
+                .start_task(engine, &events, |task| {
+                    let code = code.to_owned();
+                    (ToEngine::Execute { task, code }, Vec::new())
+                })
+                .await;
             sent.push((engine, task));
         }
         (sent, event_rx)
+    }
+
+    /// Starts one task on `engine`: `message` makes what to send from the new task's id. The
+    /// task's events go to `events` until its `Done` (or the engine's death).
+    pub async fn start_task(
+        &self,
+        engine: u32,
+        events: &Events,
+        message: impl FnOnce(u64) -> (ToEngine, Vec<Bytes>),
+    ) -> u64 {
+        let task = {
+            let mut registry = self.registry();
+            let task = registry.next_task;
+            registry.next_task += 1;
+            registry.tasks.insert(task, (engine, events.clone()));
+            if let Some(record) = registry.engines.get_mut(&engine) {
+                record.running.push(task);
+                if record.state == EngineState::Idle {
+                    record.state = EngineState::Busy;
+                }
+            }
+            task
+        };
+        let (message, buffers) = message(task);
+        self.send_to(engine, message, buffers).await;
+        task
     }
 
     /// Asks engines to stop these tasks (each engine stops its running cell).
@@ -547,6 +681,29 @@ impl Controller {
         registry.engines.clear();
         registry.next_engine = 0;
         live.len()
+    }
+}
+
+/// Passes an event to the job that owns `task`, if `sender` is the engine running it; a
+/// malformed message is dropped and logged.
+fn forward<F: FnOnce(u32) -> TaskEvent>(
+    registry: &Registry,
+    sender: Option<u32>,
+    task: u64,
+    event: Result<F, String>,
+) {
+    let Some((engine, events)) = registry.tasks.get(&task) else {
+        return;
+    };
+    if sender != Some(*engine) {
+        tracing::warn!("engines: engine {sender:?} spoke for task {task} of engine {engine}");
+        return;
+    }
+    match event {
+        Ok(make) => {
+            let _ = events.send(make(*engine));
+        }
+        Err(e) => tracing::warn!("engines: dropped malformed values of task {task}: {e}"),
     }
 }
 

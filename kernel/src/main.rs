@@ -2,10 +2,12 @@
 
 mod completeness;
 mod controller;
+mod data;
 mod history;
 mod install;
 mod iopub;
 mod parallel;
+mod pmap;
 mod server;
 mod shell;
 mod stdin;

@@ -490,6 +490,12 @@ async fn collect(
         let Some(event) = next else { break };
         let piece = match event {
             TaskEvent::Stream { engine, name, text } => Piece::Stream { engine, name, text },
+            // Data tasks' events; a cell does not produce them.
+            TaskEvent::Fetched { .. }
+            | TaskEvent::MapReady { .. }
+            | TaskEvent::ChunkDone { .. }
+            | TaskEvent::ChunkRefused { .. }
+            | TaskEvent::ResultType { .. } => continue,
             TaskEvent::Done {
                 engine,
                 execution_count,

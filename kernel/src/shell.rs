@@ -2,6 +2,7 @@
 //! at a time, in arrival order, as Jupyter frontends expect.
 
 use crate::completeness::{self, Completeness};
+use crate::data::DataMover;
 use crate::history::History;
 use crate::iopub::{OutputRoute, Publisher, Session};
 use crate::parallel::Parallel;
@@ -27,6 +28,7 @@ pub struct Shell {
     shutdown: mpsc::UnboundedSender<()>,
     history: History,
     parallel: Parallel,
+    data: DataMover,
     execution_count: i64,
     /// Requests taken off the queue while aborting after an error, to be served next.
     deferred: VecDeque<WireMessage>,
@@ -47,13 +49,14 @@ impl Shell {
         Shell {
             session,
             publisher,
-            evaluator,
+            evaluator: evaluator.clone(),
             stdin,
             socket,
             kernel_info,
             shutdown,
             history: History::default(),
-            parallel: Parallel::new(controller),
+            parallel: Parallel::new(controller.clone()),
+            data: DataMover::new(controller, evaluator.clone()),
             execution_count: 0,
             deferred: VecDeque::new(),
         }
@@ -366,6 +369,15 @@ impl Shell {
             }
             Command::PxConfig { flags } => {
                 self.parallel.configure(flags, &self.publisher, route);
+            }
+            Command::Pmap(pmap) => {
+                return crate::pmap::pmap(&self.data, pmap, &self.publisher, route).await;
+            }
+            Command::Distribute(command) => {
+                return self.data.distribute(command, &self.publisher, route).await;
+            }
+            Command::Collect(command) => {
+                return self.data.collect(command, &self.publisher, route).await;
             }
         }
         Ok(CellOutput::default())

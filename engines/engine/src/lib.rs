@@ -249,7 +249,8 @@ fn end_map(maps: &SharedMaps, task: u64) {
     }
 }
 
-fn payload_from(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> {
+/// Values out of a message's buffers (item ends, then bytes), checked against their layout.
+pub fn payload_from(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> {
     let [ends, data]: [Bytes; 2] = buffers
         .try_into()
         .map_err(|b: Vec<Bytes>| format!("{} buffers, expected 2", b.len()))?;
@@ -263,7 +264,8 @@ fn payload_from(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> 
     Ok(payload)
 }
 
-fn payload_buffers(payload: &Payload) -> Vec<Bytes> {
+/// The buffers a message carries values in: item ends, then bytes (shared, not copied).
+pub fn payload_buffers(payload: &Payload) -> Vec<Bytes> {
     vec![ends_to_bytes(&payload.ends), payload.data.clone()]
 }
 

@@ -1,0 +1,426 @@
+//! Moving values between the notebook's own context and the engines: `%scatter`, `%push`,
+//! `%gather`, `%pull`. A generated cell hands the notebook's values to this process over the
+//! data socket; they go to the engines as binary buffers of signed messages, and the engines'
+//! generated cells store them. Values never appear in source code.
+
+use crate::controller::{Controller, TaskEvent};
+use crate::iopub::{OutputRoute, Publisher};
+use parallax_engine::payload_buffers;
+use parallax_engine_protocol::{Outcome, ToEngine};
+use parallax_eval::{cells, CellError, CellOutput, DataPort, Evaluator, Payload};
+use parallax_magics::{Collect, Distribute, Movement, Targets};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// The notebook's side of data movement: its evaluator, its data socket and the engines.
+#[derive(Clone)]
+pub struct DataMover {
+    pub controller: Controller,
+    pub evaluator: Evaluator,
+    transfers: Arc<AtomicU64>,
+}
+
+impl DataMover {
+    pub fn new(controller: Controller, evaluator: Evaluator) -> Self {
+        DataMover {
+            controller,
+            evaluator,
+            transfers: Arc::default(),
+        }
+    }
+
+    /// A fresh id for a transfer through the notebook's data socket.
+    pub fn next_transfer(&self) -> u64 {
+        self.transfers.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The ready engines `targets` selects, or a clear error.
+    pub fn select(&self, targets: &Option<Targets>) -> Result<Vec<u32>, CellError> {
+        let engines = self.controller.ready_engines();
+        if engines.is_empty() {
+            return Err(CellError::plain(
+                "NoEngines",
+                "no engines are running; start some with %cluster start [-n N]",
+            ));
+        }
+        let selected = targets
+            .clone()
+            .unwrap_or(Targets::All)
+            .select(&engines)
+            .map_err(|e| CellError::plain("UsageError", e))?;
+        if selected.is_empty() {
+            return Err(CellError::plain(
+                "UsageError",
+                "the targets select no engine",
+            ));
+        }
+        Ok(selected)
+    }
+
+    /// The notebook's data socket; the first call builds the `parallax_data` crate.
+    pub async fn port(&self) -> Result<DataPort, CellError> {
+        self.evaluator.data_port().await
+    }
+
+    /// Runs a generated cell in the notebook's context; what it prints is shown.
+    pub async fn run_local(
+        &self,
+        code: String,
+        publisher: &Publisher,
+        route: &OutputRoute,
+    ) -> Result<CellOutput, CellError> {
+        let publisher = publisher.clone();
+        let route = route.clone();
+        self.evaluator
+            .execute(
+                code,
+                Arc::new(move |name, text| publisher.stream(&route, name, text)),
+                None,
+            )
+            .await
+    }
+
+    /// Evaluates `expr` in the notebook and takes its values: its items (`items`) or itself.
+    /// Returns them with their type as a cell writes it. `item_type` pins the items' type.
+    pub async fn take_local(
+        &self,
+        expr: &str,
+        items: bool,
+        item_type: Option<&str>,
+        publisher: &Publisher,
+        route: &OutputRoute,
+    ) -> Result<(Payload, String), CellError> {
+        let port = self.port().await?;
+        let id = self.next_transfer();
+        let arrived = port.expect(id);
+        let code = if items {
+            cells::send_items(&port, id, expr, item_type)
+        } else {
+            cells::send_value(&port, id, expr)
+        };
+        let ran = self.run_local(code, publisher, route).await;
+        port.withdraw(id);
+        if let Err(error) = ran {
+            return Err(explain_input_error(error, expr, items, item_type));
+        }
+        let payload = arrived
+            .await
+            .map_err(|_| CellError::internal("the notebook's values never arrived"))?;
+        let spelled = self.evaluator.variable_type(cells::SENT).await;
+        let type_src = spelled.as_deref().and_then(cells::sent_type).ok_or_else(|| {
+            CellError::internal(&format!(
+                "evcxr did not name the type of `{expr}` (found {spelled:?})"
+            ))
+        })?;
+        Ok((payload, type_src))
+    }
+
+    /// Stores `payload` in the notebook as `name: Vec<item_type>`.
+    pub async fn store_local(
+        &self,
+        name: &str,
+        item_type: &str,
+        payload: Payload,
+        publisher: &Publisher,
+        route: &OutputRoute,
+    ) -> Result<(), CellError> {
+        let port = self.port().await?;
+        let id = self.next_transfer();
+        port.offer(id, payload);
+        let ran = self
+            .run_local(
+                cells::receive_items(&port, id, name, item_type),
+                publisher,
+                route,
+            )
+            .await;
+        port.withdraw(id);
+        ran.map(|_| ())
+    }
+
+    /// `%scatter` and `%push`.
+    pub async fn distribute(
+        &self,
+        command: Distribute,
+        publisher: &Publisher,
+        route: &OutputRoute,
+    ) -> Result<CellOutput, CellError> {
+        let targets = self.select(&command.targets)?;
+        let scatter = command.movement == Movement::Scatter;
+        let (payload, type_src) = self
+            .take_local(&command.expr, scatter, None, publisher, route)
+            .await?;
+        let parts: Vec<Payload> = if scatter {
+            split_evenly(payload.meta.count, targets.len() as u64)
+                .into_iter()
+                .map(|(start, end)| payload.slice(start, end))
+                .collect()
+        } else {
+            vec![payload.clone(); targets.len()]
+        };
+        let (events, mut event_rx) = mpsc::unbounded_channel();
+        for (&engine, part) in targets.iter().zip(&parts) {
+            let name = command.name.clone();
+            let type_src = type_src.clone();
+            self.controller
+                .start_task(engine, &events, |task| {
+                    let store = ToEngine::Store {
+                        task,
+                        name,
+                        type_src,
+                        value: !scatter,
+                        meta: part.meta.clone().into(),
+                    };
+                    (store, payload_buffers(part))
+                })
+                .await;
+        }
+        drop(events);
+        let mut failed = Vec::new();
+        let mut done = 0;
+        while let Some(event) = event_rx.recv().await {
+            if let TaskEvent::Done {
+                engine, outcome, ..
+            } = event
+            {
+                done += 1;
+                if let Outcome::Error { ename, evalue, .. } = outcome {
+                    failed.push(format!("engine {engine}: {ename}: {evalue}"));
+                }
+            }
+        }
+        if done < targets.len() {
+            failed.push("the pool stopped before every engine answered".into());
+        }
+        if !failed.is_empty() {
+            return Err(CellError::plain(
+                "DataError",
+                format!(
+                    "`{}` was not stored on every engine:\n{}",
+                    command.name,
+                    failed.join("\n")
+                ),
+            ));
+        }
+        let what = if scatter {
+            let sizes: Vec<String> = parts.iter().map(|p| p.meta.count.to_string()).collect();
+            format!(
+                "{}: Vec<{type_src}> on engines {} ({} items each)",
+                command.name,
+                list(&targets),
+                sizes.join("/")
+            )
+        } else {
+            format!(
+                "{}: {type_src} on engines {}",
+                command.name,
+                list(&targets)
+            )
+        };
+        publisher.stream(
+            route,
+            "stdout",
+            &format!(
+                "Stored {what}, {}.\n",
+                human_bytes(parts.iter().map(|p| p.data.len() as u64).sum())
+            ),
+        );
+        Ok(CellOutput::default())
+    }
+
+    /// `%gather` and `%pull`.
+    pub async fn collect(
+        &self,
+        command: Collect,
+        publisher: &Publisher,
+        route: &OutputRoute,
+    ) -> Result<CellOutput, CellError> {
+        let targets = self.select(&command.targets)?;
+        let gather = command.movement == Movement::Gather;
+        let (events, mut event_rx) = mpsc::unbounded_channel();
+        for &engine in &targets {
+            let name = command.name.clone();
+            self.controller
+                .start_task(engine, &events, |task| {
+                    let fetch = ToEngine::Fetch {
+                        task,
+                        name,
+                        value: !gather,
+                    };
+                    (fetch, Vec::new())
+                })
+                .await;
+        }
+        drop(events);
+        let mut fetched: BTreeMap<u32, (String, Payload)> = BTreeMap::new();
+        let mut failed = Vec::new();
+        while let Some(event) = event_rx.recv().await {
+            match event {
+                TaskEvent::Fetched {
+                    engine,
+                    type_src,
+                    payload,
+                } => {
+                    fetched.insert(engine, (type_src, payload));
+                }
+                TaskEvent::Done {
+                    engine,
+                    outcome: Outcome::Error { ename, evalue, .. },
+                    ..
+                } => failed.push(format!("engine {engine}: {ename}: {evalue}")),
+                _ => {}
+            }
+        }
+        for engine in &targets {
+            if !fetched.contains_key(engine) && failed.iter().all(|f| !f.starts_with(&format!("engine {engine}:"))) {
+                failed.push(format!("engine {engine}: sent nothing back"));
+            }
+        }
+        if !failed.is_empty() {
+            return Err(CellError::plain(
+                "DataError",
+                format!(
+                    "could not fetch `{}` from every engine:\n{}",
+                    command.name,
+                    failed.join("\n")
+                ),
+            ));
+        }
+        let types: Vec<&str> = fetched.values().map(|(t, _)| t.as_str()).collect();
+        let item_type = types.first().copied().unwrap_or_default().to_owned();
+        if types.iter().any(|t| *t != item_type) {
+            let each: Vec<String> = fetched
+                .iter()
+                .map(|(engine, (t, _))| format!("engine {engine}: {t}"))
+                .collect();
+            return Err(CellError::plain(
+                "DataError",
+                format!(
+                    "`{}` has different types on the engines ({}); one local Vec cannot hold them",
+                    command.name,
+                    each.join(", ")
+                ),
+            ));
+        }
+        let parts: Vec<Payload> = fetched.into_values().map(|(_, p)| p).collect();
+        let type_name = parts
+            .first()
+            .map(|p| p.meta.type_name.clone())
+            .unwrap_or_default();
+        let joined = Payload::concat(&type_name, &parts)
+            .map_err(|e| CellError::plain("DataError", e))?;
+        let (count, bytes) = (joined.meta.count, joined.data.len() as u64);
+        self.store_local(&command.local, &item_type, joined, publisher, route)
+            .await?;
+        publisher.stream(
+            route,
+            "stdout",
+            &format!(
+                "{}: Vec<{item_type}> with {count} {} from engines {}, {}.\n",
+                command.local,
+                if gather { "items" } else { "values" },
+                list(&targets),
+                human_bytes(bytes)
+            ),
+        );
+        Ok(CellOutput::default())
+    }
+}
+
+/// Contiguous ranges that split `count` items into `parts` parts whose sizes differ by at most
+/// one, the bigger ones first.
+pub fn split_evenly(count: u64, parts: u64) -> Vec<(u64, u64)> {
+    let parts = parts.max(1);
+    let (base, extra) = (count / parts, count % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let size = base + u64::from(i < extra);
+            let range = (start, start + size);
+            start += size;
+            range
+        })
+        .collect()
+}
+
+pub fn list(engines: &[u32]) -> String {
+    engines
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b < KIB {
+        format!("{bytes} B")
+    } else if b < KIB * KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else if b < KIB * KIB * KIB {
+        format!("{:.1} MiB", b / KIB / KIB)
+    } else {
+        format!("{:.2} GiB", b / KIB / KIB / KIB)
+    }
+}
+
+/// Mentions serde when a type cannot be encoded, and what the input must be when it does not
+/// yield the expected items.
+pub fn explain_input_error(
+    mut error: CellError,
+    expr: &str,
+    items: bool,
+    item_type: Option<&str>,
+) -> CellError {
+    if error.ename != "CompileError" {
+        return error;
+    }
+    let whole = format!("{} {}", error.evalue, error.traceback.join(" "));
+    let note = if whole.contains("Serialize") || whole.contains("Deserialize") {
+        format!(
+            "the values of `{expr}` cannot be sent: their type does not implement serde's \
+             Serialize and Deserialize. Derive them, after \
+             `:dep serde = {{ version = \"1\", features = [\"derive\"] }}`, with \
+             #[derive(serde::Serialize, serde::Deserialize)]"
+        )
+    } else if let Some(item_type) = item_type {
+        format!("`{expr}` does not yield items of type `{item_type}`, which the function takes")
+    } else if items {
+        format!("`{expr}` is not something whose items can be sent (a Vec, a slice, a range, an iterator)")
+    } else {
+        format!("`{expr}` cannot be sent")
+    };
+    error.evalue = format!("{note}: {}", error.evalue);
+    error.traceback.insert(0, format!("DataError: {note}\n"));
+    error.ename = "DataError".into();
+    error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_contiguous_and_even() {
+        assert_eq!(split_evenly(10, 3), vec![(0, 4), (4, 7), (7, 10)]);
+        assert_eq!(split_evenly(2, 3), vec![(0, 1), (1, 2), (2, 2)]);
+        assert_eq!(split_evenly(0, 2), vec![(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn serde_errors_say_so() {
+        let error = CellError::new(
+            "CompileError",
+            "the trait bound `P: Serialize` is not satisfied",
+            vec![],
+        );
+        let explained = explain_input_error(error, "points", true, None);
+        assert_eq!(explained.ename, "DataError");
+        assert!(explained.evalue.contains("#[derive(serde::Serialize"));
+        let other = CellError::plain("Panic", "boom");
+        assert_eq!(explain_input_error(other.clone(), "x", true, None), other);
+    }
+}

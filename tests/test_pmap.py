@@ -1,0 +1,231 @@
+"""%pmap, %scatter, %gather, %push and %pull through jupyter_client, with real engine processes.
+
+Each check compares against the same computation in the notebook's own context, in Rust, so the
+assertion is about the values that landed there, not about printed text."""
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import ARTIFACTS, RunningKernel, of_type, stream_text, wait_until
+
+FUNCS = """%%px --local
+fn square(x: u64) -> u64 { x.wrapping_mul(x) ^ 0x5a }
+fn label(x: u64) -> String { format!("#{x}") }
+fn picky(x: u64) -> u64 { if x % 100 == 37 { panic!("no {x}") } x + 1 }
+fn shout(s: String) -> String { s.to_uppercase() }
+fn slow(x: u64) -> u64 { std::thread::sleep(std::time::Duration::from_millis(10)); x * 3 }
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(kernelspec):
+    running = RunningKernel(ARTIFACTS / "test_pmap.kernel.log")
+    reply, outputs = running.execute("%cluster start -n 2", timeout=600)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    reply, _ = running.execute(FUNCS, timeout=300)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    yield running
+    running.stop()
+
+
+def ok(cluster, code, timeout=300):
+    reply, outputs = cluster.execute(code, timeout=timeout)
+    assert reply["content"]["status"] == "ok", (code, reply["content"], outputs)
+    return outputs
+
+
+def error(cluster, code, timeout=300):
+    reply, outputs = cluster.execute(code, timeout=timeout)
+    assert reply["content"]["status"] == "error", (code, outputs)
+    return reply["content"]
+
+
+def check(cluster, rust):
+    """Runs Rust in the notebook that prints `verified` only if its assertions hold."""
+    outputs = ok(cluster, rust + '\nprintln!("verified");')
+    assert "verified" in stream_text(outputs), outputs
+
+
+def all_contexts_usable(cluster):
+    outputs = ok(cluster, "%px 20 + 1")
+    shown = [m["content"]["data"]["text/plain"] for m in of_type(outputs, "display_data")]
+    assert len(shown) == 2 and all(s.endswith(": 21") for s in shown), shown
+    outputs = ok(cluster, "40 + 2")
+    assert any(
+        m["content"]["data"].get("text/plain") == "42" for m in of_type(outputs, "execute_result")
+    ), outputs
+
+
+@pytest.mark.parametrize(
+    "flags, input_expr, expected",
+    [
+        ("", "Vec::<u64>::new()", "Vec::<u64>::new()"),
+        ("", "vec![7u64]", "vec![square(7)]"),
+        ("--chunk 10", "0..1001u64", "(0..1001u64).map(square).collect::<Vec<_>>()"),
+        ("--chunk 3", "0..7", "(0..7u64).map(square).collect::<Vec<_>>()"),
+        ("", "0..200_000u64", "(0..200_000u64).map(square).collect::<Vec<_>>()"),
+    ],
+    ids=["empty", "one", "chunk-10-of-1001", "untyped-range-of-7", "200000"],
+)
+def test_pmap_equals_the_local_map(cluster, flags, input_expr, expected):
+    outputs = ok(cluster, f"%pmap {flags} -o mapped square {input_expr}")
+    assert re.search(r"mapped: Vec<u64> with \d+ results", stream_text(outputs)), outputs
+    check(cluster, f"assert_eq!(mapped, {expected});")
+
+
+def test_pmap_with_strings_and_default_chunks(cluster):
+    ok(cluster, "let numbers: Vec<u64> = (0..5003).collect();")
+    ok(cluster, "%pmap -o labels label &numbers")
+    check(
+        cluster,
+        "assert_eq!(labels, numbers.iter().map(|&x| label(x)).collect::<Vec<String>>());"
+        "assert_eq!(numbers.len(), 5003);",
+    )
+
+
+def test_closure_cell_form(cluster):
+    outputs = ok(cluster, "%%pmap -o squares 0..1000u64\n|x: u64| x * x")
+    assert "squares: Vec<u64> with 1000 results" in stream_text(outputs)
+    check(cluster, "assert_eq!(squares, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());")
+
+
+def test_unordered_gives_the_same_multiset(cluster):
+    ok(cluster, "%pmap --unordered --chunk 7 -o loose square 0..3000u64")
+    check(
+        cluster,
+        "let mut a = loose.clone(); a.sort();"
+        "let mut b: Vec<u64> = (0..3000u64).map(square).collect(); b.sort();"
+        "assert_eq!(a, b);",
+    )
+
+
+def test_a_panicking_item_reports_its_index(cluster):
+    content = error(cluster, "%pmap -o p picky 0..500u64")
+    assert content["ename"] == "MapError", content
+    # The lowest failing index, the engine and the panic message.
+    assert re.search(r"item 37 panicked on engine [01]: no 37", content["evalue"]), content
+    all_contexts_usable(cluster)
+
+
+def test_skip_errors_keeps_going_and_reports_indices(cluster):
+    outputs = ok(cluster, "%pmap --skip-errors -o kept picky 0..500u64")
+    text = stream_text(outputs)
+    assert "5 items failed" in text and "37, 137, 237, 337, 437" in text, text
+    check(
+        cluster,
+        "assert_eq!(kept, (0..500u64).filter(|x| x % 100 != 37).map(|x| x + 1).collect::<Vec<_>>());"
+        "assert_eq!(kept_failed, vec![37usize, 137, 237, 337, 437]);",
+    )
+
+
+def test_scatter_then_gather_round_trips(cluster):
+    ok(cluster, "let data: Vec<u64> = (0..10_001).map(|x| x * 7).collect();")
+    outputs = ok(cluster, "%scatter part = data")
+    assert "part: Vec<u64> on engines 0, 1 (5001/5000 items each)" in stream_text(outputs)
+    outputs = ok(cluster, "%px (part.len(), part[0])")
+    shown = sorted(m["content"]["data"]["text/plain"] for m in of_type(outputs, "display_data"))
+    assert shown[0].startswith("Out[0:") and shown[0].endswith("(5001, 0)"), shown
+    assert shown[1].startswith("Out[1:") and shown[1].endswith("(5000, 35007)"), shown
+    ok(cluster, "%gather part -o back")
+    check(cluster, "assert_eq!(back, data);")
+    # Strings, and a value that is not a Vec: items of an iterator.
+    ok(cluster, "%scatter words = (0..11).map(|i| format!(\"w{i}\"))")
+    ok(cluster, "%gather words -o words_back")
+    check(
+        cluster,
+        "assert_eq!(words_back, (0..11).map(|i| format!(\"w{i}\")).collect::<Vec<String>>());",
+    )
+
+
+def test_push_and_pull_per_engine_values(cluster):
+    ok(cluster, "%push base = 1000u64")
+    ok(cluster, "%px let mine = base + parallax_env::engine_id().unwrap() as u64;")
+    outputs = ok(cluster, "%pull mine -o all")
+    assert "all: Vec<u64> with 2 values from engines 0, 1" in stream_text(outputs)
+    check(cluster, "assert_eq!(all, vec![1000u64, 1001]);")
+    ok(cluster, '%push -t 1 greeting = String::from("hi")')
+    ok(cluster, "%pull -t 1 greeting")
+    check(cluster, 'assert_eq!(greeting, vec!["hi".to_string()]);')
+    content = error(cluster, "%pull -t 0 greeting")
+    assert "engine 0" in content["evalue"], content
+    all_contexts_usable(cluster)
+
+
+def test_non_serializable_types_are_refused_clearly(cluster):
+    ok(cluster, "struct Opaque(u8);\nlet opaque = Opaque(1);")
+    content = error(cluster, "%push o = opaque")
+    assert content["ename"] == "DataError" and "Serialize" in content["evalue"], content
+    ok(cluster, "%%px\nstruct Opaque(u8);\nfn wrap(x: u64) -> Opaque { Opaque(x as u8) }")
+    content = error(cluster, "%pmap wrap 0..3u64")
+    assert "Serialize" in content["evalue"], content
+    all_contexts_usable(cluster)
+    check(cluster, "assert_eq!(opaque.0, 1);")
+
+
+def test_missing_function_is_named(cluster):
+    content = error(cluster, "%pmap no_such_function 0..3u64")
+    assert "`no_such_function` is not defined on the engines" in content["evalue"], content
+    all_contexts_usable(cluster)
+
+
+def test_type_mismatch_is_clear(cluster):
+    # The function takes a String; the items are numbers.
+    content = error(cluster, "%pmap shout 0..3u64")
+    assert content["ename"] == "TypeMismatch", content
+    assert "are `u64`" in content["evalue"] and "takes `alloc::string::String`" in content["evalue"]
+    # The function takes u64; the items are strings.
+    content = error(cluster, '%pmap square vec!["a".to_string()]')
+    assert "does not yield items of type `u64`" in content["evalue"], content
+    all_contexts_usable(cluster)
+    ok(cluster, "%pmap -o after square 0..10u64")
+    check(cluster, "assert_eq!(after, (0..10u64).map(square).collect::<Vec<_>>());")
+
+
+def test_progress_display_updates_in_place(cluster):
+    outputs = ok(cluster, "%pmap -o tripled slow 0..300u64")
+    shown = of_type(outputs, "display_data")
+    updates = of_type(outputs, "update_display_data")
+    assert shown and updates, outputs
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    assert all(u["content"]["transient"]["display_id"] == display_id for u in updates)
+    final = updates[-1]["content"]["data"]["text/plain"]
+    assert "done: 300/300 items" in final, final
+    assert "text/html" in updates[-1]["content"]["data"]
+    check(cluster, "assert_eq!(tripled, (0..300u64).map(|x| x * 3).collect::<Vec<_>>());")
+
+
+def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster):
+    """Runs last: it leaves the pool with one engine."""
+    _, status_out = cluster.execute("%cluster status")
+    rows = [r.split() for r in stream_text(status_out).splitlines()[1:]]
+    engine_pid = {int(r[0]): int(r[1]) for r in rows}
+    outputs = []
+    progress = threading.Event()
+
+    def hook(msg):
+        outputs.append(msg)
+        if msg["msg_type"] == "display_data" and "display_id" in msg["content"].get("transient", {}):
+            progress.set()
+
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault(
+            "reply",
+            cluster.kc.execute_interactive(
+                "%pmap -o survived slow 0..600u64", timeout=300, output_hook=hook
+            ),
+        )
+    )
+    worker.start()
+    assert progress.wait(120), outputs
+    os.kill(engine_pid[1], signal.SIGKILL)
+    worker.join(300)
+    assert not worker.is_alive()
+    assert result["reply"]["content"]["status"] == "ok", (result, outputs)
+    assert "engine 1" in stream_text(outputs, "stderr"), outputs
+    check(cluster, "assert_eq!(survived, (0..600u64).map(|x| x * 3).collect::<Vec<_>>());")
