@@ -92,10 +92,7 @@ pub enum TaskEvent {
         message: String,
     },
     /// A map's result type, as a cell writes it.
-    ResultType {
-        engine: u32,
-        type_src: String,
-    },
+    ResultType { type_src: String },
 }
 
 /// Where a job hears about its tasks.
@@ -490,7 +487,7 @@ impl Controller {
                 &registry,
                 sender,
                 task,
-                Ok(|engine| TaskEvent::ResultType { engine, type_src }),
+                Ok(|_| TaskEvent::ResultType { type_src }),
             ),
             other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
         }

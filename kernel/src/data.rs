@@ -109,11 +109,14 @@ impl DataMover {
             .await
             .map_err(|_| CellError::internal("the notebook's values never arrived"))?;
         let spelled = self.evaluator.variable_type(cells::SENT).await;
-        let type_src = spelled.as_deref().and_then(cells::sent_type).ok_or_else(|| {
-            CellError::internal(&format!(
-                "evcxr did not name the type of `{expr}` (found {spelled:?})"
-            ))
-        })?;
+        let type_src = spelled
+            .as_deref()
+            .and_then(cells::sent_type)
+            .ok_or_else(|| {
+                CellError::internal(&format!(
+                    "evcxr did not name the type of `{expr}` (found {spelled:?})"
+                ))
+            })?;
         Ok((payload, type_src))
     }
 
@@ -213,11 +216,7 @@ impl DataMover {
                 sizes.join("/")
             )
         } else {
-            format!(
-                "{}: {type_src} on engines {}",
-                command.name,
-                list(&targets)
-            )
+            format!("{}: {type_src} on engines {}", command.name, list(&targets))
         };
         publisher.stream(
             route,
@@ -274,7 +273,11 @@ impl DataMover {
             }
         }
         for engine in &targets {
-            if !fetched.contains_key(engine) && failed.iter().all(|f| !f.starts_with(&format!("engine {engine}:"))) {
+            if !fetched.contains_key(engine)
+                && failed
+                    .iter()
+                    .all(|f| !f.starts_with(&format!("engine {engine}:")))
+            {
                 failed.push(format!("engine {engine}: sent nothing back"));
             }
         }
@@ -309,8 +312,8 @@ impl DataMover {
             .first()
             .map(|p| p.meta.type_name.clone())
             .unwrap_or_default();
-        let joined = Payload::concat(&type_name, &parts)
-            .map_err(|e| CellError::plain("DataError", e))?;
+        let joined =
+            Payload::concat(&type_name, &parts).map_err(|e| CellError::plain("DataError", e))?;
         let (count, bytes) = (joined.meta.count, joined.data.len() as u64);
         self.store_local(&command.local, &item_type, joined, publisher, route)
             .await?;

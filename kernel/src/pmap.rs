@@ -142,7 +142,7 @@ pub async fn pmap(
         .await;
     let items = match taken {
         Ok((items, _)) if items.meta.type_name == arg_type => items,
-        Ok((items, item_type)) => {
+        Ok((_, item_type)) => {
             let error = CellError::plain(
                 "TypeMismatch",
                 format!(
@@ -249,7 +249,9 @@ pub async fn pmap(
             let lost = total - items_finished;
             break Some(Stop::Failed(CellError::plain(
                 "EngineError",
-                format!("every engine stopped serving the map; {lost} of {total} items were not run"),
+                format!(
+                    "every engine stopped serving the map; {lost} of {total} items were not run"
+                ),
             )));
         }
         let event = tokio::select! {
@@ -261,11 +263,15 @@ pub async fn pmap(
             _ = sleep_until(deadline) => break Some(Stop::TimedOut),
         };
         let Some(event) = event else {
-            break Some(Stop::Failed(CellError::internal("the engines' events stopped")));
+            break Some(Stop::Failed(CellError::internal(
+                "the engines' events stopped",
+            )));
         };
         match event {
             TaskEvent::MapReady {
-                engine, arg_type: theirs, ..
+                engine,
+                arg_type: theirs,
+                ..
             } => {
                 if theirs == arg_type {
                     if let Some(worker) = workers.get_mut(&engine) {
@@ -279,7 +285,10 @@ pub async fn pmap(
                         &format!("engine {engine}: {func_label} takes `{theirs}` there, not `{arg_type}`; it sits this map out\n"),
                     );
                     if let Some(worker) = workers.get(&engine) {
-                        mover.controller.send_to(engine, ToEngine::MapEnd { task: worker.task }, Vec::new()).await;
+                        mover
+                            .controller
+                            .send_to(engine, ToEngine::MapEnd { task: worker.task }, Vec::new())
+                            .await;
                     }
                 }
                 fill!();
@@ -337,11 +346,13 @@ pub async fn pmap(
                 fill!();
             }
             TaskEvent::ChunkRefused {
-                engine, message, ..
+                engine,
+                chunk,
+                message,
             } => {
                 break Some(Stop::Failed(CellError::plain(
                     "DataError",
-                    format!("engine {engine} could not read the items: {message}"),
+                    format!("engine {engine} could not read the items of chunk {chunk}: {message}"),
                 )));
             }
             TaskEvent::Done {
@@ -366,14 +377,26 @@ pub async fn pmap(
                         } else {
                             format!("; its {} chunks run again on the others", orphans.len())
                         };
-                        let why = if worker.ready { "stopped" } else { "cannot serve" };
+                        let why = if worker.ready {
+                            "stopped"
+                        } else {
+                            "cannot serve"
+                        };
                         publisher.stream(
                             route,
                             "stderr",
                             &format!("[{ename}] engine {engine} {why}: {evalue}{rerun}\n"),
                         );
                         if !worker.ready {
-                            not_serving.push(serve_failure(engine, &Outcome::Error { ename, evalue, traceback: Vec::new() }, &func_label));
+                            not_serving.push(serve_failure(
+                                engine,
+                                &Outcome::Error {
+                                    ename,
+                                    evalue,
+                                    traceback: Vec::new(),
+                                },
+                                &func_label,
+                            ));
                         }
                     }
                     Outcome::Ok { .. } => {}
@@ -416,23 +439,38 @@ pub async fn pmap(
     // Every serving cell ends, and says its result type.
     let result_type_src = finish(mover, &workers, &mut events, result_type_src).await;
     if progress.shown {
-        let summary = summary_text(&pmap, &workers, items_finished, total, map_started, error.is_some());
-        publish_progress(&progress, publisher, route, "update_display_data", &summary, items_finished, total, &workers);
+        let summary = summary_text(
+            &pmap,
+            &workers,
+            items_finished,
+            total,
+            map_started,
+            error.is_some(),
+        );
+        publish_progress(
+            &progress,
+            publisher,
+            route,
+            "update_display_data",
+            &summary,
+            items_finished,
+            total,
+            &workers,
+        );
     }
     if let Some(error) = error {
         return Err(error);
     }
     let Some(type_src) = result_type_src else {
-        return Err(CellError::internal(
-            "no engine named the map's result type",
-        ));
+        return Err(CellError::internal("no engine named the map's result type"));
     };
     let parts: Vec<Payload> = if pmap.flags.unordered {
         completion_order
     } else {
         results.into_values().collect()
     };
-    let joined = Payload::concat(&result_type, &parts).map_err(|e| CellError::plain("DataError", e))?;
+    let joined =
+        Payload::concat(&result_type, &parts).map_err(|e| CellError::plain("DataError", e))?;
     let result_bytes = joined.data.len() as u64;
     let stored = joined.meta.count;
     mover
@@ -464,7 +502,9 @@ pub async fn pmap(
                 shown.join(", ")
             ));
             if let Some((index, engine, message)) = failed.first() {
-                line.push_str(&format!("first failure: item {index} on engine {engine}: {message}\n"));
+                line.push_str(&format!(
+                    "first failure: item {index} on engine {engine}: {message}\n"
+                ));
             }
         }
     }
@@ -473,7 +513,13 @@ pub async fn pmap(
 }
 
 /// How many items the next chunk gets.
-fn chunk_size(fixed: Option<u64>, cost_ns: Option<f64>, remaining: u64, engines: u64, bytes_per_item: u64) -> u64 {
+fn chunk_size(
+    fixed: Option<u64>,
+    cost_ns: Option<f64>,
+    remaining: u64,
+    engines: u64,
+    bytes_per_item: u64,
+) -> u64 {
     if let Some(fixed) = fixed {
         return fixed.max(1);
     }
@@ -556,9 +602,7 @@ fn serve_failure(engine: u32, outcome: &Outcome, func_label: &str) -> String {
 fn map_error(failures: &[String], func_label: &str) -> CellError {
     let all = failures.join("\n");
     let hint = if all.contains("cannot find") {
-        format!(
-            "{func_label} is not defined on the engines; define it there first, with %%px"
-        )
+        format!("{func_label} is not defined on the engines; define it there first, with %%px")
     } else if all.contains("Serialize") || all.contains("Deserialize") {
         format!(
             "the argument and result of {func_label} must implement serde's Serialize and \
@@ -642,7 +686,9 @@ fn show_progress(
     } else {
         "display_data"
     };
-    publish_progress(progress, publisher, route, kind, &text, done, total, workers);
+    publish_progress(
+        progress, publisher, route, kind, &text, done, total, workers,
+    );
     progress.shown = true;
     progress.last = Instant::now();
 }
@@ -665,7 +711,11 @@ fn summary_text(
     let engines: Vec<String> = workers
         .iter()
         .map(|(id, w)| {
-            let state = if w.ended && done < total { " (gone)" } else { "" };
+            let state = if w.ended && done < total {
+                " (gone)"
+            } else {
+                ""
+            };
             format!("{id}: {}{state}", w.items_done)
         })
         .collect();
@@ -762,7 +812,9 @@ mod tests {
             &["engine 0: [CompileError] cannot find value `nope` in this scope".into()],
             "`nope`",
         );
-        assert!(error.evalue.contains("`nope` is not defined on the engines"));
+        assert!(error
+            .evalue
+            .contains("`nope` is not defined on the engines"));
         assert!(error.evalue.contains("engine 0"));
     }
 }
