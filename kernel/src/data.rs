@@ -152,9 +152,17 @@ impl DataMover {
     ) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let scatter = command.movement == Movement::Scatter;
+        let began = std::time::Instant::now();
         let (payload, type_src) = self
             .take_local(&command.expr, scatter, None, publisher, route)
             .await?;
+        tracing::debug!(
+            "{:?}: took {} bytes from the notebook in {:.3} s",
+            command.movement,
+            payload.data.len(),
+            began.elapsed().as_secs_f64()
+        );
+        let began = std::time::Instant::now();
         let parts: Vec<Payload> = if scatter {
             split_evenly(payload.meta.count, targets.len() as u64)
                 .into_iter()
@@ -197,6 +205,11 @@ impl DataMover {
         if done < targets.len() {
             failed.push("the pool stopped before every engine answered".into());
         }
+        tracing::debug!(
+            "{:?}: stored on the engines in {:.3} s",
+            command.movement,
+            began.elapsed().as_secs_f64()
+        );
         if !failed.is_empty() {
             return Err(CellError::plain(
                 "DataError",

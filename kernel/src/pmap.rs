@@ -38,6 +38,8 @@ struct Chunk {
     /// The engine running it, if any.
     engine: Option<u32>,
     done: bool,
+    /// When it was last sent, for the debug log of round trips.
+    sent: Instant,
 }
 
 struct Worker {
@@ -158,14 +160,12 @@ pub async fn pmap(
             return Err(abandon(mover, &workers, &mut events, error).await);
         }
     };
-    let compile_time = started.elapsed();
 
     let total = items.meta.count;
-    let bytes_per_item = if total > 0 {
-        (items.data.len() as u64 / total).max(1)
-    } else {
-        1
-    };
+    let bytes_per_item = (items.data.len() as u64)
+        .checked_div(total)
+        .unwrap_or(1)
+        .max(1);
     let mut chunks: Vec<Chunk> = Vec::new();
     let mut retry: VecDeque<u64> = VecDeque::new();
     let mut next_start = 0u64;
@@ -214,6 +214,7 @@ pub async fn pmap(
                                 end,
                                 engine: None,
                                 done: false,
+                                sent: Instant::now(),
                             });
                             next_start = end;
                             chunks.len() as u64 - 1
@@ -222,6 +223,7 @@ pub async fn pmap(
                     };
                     let spec = &mut chunks[chunk as usize];
                     spec.engine = Some(engine);
+                    spec.sent = Instant::now();
                     let part = items.slice(spec.start, spec.end);
                     let worker = workers.get_mut(&engine).expect("a serving engine");
                     worker.in_flight.push(chunk);
@@ -308,6 +310,11 @@ pub async fn pmap(
                 }
                 spec.done = true;
                 let count = spec.end - spec.start;
+                tracing::debug!(
+                    "pmap chunk {chunk}: {count} items on engine {engine}, {:.2} ms computing, {:.2} ms round trip",
+                    elapsed_ns as f64 / 1e6,
+                    spec.sent.elapsed().as_secs_f64() * 1e3
+                );
                 items_finished += count;
                 if count > 0 {
                     let per_item = elapsed_ns as f64 / count as f64;
@@ -413,6 +420,9 @@ pub async fn pmap(
         }
     };
 
+    // The map proper: first chunk out to last result in. The rest of the cell is compiling and
+    // setting up its cells, reported apart.
+    let map_time = map_started.elapsed();
     let error = match stop {
         None => None,
         Some(Stop::Failed(error)) => Some(error),
@@ -476,15 +486,15 @@ pub async fn pmap(
     mover
         .store_local(&pmap.flags.out, &type_src, joined, publisher, route)
         .await?;
-    let map_time = map_started.elapsed();
+    let setup_time = started.elapsed().saturating_sub(map_time);
     let mut line = format!(
-        "{}: Vec<{type_src}> with {stored} results of {func_label} ({}) from engines {}: {:.3} s, {} items/s (compile {:.2} s apart)\n",
+        "{}: Vec<{type_src}> with {stored} results of {func_label} ({}) from engines {}: map {:.3} s, {} items/s (compiling and set-up {:.2} s apart)\n",
         pmap.flags.out,
         human_bytes(result_bytes),
         list(&workers.keys().copied().collect::<Vec<_>>()),
         map_time.as_secs_f64(),
         rate(total, map_time),
-        compile_time.as_secs_f64(),
+        setup_time.as_secs_f64(),
     );
     if pmap.flags.skip_errors {
         failed.sort_by_key(|(index, ..)| *index);

@@ -75,10 +75,10 @@ pub struct Collect {
 
 /// Reads leading flags off `args` with `handle`, which takes a flag and a way to read its value
 /// and says whether it knew the flag. Returns the rest, untouched (it is Rust code).
-fn leading_flags<'a>(
-    args: &'a str,
+fn leading_flags(
+    args: &str,
     mut handle: impl FnMut(&str, &mut dyn FnMut(&str) -> Result<String, String>) -> Result<(), String>,
-) -> Result<&'a str, String> {
+) -> Result<&str, String> {
     let mut rest = args.trim_start();
     loop {
         let (word, after) = split_word(rest);

@@ -68,6 +68,11 @@ pub fn run(config: EngineConfig) -> anyhow::Result<()> {
 /// What the engine's task runner is asked to do, one task at a time, in arrival order.
 enum Work {
     Code(String),
+    Data(DataWork),
+}
+
+/// Work that moves values through the engine's data socket.
+enum DataWork {
     Store {
         name: String,
         type_src: String,
@@ -159,7 +164,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     ToEngine::Store { task, name, type_src, value, meta } => {
                         match payload_from(meta, buffers) {
                             Ok(payload) => {
-                                let _ = tasks.send((task, Work::Store { name, type_src, value, payload }));
+                                let _ = tasks.send((task, Work::Data(DataWork::Store { name, type_src, value, payload })));
                             }
                             Err(e) => {
                                 tracing::warn!("engine {engine}: dropped a store: {e}");
@@ -168,10 +173,10 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                         }
                     }
                     ToEngine::Fetch { task, name, value } => {
-                        let _ = tasks.send((task, Work::Fetch { name, value }));
+                        let _ = tasks.send((task, Work::Data(DataWork::Fetch { name, value })));
                     }
                     ToEngine::Map { task, func } => {
-                        let _ = tasks.send((task, Work::Map { func }));
+                        let _ = tasks.send((task, Work::Data(DataWork::Map { func })));
                     }
                     ToEngine::Chunk { task, chunk, start, meta } => {
                         let feed = lock(&maps).feeds.get(&task).cloned();
@@ -351,7 +356,7 @@ async fn run_tasks(
         running.store(task, Ordering::SeqCst);
         let outcome = match work {
             Work::Code(code) => outcome_of(evaluator.execute(code, sink, None).await),
-            work => match evaluator.data_port().await {
+            Work::Data(work) => match evaluator.data_port().await {
                 Ok(port) => {
                     run_data_work(&evaluator, &port, task, work, sink, &outbound, &maps).await
                 }
@@ -368,19 +373,19 @@ async fn run_data_work(
     evaluator: &Evaluator,
     port: &DataPort,
     task: u64,
-    work: Work,
+    work: DataWork,
     sink: StreamSink,
     outbound: &Outbound,
     maps: &SharedMaps,
 ) -> Outcome {
     match work {
-        Work::Code(code) => outcome_of(evaluator.execute(code, sink, None).await),
-        Work::Store {
+        DataWork::Store {
             name,
             type_src,
             value,
             payload,
         } => {
+            let began = Instant::now();
             port.offer(task, payload);
             let code = if value {
                 cells::receive_value(port, task, &name, &type_src)
@@ -389,9 +394,13 @@ async fn run_data_work(
             };
             let result = evaluator.execute(code, sink, None).await;
             port.withdraw(task);
+            tracing::debug!(
+                "store of `{name}` took {:.3} s",
+                began.elapsed().as_secs_f64()
+            );
             outcome_of(result)
         }
-        Work::Fetch { name, value } => {
+        DataWork::Fetch { name, value } => {
             let arrived = port.expect(task);
             let code = if value {
                 cells::send_value(port, task, &name)
@@ -423,7 +432,7 @@ async fn run_data_work(
                 )))),
             }
         }
-        Work::Map { func } => {
+        DataWork::Map { func } => {
             let session = port.open_map(task);
             let ended_early = {
                 let mut maps = lock(maps);
