@@ -54,5 +54,9 @@ def test_quickstart_outputs():
     assert "[stdout:0] engine 0 of 2" in engines_said and "[stdout:1] engine 1 of 2" in engines_said
     found = sorted(o["data"]["text/plain"].split(": ")[1] for o in code[7].outputs if "data" in o)
     assert found == ["820022", "837799"]
-    assert "idle" in outputs_text(code[8])
-    assert "Stopped 2 engines" in outputs_text(code[9])
+    # %pmap, then data movement.
+    assert "steps: Vec<u32> with 99999 results of `collatz_steps`" in outputs_text(code[8])
+    assert code[9].outputs[-1]["data"]["text/plain"] == '"77031 takes 350 steps"'
+    assert code[10].outputs[-1]["data"]["text/plain"] == "500500"
+    assert "idle" in outputs_text(code[11])
+    assert "Stopped 2 engines" in outputs_text(code[12])

@@ -7,11 +7,10 @@ import os
 import re
 import signal
 import threading
-import time
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, of_type, stream_text, wait_until
+from conftest import ARTIFACTS, RunningKernel, interrupt_and_wait, of_type, stream_text
 
 FUNCS = """%%px --local
 fn square(x: u64) -> u64 { x.wrapping_mul(x) ^ 0x5a }
@@ -86,6 +85,12 @@ def test_pmap_with_strings_and_default_chunks(cluster):
         "assert_eq!(labels, numbers.iter().map(|&x| label(x)).collect::<Vec<String>>());"
         "assert_eq!(numbers.len(), 5003);",
     )
+
+
+def test_pmap_on_chosen_targets(cluster):
+    outputs = ok(cluster, "%pmap -t 1 -o on_one square 0..50u64")
+    assert "from engines 1: map" in stream_text(outputs), outputs
+    check(cluster, "assert_eq!(on_one, (0..50u64).map(square).collect::<Vec<_>>());")
 
 
 def test_closure_cell_form(cluster):
@@ -197,6 +202,40 @@ def test_progress_display_updates_in_place(cluster):
     assert "done: 300/300 items" in final, final
     assert "text/html" in updates[-1]["content"]["data"]
     check(cluster, "assert_eq!(tripled, (0..300u64).map(|x| x * 3).collect::<Vec<_>>());")
+
+
+def test_timeout_stops_the_map_and_keeps_the_engines(cluster):
+    content = error(cluster, "%pmap --timeout 1 -o never slow 0..5000u64")
+    assert content["ename"] == "Timeout", content
+    assert re.search(r"stopped after 1(\.0)? s with \d+ of 5000 items done", content["evalue"]), content
+    all_contexts_usable(cluster)
+
+
+def test_interrupt_stops_the_map(cluster):
+    outputs = []
+    progress = threading.Event()
+
+    def hook(msg):
+        outputs.append(msg)
+        if msg["msg_type"] == "display_data" and "display_id" in msg["content"].get("transient", {}):
+            progress.set()
+
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault(
+            "reply",
+            cluster.kc.execute_interactive(
+                "%pmap -o never slow 0..5000u64", timeout=300, output_hook=hook
+            ),
+        )
+    )
+    worker.start()
+    assert progress.wait(120), outputs
+    interrupt_and_wait(cluster, worker, limit=10)
+    content = result["reply"]["content"]
+    assert content["status"] == "error" and content["ename"] == "Interrupted", content
+    assert re.search(r"interrupted with \d+ of 5000 items done", content["evalue"]), content
+    all_contexts_usable(cluster)
 
 
 def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster):

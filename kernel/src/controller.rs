@@ -134,12 +134,16 @@ pub struct Controller {
     link: Arc<tokio::sync::Mutex<Option<Link>>>,
     /// Bumped whenever an engine changes state, for waiters.
     changed: Arc<watch::Sender<u64>>,
+    /// Bumped by each interrupt of everything (the kernel's stop button), for running jobs.
+    interrupts: Arc<watch::Sender<u64>>,
 }
 
 impl Controller {
     pub fn new(key: &str) -> Self {
         let (changed, _) = watch::channel(0);
+        let (interrupts, _) = watch::channel(0);
         Controller {
+            interrupts: Arc::new(interrupts),
             registry: Arc::default(),
             signer: Signer::new(key),
             key: key.to_owned(),
@@ -629,8 +633,15 @@ impl Controller {
         }
     }
 
+    /// Tells a job when the kernel's stop button is pressed: `changed()` fires on each press
+    /// after this call.
+    pub fn interrupts(&self) -> watch::Receiver<u64> {
+        self.interrupts.subscribe()
+    }
+
     /// Interrupts every task still running anywhere (the kernel's stop button).
     pub async fn interrupt_all(&self) {
+        self.interrupts.send_modify(|n| *n += 1);
         let running: Vec<(u32, u64)> = self
             .registry()
             .engines

@@ -73,6 +73,7 @@ pub async fn pmap(
 ) -> Result<CellOutput, CellError> {
     let targets = mover.select(&pmap.flags.targets)?;
     let started = Instant::now();
+    let mut interrupts = mover.controller.interrupts();
     // The notebook's context builds the data crate first, so that the engines find its
     // dependencies in evcxr's shared cache instead of all building them at once.
     mover.port().await?;
@@ -107,7 +108,14 @@ pub async fn pmap(
     // The first engine to serve says what the function takes and returns.
     let mut not_serving: Vec<String> = Vec::new();
     let (arg_type, result_type) = loop {
-        match events.recv().await {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = interrupts.changed() => {
+                let error = CellError::plain("Interrupted", "the map was interrupted before it started");
+                return Err(abandon(mover, &workers, &mut events, error).await);
+            }
+        };
+        match event {
             Some(TaskEvent::MapReady {
                 engine,
                 arg_type,
@@ -263,6 +271,8 @@ pub async fn pmap(
                 continue;
             }
             _ = sleep_until(deadline) => break Some(Stop::TimedOut),
+            // The engines were told too: each ends its map after the chunk it is on.
+            _ = interrupts.changed() => break Some(Stop::Interrupted),
         };
         let Some(event) = event else {
             break Some(Stop::Failed(CellError::internal(
