@@ -251,6 +251,7 @@ impl DataMover {
     ) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let gather = command.movement == Movement::Gather;
+        let began = std::time::Instant::now();
         let (events, mut event_rx) = mpsc::unbounded_channel();
         for &engine in &targets {
             let name = command.name.clone();
@@ -328,8 +329,19 @@ impl DataMover {
         let joined =
             Payload::concat(&type_name, &parts).map_err(|e| CellError::plain("DataError", e))?;
         let (count, bytes) = (joined.meta.count, joined.data.len() as u64);
+        tracing::debug!(
+            "{:?}: {bytes} bytes from the engines in {:.3} s",
+            command.movement,
+            began.elapsed().as_secs_f64()
+        );
+        let began = std::time::Instant::now();
         self.store_local(&command.local, &item_type, joined, publisher, route)
             .await?;
+        tracing::debug!(
+            "{:?}: stored in the notebook in {:.3} s",
+            command.movement,
+            began.elapsed().as_secs_f64()
+        );
         publisher.stream(
             route,
             "stdout",

@@ -105,12 +105,25 @@ pub async fn pmap(
         format!("`{}`", pmap.func)
     };
 
+    // The notebook's items are taken while the engines compile; if they turn out not to be of
+    // the type the function takes, they are taken again below, typed as it wants.
+    let first_take = {
+        let (mover, input) = (mover.clone(), pmap.input.clone());
+        let (publisher, route) = (publisher.clone(), route.clone());
+        tokio::spawn(async move {
+            mover
+                .take_local(&input, true, None, &publisher, &route)
+                .await
+        })
+    };
+
     // The first engine to serve says what the function takes and returns.
     let mut not_serving: Vec<String> = Vec::new();
     let (arg_type, result_type) = loop {
         let event = tokio::select! {
             event = events.recv() => event,
             _ = interrupts.changed() => {
+                let _ = first_take.await;
                 let error = CellError::plain("Interrupted", "the map was interrupted before it started");
                 return Err(abandon(mover, &workers, &mut events, error).await);
             }
@@ -134,6 +147,7 @@ pub async fn pmap(
                 }
                 not_serving.push(serve_failure(engine, &outcome, &func_label));
                 if workers.values().all(|w| w.ended) {
+                    let _ = first_take.await;
                     return Err(map_error(&not_serving, &func_label));
                 }
             }
@@ -141,15 +155,29 @@ pub async fn pmap(
                 publish_engine_stream(publisher, route, engine, name, &text)
             }
             Some(_) => {}
-            None => return Err(map_error(&not_serving, &func_label)),
+            None => {
+                let _ = first_take.await;
+                return Err(map_error(&not_serving, &func_label));
+            }
         }
     };
 
     // The notebook's items, typed as the function wants when a literal could be read otherwise.
     let hint = cells::type_name_is_source(&arg_type).then_some(arg_type.as_str());
-    let taken = mover
-        .take_local(&pmap.input, true, hint, publisher, route)
-        .await;
+    let taken = first_take.await.unwrap_or_else(|e| {
+        Err(CellError::internal(&format!(
+            "taking the items failed: {e}"
+        )))
+    });
+    let fits = matches!(&taken, Ok((items, _)) if items.meta.type_name == arg_type);
+    let taken = match hint {
+        Some(hint) if !fits => {
+            mover
+                .take_local(&pmap.input, true, Some(hint), publisher, route)
+                .await
+        }
+        _ => taken,
+    };
     let items = match taken {
         Ok((items, _)) if items.meta.type_name == arg_type => items,
         Ok((_, item_type)) => {

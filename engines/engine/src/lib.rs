@@ -401,6 +401,7 @@ async fn run_data_work(
             outcome_of(result)
         }
         DataWork::Fetch { name, value } => {
+            let began = Instant::now();
             let arrived = port.expect(task);
             let code = if value {
                 cells::send_value(port, task, &name)
@@ -415,6 +416,11 @@ async fn run_data_work(
             let spelled = evaluator.variable_type(cells::SENT).await;
             match (arrived.await, spelled.as_deref().and_then(cells::sent_type)) {
                 (Ok(payload), Some(type_src)) => {
+                    tracing::debug!(
+                        "fetch of `{name}`: {} bytes in {:.3} s",
+                        payload.data.len(),
+                        began.elapsed().as_secs_f64()
+                    );
                     let buffers = payload_buffers(&payload);
                     let fetched = FromEngine::Fetched {
                         task,
