@@ -157,7 +157,9 @@ def test_push_and_pull_per_engine_values(cluster):
     ok(cluster, "%pull -t 1 greeting")
     check(cluster, 'assert_eq!(greeting, vec!["hi".to_string()]);')
     content = error(cluster, "%pull -t 0 greeting")
-    assert "engine 0" in content["evalue"], content
+    assert "engine 0: there is no variable `greeting` there" in content["evalue"], content
+    content = error(cluster, "%gather base")
+    assert "%pull brings back single values" in content["evalue"], content
     all_contexts_usable(cluster)
 
 

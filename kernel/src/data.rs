@@ -282,7 +282,10 @@ impl DataMover {
                     engine,
                     outcome: Outcome::Error { ename, evalue, .. },
                     ..
-                } => failed.push(format!("engine {engine}: {ename}: {evalue}")),
+                } => failed.push(format!(
+                    "engine {engine}: {}",
+                    explain_fetch_error(&ename, &evalue, &command.name, gather)
+                )),
                 _ => {}
             }
         }
@@ -354,6 +357,22 @@ impl DataMover {
             ),
         );
         Ok(CellOutput::default())
+    }
+}
+
+/// What an engine's failure to send `name` back means, in the user's words.
+fn explain_fetch_error(ename: &str, evalue: &str, name: &str, gather: bool) -> String {
+    if ename != "CompileError" {
+        return format!("{ename}: {evalue}");
+    }
+    if evalue.contains("cannot find value") {
+        format!("there is no variable `{name}` there")
+    } else if evalue.contains("Serialize") {
+        format!("`{name}` cannot be sent: its type does not implement serde's Serialize")
+    } else if gather {
+        format!("`{name}` is not a vector (or anything with items) there; %pull brings back single values ({evalue})")
+    } else {
+        format!("{ename}: {evalue}")
     }
 }
 
@@ -436,6 +455,29 @@ mod tests {
         assert_eq!(split_evenly(10, 3), vec![(0, 4), (4, 7), (7, 10)]);
         assert_eq!(split_evenly(2, 3), vec![(0, 1), (1, 2), (2, 2)]);
         assert_eq!(split_evenly(0, 2), vec![(0, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn fetch_errors_are_explained() {
+        let missing = explain_fetch_error(
+            "CompileError",
+            "cannot find value `x` in this scope",
+            "x",
+            true,
+        );
+        assert_eq!(missing, "there is no variable `x` there");
+        let scalar = explain_fetch_error(
+            "CompileError",
+            "the method `parallax_items` exists but its trait bounds were not satisfied",
+            "k",
+            true,
+        );
+        assert!(
+            scalar.contains("%pull brings back single values"),
+            "{scalar}"
+        );
+        let panic = explain_fetch_error("Panic", "boom", "k", false);
+        assert_eq!(panic, "Panic: boom");
     }
 
     #[test]
