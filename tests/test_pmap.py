@@ -213,8 +213,10 @@ def test_timeout_stops_the_map_and_keeps_the_engines(cluster):
     all_contexts_usable(cluster)
 
 
-def test_interrupt_stops_the_map(cluster):
-    outputs = []
+def start_long_map(cluster, code):
+    """Runs `code` in a thread; returns once its progress display is up, with the thread, a dict
+    that receives the reply, and the list the outputs go to."""
+    outputs, result = [], {}
     progress = threading.Event()
 
     def hook(msg):
@@ -222,17 +224,18 @@ def test_interrupt_stops_the_map(cluster):
         if msg["msg_type"] == "display_data" and "display_id" in msg["content"].get("transient", {}):
             progress.set()
 
-    result = {}
     worker = threading.Thread(
         target=lambda: result.setdefault(
-            "reply",
-            cluster.kc.execute_interactive(
-                "%pmap -o never slow 0..5000u64", timeout=300, output_hook=hook
-            ),
+            "reply", cluster.kc.execute_interactive(code, timeout=300, output_hook=hook)
         )
     )
     worker.start()
     assert progress.wait(120), outputs
+    return worker, result, outputs
+
+
+def test_interrupt_stops_the_map(cluster):
+    worker, result, _ = start_long_map(cluster, "%pmap -o never slow 0..5000u64")
     interrupt_and_wait(cluster, worker, limit=10)
     content = result["reply"]["content"]
     assert content["status"] == "error" and content["ename"] == "Interrupted", content
@@ -245,28 +248,11 @@ def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster):
     _, status_out = cluster.execute("%cluster status")
     rows = [r.split() for r in stream_text(status_out).splitlines()[1:]]
     engine_pid = {int(r[0]): int(r[1]) for r in rows}
-    outputs = []
-    progress = threading.Event()
-
-    def hook(msg):
-        outputs.append(msg)
-        if msg["msg_type"] == "display_data" and "display_id" in msg["content"].get("transient", {}):
-            progress.set()
-
-    result = {}
-    worker = threading.Thread(
-        target=lambda: result.setdefault(
-            "reply",
-            cluster.kc.execute_interactive(
-                "%pmap -o survived slow 0..600u64", timeout=300, output_hook=hook
-            ),
-        )
-    )
-    worker.start()
-    assert progress.wait(120), outputs
+    worker, result, outputs = start_long_map(cluster, "%pmap -o survived slow 0..600u64")
     os.kill(engine_pid[1], signal.SIGKILL)
     worker.join(300)
     assert not worker.is_alive()
     assert result["reply"]["content"]["status"] == "ok", (result, outputs)
-    assert "engine 1" in stream_text(outputs, "stderr"), outputs
+    # Its chunks in flight were run again by engine 0; every item is there exactly once.
+    assert re.search(r"engine 1 stopped: .*SIGKILL.*run again on the others", stream_text(outputs, "stderr")), outputs
     check(cluster, "assert_eq!(survived, (0..600u64).map(|x| x * 3).collect::<Vec<_>>());")

@@ -38,25 +38,7 @@ impl DataMover {
 
     /// The ready engines `targets` selects, or a clear error.
     pub fn select(&self, targets: &Option<Targets>) -> Result<Vec<u32>, CellError> {
-        let engines = self.controller.ready_engines();
-        if engines.is_empty() {
-            return Err(CellError::plain(
-                "NoEngines",
-                "no engines are running; start some with %cluster start [-n N]",
-            ));
-        }
-        let selected = targets
-            .clone()
-            .unwrap_or(Targets::All)
-            .select(&engines)
-            .map_err(|e| CellError::plain("UsageError", e))?;
-        if selected.is_empty() {
-            return Err(CellError::plain(
-                "UsageError",
-                "the targets select no engine",
-            ));
-        }
-        Ok(selected)
+        crate::parallel::select_engines(&self.controller, targets)
     }
 
     /// The notebook's data socket; the first call builds the `parallax_data` crate.

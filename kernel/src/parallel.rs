@@ -46,15 +46,7 @@ impl Piece {
     fn publish(&self, publisher: &Publisher, route: &OutputRoute) {
         match self {
             Piece::Stream { engine, name, text } => {
-                let (label, stream) = match name {
-                    StreamName::Stdout => ("stdout", "stdout"),
-                    StreamName::Stderr => ("stderr", "stderr"),
-                };
-                let prefixed: String = text
-                    .split_inclusive('\n')
-                    .map(|line| format!("[{label}:{engine}] {line}"))
-                    .collect();
-                publisher.stream(route, stream, &prefixed);
+                publish_engine_stream(publisher, route, *engine, *name, text)
             }
             Piece::Result {
                 engine,
@@ -313,25 +305,7 @@ impl Parallel {
         route: &OutputRoute,
     ) -> Result<CellOutput, CellError> {
         let flags = flags.over(&self.defaults);
-        let engines = self.controller.ready_engines();
-        if engines.is_empty() {
-            return Err(CellError::plain(
-                "NoEngines",
-                "no engines are running; start some with %cluster start [-n N]",
-            ));
-        }
-        let targets = flags
-            .targets
-            .clone()
-            .unwrap_or(Targets::All)
-            .select(&engines)
-            .map_err(|e| CellError::plain("UsageError", e))?;
-        if targets.is_empty() {
-            return Err(CellError::plain(
-                "UsageError",
-                "the targets select no engine",
-            ));
-        }
+        let targets = select_engines(&self.controller, &flags.targets)?;
         let timeout = flags.timeout.map(Duration::from_secs_f64);
         let group = flags.group_outputs.unwrap_or_default();
         if !flags.block.unwrap_or(true) {
@@ -541,6 +515,51 @@ async fn collect(
         report.pieces.push(piece);
     }
     report
+}
+
+/// The ready engines `targets` selects, or a clear error when there are none.
+pub fn select_engines(
+    controller: &Controller,
+    targets: &Option<Targets>,
+) -> Result<Vec<u32>, CellError> {
+    let engines = controller.ready_engines();
+    if engines.is_empty() {
+        return Err(CellError::plain(
+            "NoEngines",
+            "no engines are running; start some with %cluster start [-n N]",
+        ));
+    }
+    let selected = targets
+        .clone()
+        .unwrap_or(Targets::All)
+        .select(&engines)
+        .map_err(|e| CellError::plain("UsageError", e))?;
+    if selected.is_empty() {
+        return Err(CellError::plain(
+            "UsageError",
+            "the targets select no engine",
+        ));
+    }
+    Ok(selected)
+}
+
+/// Shows what an engine printed, each line prefixed as ipyparallel does: `[stdout:2] …`.
+pub fn publish_engine_stream(
+    publisher: &Publisher,
+    route: &OutputRoute,
+    engine: u32,
+    name: StreamName,
+    text: &str,
+) {
+    let (label, stream) = match name {
+        StreamName::Stdout => ("stdout", "stdout"),
+        StreamName::Stderr => ("stderr", "stderr"),
+    };
+    let prefixed: String = text
+        .split_inclusive('\n')
+        .map(|line| format!("[{label}:{engine}] {line}"))
+        .collect();
+    publisher.stream(route, stream, &prefixed);
 }
 
 fn default_engine_count() -> u32 {

@@ -6,9 +6,10 @@
 use crate::controller::TaskEvent;
 use crate::data::{explain_input_error, human_bytes, list, DataMover};
 use crate::iopub::{OutputRoute, Publisher};
+use crate::parallel::publish_engine_stream;
 use bytes::Bytes;
 use parallax_engine::payload_buffers;
-use parallax_engine_protocol::{Outcome, StreamName, ToEngine};
+use parallax_engine_protocol::{Outcome, ToEngine};
 use parallax_eval::{cells, CellError, CellOutput, Payload};
 use parallax_magics::Pmap;
 use serde_json::json;
@@ -666,24 +667,6 @@ fn map_error(failures: &[String], func_label: &str) -> CellError {
         format!("{hint}\n{all}"),
         vec![format!("MapError: {hint}\n"), all],
     )
-}
-
-fn publish_engine_stream(
-    publisher: &Publisher,
-    route: &OutputRoute,
-    engine: u32,
-    name: StreamName,
-    text: &str,
-) {
-    let (label, stream) = match name {
-        StreamName::Stdout => ("stdout", "stdout"),
-        StreamName::Stderr => ("stderr", "stderr"),
-    };
-    let prefixed: String = text
-        .split_inclusive('\n')
-        .map(|line| format!("[{label}:{engine}] {line}"))
-        .collect();
-    publisher.stream(route, stream, &prefixed);
 }
 
 fn usize_payload(values: &[u64]) -> Payload {

@@ -2,6 +2,7 @@
 //! `%pull`.
 
 use crate::px::Targets;
+use crate::words::{leading_flags, split_word};
 
 /// The variable `%pmap` stores its results in when `-o` is not given.
 pub const DEFAULT_PMAP_OUT: &str = "pmap_out";
@@ -71,54 +72,6 @@ pub struct Collect {
     pub targets: Option<Targets>,
     pub name: String,
     pub local: String,
-}
-
-/// Reads leading flags off `args` with `handle`, which takes a flag and a way to read its value
-/// and says whether it knew the flag. Returns the rest, untouched (it is Rust code).
-fn leading_flags(
-    args: &str,
-    mut handle: impl FnMut(&str, &mut dyn FnMut(&str) -> Result<String, String>) -> Result<(), String>,
-) -> Result<&str, String> {
-    let mut rest = args.trim_start();
-    loop {
-        let (word, after) = split_word(rest);
-        if word == "--" {
-            return Ok(after.trim_start());
-        }
-        // `-1..5` is code, not a flag.
-        if !word.starts_with('-')
-            || word.len() < 2
-            || word[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.')
-        {
-            return Ok(rest);
-        }
-        let (name, inline_value) = match word.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (word, None),
-        };
-        let mut after = after;
-        let mut value = |what: &str| -> Result<String, String> {
-            if let Some(v) = inline_value {
-                return Ok(v.to_owned());
-            }
-            let (v, next) = split_word(after);
-            if v.is_empty() {
-                return Err(format!("{name} needs {what}"));
-            }
-            after = next;
-            Ok(v.to_owned())
-        };
-        handle(name, &mut value)?;
-        rest = after.trim_start();
-    }
-}
-
-fn split_word(text: &str) -> (&str, &str) {
-    let text = text.trim_start();
-    match text.find(char::is_whitespace) {
-        Some(at) => (&text[..at], &text[at..]),
-        None => (text, ""),
-    }
 }
 
 fn targets_flag(

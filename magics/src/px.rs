@@ -1,5 +1,6 @@
 //! The parallel magics' arguments: engine targets, `%px` flags, `%cluster` subcommands.
 
+use crate::words::leading_flags;
 use std::fmt;
 
 /// Which engines a command addresses, as ipyparallel writes it: `all`, `3`, `0,2`, `1:3`, `::2`.
@@ -174,35 +175,7 @@ impl PxFlags {
 /// untouched (it is Rust code for `%px`). `--` ends the flags.
 pub fn parse_px_flags(args: &str) -> Result<(PxFlags, &str), String> {
     let mut flags = PxFlags::default();
-    let mut rest = args.trim_start();
-    loop {
-        let (word, after) = split_word(rest);
-        if word == "--" {
-            rest = after.trim_start();
-            break;
-        }
-        if !word.starts_with('-')
-            || word.len() < 2
-            || word[1..].starts_with(|c: char| c.is_ascii_digit())
-        {
-            break;
-        }
-        let (name, inline_value) = match word.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (word, None),
-        };
-        let mut after = after;
-        let mut value = |what: &str| -> Result<String, String> {
-            if let Some(v) = inline_value {
-                return Ok(v.to_owned());
-            }
-            let (v, next) = split_word(after);
-            if v.is_empty() {
-                return Err(format!("{name} needs {what}"));
-            }
-            after = next;
-            Ok(v.to_owned())
-        };
+    let rest = leading_flags(args, |name, value| {
         match name {
             "--targets" | "-t" => flags.targets = Some(Targets::parse(&value("a target list")?)?),
             "--block" => flags.block = Some(true),
@@ -224,17 +197,9 @@ pub fn parse_px_flags(args: &str) -> Result<(PxFlags, &str), String> {
             "--no-local" => flags.local = Some(false),
             other => return Err(format!("unknown flag {other}")),
         }
-        rest = after.trim_start();
-    }
+        Ok(())
+    })?;
     Ok((flags, rest))
-}
-
-fn split_word(text: &str) -> (&str, &str) {
-    let text = text.trim_start();
-    match text.find(char::is_whitespace) {
-        Some(at) => (&text[..at], &text[at..]),
-        None => (text, ""),
-    }
 }
 
 /// `%cluster` subcommands.
