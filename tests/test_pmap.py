@@ -99,6 +99,16 @@ def test_closure_cell_form(cluster):
     check(cluster, "assert_eq!(squares, (0..1000u64).map(|x| x * x).collect::<Vec<_>>());")
 
 
+def test_a_boxed_closure_on_the_engines_is_borrowed_not_moved(cluster):
+    ok(cluster, "%px let bump: Box<dyn Fn(u64) -> u64> = Box::new(|x| x + 100);")
+    ok(cluster, "%pmap -o bumped bump 0..10u64")
+    ok(cluster, "%pmap -o bumped_again bump 0..10u64")
+    check(
+        cluster,
+        "assert_eq!(bumped, (100..110u64).collect::<Vec<_>>()); assert_eq!(bumped, bumped_again);",
+    )
+
+
 def test_unordered_gives_the_same_multiset(cluster):
     ok(cluster, "%pmap --unordered --chunk 7 -o loose square 0..3000u64")
     check(

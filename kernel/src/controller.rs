@@ -224,6 +224,7 @@ impl Controller {
                 .env("PARALLAX_ENGINES", total.to_string())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
                 .kill_on_drop(true);
             // SAFETY: prctl in the child between fork and exec touches no memory of ours; it
             // ties the engine's life to this kernel's, even when the kernel is SIGKILLed.
@@ -233,8 +234,12 @@ impl Controller {
                     Ok(())
                 });
             }
-            let child = command.spawn().context("starting an engine process")?;
+            let mut child = command.spawn().context("starting an engine process")?;
             let pid = child.id().unwrap_or(0);
+            let last_words = child
+                .stderr
+                .take()
+                .map(|stderr| tokio::spawn(relay_stderr(stderr)));
             self.registry().engines.insert(
                 id,
                 Engine {
@@ -248,7 +253,7 @@ impl Controller {
                     stopping: false,
                 },
             );
-            tokio::spawn(self.clone().watch_process(id, child));
+            tokio::spawn(self.clone().watch_process(id, child, last_words));
         }
         self.notify();
         let mut changed = self.changed.subscribe();
@@ -278,12 +283,31 @@ impl Controller {
     }
 
     /// Waits for an engine process to exit and reports it: at once, by id and cause.
-    async fn watch_process(self, id: u32, mut child: tokio::process::Child) {
+    async fn watch_process(
+        self,
+        id: u32,
+        mut child: tokio::process::Child,
+        last_words: Option<tokio::task::JoinHandle<Option<String>>>,
+    ) {
         let status = child.wait().await;
         let cause = match status {
             Ok(status) => match (status.signal(), status.code()) {
                 (Some(signal), _) => format!("killed by signal {signal} ({})", signal_name(signal)),
-                (None, Some(code)) => format!("exited with code {code}"),
+                (None, Some(code)) => {
+                    // An engine that gives up says why on its last line; a moment to read it.
+                    let said = match last_words {
+                        Some(reader) => tokio::time::timeout(Duration::from_millis(300), reader)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .flatten(),
+                        None => None,
+                    };
+                    match said {
+                        Some(reason) => format!("exited with code {code}: {reason}"),
+                        None => format!("exited with code {code}"),
+                    }
+                }
                 (None, None) => "exited".to_owned(),
             },
             Err(e) => format!("lost: {e}"),
@@ -363,6 +387,9 @@ impl Controller {
                     record.identity = Some(identity);
                     record.host = host;
                 }
+                // It says it again until it hears from us.
+                Some(record)
+                    if record.pid == pid && record.identity.as_ref() == Some(&identity) => {}
                 _ => tracing::warn!(
                     "engines: unexpected registration as engine {engine} (pid {pid})"
                 ),
@@ -715,6 +742,27 @@ fn forward<F: FnOnce(u32) -> TaskEvent>(
     }
 }
 
+/// Passes an engine's stderr on to ours, line by line, and returns its last fatal message (the
+/// `parallax: …` line an engine prints when it gives up).
+async fn relay_stderr(stderr: tokio::process::ChildStderr) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut fatal = None;
+    // Bytes, not strings: a line that is not UTF-8 must not stop the draining, or the engine
+    // would block on a full pipe.
+    while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end();
+        eprintln!("{text}");
+        if let Some(reason) = text.strip_prefix("parallax: ") {
+            fatal = Some(reason.to_owned());
+        }
+        line.clear();
+    }
+    fatal
+}
+
 fn is_dead(engine: &Engine) -> bool {
     matches!(engine.state, EngineState::Dead(_))
 }
@@ -754,4 +802,29 @@ fn write_key_file(key: &str) -> anyhow::Result<PathBuf> {
 pub fn remove_key_dir() {
     let base = parallax_eval::private_base();
     let _ = std::fs::remove_dir_all(base.join(format!("parallax-{}", std::process::id())));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relay_stderr;
+
+    #[tokio::test]
+    async fn an_engines_last_words_are_kept_and_odd_bytes_do_not_stop_the_relay() {
+        let mut child = tokio::process::Command::new("sh")
+            .args([
+                "-c",
+                "echo 'Compiling serde' >&2; printf 'bad \\377 byte\\n' >&2; \
+                 echo 'parallax: connecting to the controller: refused' >&2; echo after >&2; exit 1",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh runs");
+        let stderr = child.stderr.take().expect("piped");
+        let said = relay_stderr(stderr).await;
+        assert_eq!(
+            said.as_deref(),
+            Some("connecting to the controller: refused")
+        );
+        assert_eq!(child.wait().await.expect("exit").code(), Some(1));
+    }
 }

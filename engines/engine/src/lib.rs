@@ -141,6 +141,9 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     ));
 
     let mut last_heard = Instant::now();
+    // Until the controller speaks, it may not have our registration (it can arrive before the
+    // controller has recorded the process it started): say it again each second.
+    let mut heard_from_controller = false;
     let mut silence_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
@@ -157,6 +160,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     }
                 };
                 last_heard = Instant::now();
+                heard_from_controller = true;
                 match message {
                     ToEngine::Execute { task, code } => {
                         let _ = tasks.send((task, Work::Code(code)));
@@ -224,6 +228,11 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                 }
             }
             _ = silence_check.tick() => {
+                if !heard_from_controller {
+                    if let Err(e) = send(&mut socket, &mut sender, &register, Vec::new()).await {
+                        break Err(e);
+                    }
+                }
                 if last_heard.elapsed() > CONTROLLER_SILENCE_LIMIT {
                     break Err(anyhow::anyhow!(
                         "no word from the controller for {CONTROLLER_SILENCE_LIMIT:?}; exiting"

@@ -63,10 +63,11 @@ pub fn receive_value(port: &DataPort, id: u64, name: &str, value_type: &str) -> 
     )
 }
 
-/// Serves map task `task` with `func` (a function's name or a closure).
+/// Serves map task `task` with `func` (a function's name, a closure, or a variable holding
+/// one, such as a `Box<dyn Fn(T) -> R>`). It is borrowed, so that a variable is not moved away.
 pub fn serve_map(port: &DataPort, task: u64, func: &str) -> String {
     format!(
-        "let {SENT} = parallax_data::serve_map({}, \n{func}\n);",
+        "let {SENT} = parallax_data::serve_map({}, &(\n{func}\n));",
         link_args(port, task)
     )
 }
