@@ -3,6 +3,7 @@
 //! at once when an engine process dies. Engines reach it over TCP only, so nothing here
 //! assumes that they share this host's file system, except for launching local ones.
 
+use crate::monitor::{Monitor, TaskKey};
 use anyhow::Context;
 use bytes::Bytes;
 use parallax_engine::payload_from;
@@ -136,6 +137,8 @@ pub struct Controller {
     changed: Arc<watch::Sender<u64>>,
     /// Bumped by each interrupt of everything (the kernel's stop button), for running jobs.
     interrupts: Arc<watch::Sender<u64>>,
+    /// What the engines are doing, for the dashboard.
+    pub monitor: Monitor,
 }
 
 impl Controller {
@@ -144,6 +147,7 @@ impl Controller {
         let (interrupts, _) = watch::channel(0);
         Controller {
             interrupts: Arc::new(interrupts),
+            monitor: Monitor::default(),
             registry: Arc::default(),
             signer: Signer::new(key),
             key: key.to_owned(),
@@ -192,6 +196,17 @@ impl Controller {
 
     /// Sends a message with buffers to one engine (a map's chunks, its end).
     pub async fn send_to(&self, engine: u32, message: ToEngine, buffers: Vec<Bytes>) {
+        if let ToEngine::Chunk { task, chunk, .. } = &message {
+            let label = self.monitor.label_of_map(*task);
+            self.monitor.started(
+                TaskKey::Chunk {
+                    task: *task,
+                    chunk: *chunk,
+                },
+                engine,
+                &label,
+            );
+        }
         if let Some(link) = self.link.lock().await.as_ref() {
             let _ = link.commands.send((engine, message, buffers));
         }
@@ -330,6 +345,7 @@ impl Controller {
                 .filter_map(|task| registry.tasks.remove(&task).map(|(_, tx)| (task, tx)))
                 .collect()
         };
+        self.monitor.engine_died(id, &cause);
         if expected {
             tracing::info!("engine {id} stopped: {cause}");
         } else {
@@ -420,6 +436,11 @@ impl Controller {
                     .get(&task)
                     .is_some_and(|(e, _)| sender == Some(*e));
                 if owned {
+                    let error = match &outcome {
+                        Outcome::Error { ename, evalue, .. } => Some(format!("{ename}: {evalue}")),
+                        Outcome::Ok { .. } => None,
+                    };
+                    self.monitor.finished(TaskKey::Task(task), error, None);
                     if let Some((engine, events)) = registry.tasks.remove(&task) {
                         let mut count = 0;
                         if let Some(record) = registry.engines.get_mut(&engine) {
@@ -474,6 +495,14 @@ impl Controller {
                 failures,
                 meta,
             } => {
+                let failed = failures
+                    .first()
+                    .map(|(index, message)| format!("item {index}: {message}"));
+                self.monitor.finished(
+                    TaskKey::Chunk { task, chunk },
+                    failed,
+                    Some(Duration::from_nanos(elapsed_ns)),
+                );
                 // Results that do not decode are a refused chunk: it is run again elsewhere.
                 match payload_from(meta, buffers) {
                     Ok(results) => forward(
@@ -504,16 +533,20 @@ impl Controller {
                 task,
                 chunk,
                 message,
-            } => forward(
-                &registry,
-                sender,
-                task,
-                Ok(|engine| TaskEvent::ChunkRefused {
-                    engine,
-                    chunk,
-                    message,
-                }),
-            ),
+            } => {
+                self.monitor
+                    .finished(TaskKey::Chunk { task, chunk }, Some(message.clone()), None);
+                forward(
+                    &registry,
+                    sender,
+                    task,
+                    Ok(|engine| TaskEvent::ChunkRefused {
+                        engine,
+                        chunk,
+                        message,
+                    }),
+                );
+            }
             FromEngine::ResultType { task, type_src } => forward(
                 &registry,
                 sender,
@@ -649,6 +682,13 @@ impl Controller {
             task
         };
         let (message, buffers) = message(task);
+        match &message {
+            // A map's chunks are its tasks on the dashboard.
+            ToEngine::Map { func, .. } => self.monitor.map_label(task, &map_label(func)),
+            other => self
+                .monitor
+                .started(TaskKey::Task(task), engine, &task_label(other)),
+        }
         self.send_to(engine, message, buffers).await;
         task
     }
@@ -739,6 +779,30 @@ fn forward<F: FnOnce(u32) -> TaskEvent>(
             let _ = events.send(make(*engine));
         }
         Err(e) => tracing::warn!("engines: dropped malformed values of task {task}: {e}"),
+    }
+}
+
+/// How a task is named on the dashboard.
+fn task_label(message: &ToEngine) -> String {
+    match message {
+        ToEngine::Execute { .. } => "cell".to_owned(),
+        ToEngine::Store { name, .. } => format!("store {name}"),
+        ToEngine::Fetch { name, .. } => format!("fetch {name}"),
+        ToEngine::Map { func, .. } => map_label(func),
+        ToEngine::Chunk { .. } => "chunk".to_owned(),
+        ToEngine::Interrupt { .. }
+        | ToEngine::Ping { .. }
+        | ToEngine::Shutdown
+        | ToEngine::MapEnd { .. } => "control".to_owned(),
+    }
+}
+
+/// A map's name on the dashboard: its function, or `closure`.
+fn map_label(func: &str) -> String {
+    if func.trim_start().starts_with('|') {
+        "map closure".to_owned()
+    } else {
+        format!("map {}", func.trim())
     }
 }
 

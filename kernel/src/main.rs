@@ -2,10 +2,12 @@
 
 mod completeness;
 mod controller;
+mod dashboard;
 mod data;
 mod history;
 mod install;
 mod iopub;
+mod monitor;
 mod parallel;
 mod pmap;
 mod server;

@@ -279,7 +279,17 @@ pub async fn pmap(
         }};
     }
 
+    // Chunks not sent yet show as queued on the dashboard, under the first serving task.
+    let queue_key = workers.values().map(|w| w.task).min().unwrap_or_default();
+    macro_rules! report_queue {
+        () => {{
+            let last_size = chunks.last().map_or(1, |c| (c.end - c.start).max(1));
+            let waiting = retry.len() as u64 + (total - next_start).div_ceil(last_size);
+            mover.controller.monitor.set_queued(queue_key, waiting);
+        }};
+    }
     fill!();
+    report_queue!();
     let stop: Option<Stop> = loop {
         if items_finished == total {
             break None;
@@ -390,6 +400,7 @@ pub async fn pmap(
                     failed.extend(failures.into_iter().map(|(i, m)| (i, engine, m)));
                 }
                 fill!();
+                report_queue!();
             }
             TaskEvent::ChunkRefused {
                 engine,
@@ -485,6 +496,7 @@ pub async fn pmap(
             ))
         }
     };
+    mover.controller.monitor.set_queued(queue_key, 0);
     // Every serving cell ends, and says its result type.
     let result_type_src = finish(mover, &workers, &mut events, result_type_src).await;
     if progress.shown {

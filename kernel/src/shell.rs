@@ -29,6 +29,8 @@ pub struct Shell {
     history: History,
     parallel: Parallel,
     data: DataMover,
+    /// The live `%dashboard` block, if one is updating.
+    dashboard: Option<crate::dashboard::LiveDashboard>,
     execution_count: i64,
     /// Requests taken off the queue while aborting after an error, to be served next.
     deferred: VecDeque<WireMessage>,
@@ -57,6 +59,7 @@ impl Shell {
             history: History::default(),
             parallel: Parallel::new(controller.clone()),
             data: DataMover::new(controller, evaluator.clone()),
+            dashboard: None,
             execution_count: 0,
             deferred: VecDeque::new(),
         }
@@ -378,6 +381,27 @@ impl Shell {
             }
             Command::Collect(command) => {
                 return self.data.collect(command, &self.publisher, route).await;
+            }
+            Command::Dashboard { stop } => {
+                let previous = self.dashboard.take();
+                let had_one = previous.is_some();
+                if let Some(previous) = previous {
+                    previous.freeze().await;
+                }
+                if stop {
+                    let text = if had_one {
+                        "The dashboard is stopped; its last state stays as a snapshot.\n"
+                    } else {
+                        "No dashboard is live; %dashboard starts one.\n"
+                    };
+                    self.publisher.stream(route, "stdout", text);
+                } else {
+                    self.dashboard = Some(crate::dashboard::LiveDashboard::start(
+                        self.data.controller.clone(),
+                        self.publisher.clone(),
+                        route.clone(),
+                    ));
+                }
             }
         }
         Ok(CellOutput::default())

@@ -35,6 +35,8 @@ pub enum Command {
     Distribute(Distribute),
     /// `%gather` or `%pull`: engine values to the notebook.
     Collect(Collect),
+    /// `%dashboard`: a live view of the engines; `--stop` freezes it.
+    Dashboard { stop: bool },
 }
 
 /// Whether a magic is used as a line (`%name`) or as a whole cell (`%%name`).
@@ -176,6 +178,17 @@ Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its env
         usage: "%pull [--targets T] NAME [-o LOCAL]",
         summary: "Bring each engine's NAME back as a local Vec, one value per engine (LOCAL, default NAME).",
         details: DATA_HELP,
+    },
+    MagicSpec {
+        name: "dashboard",
+        kind: MagicKind::Line,
+        usage: "%dashboard [--stop]",
+        summary: "Show a live view of the engines and their tasks, updated in place; --stop freezes it.",
+        details: "The block shows engines alive, busy and dead; tasks queued, running, done and failed; \
+the rate; one row per engine (host, pid, state, current task and for how long, tasks done, CPU, \
+memory); the task stream of the last minute (a lane per engine, failures in red); the latest \
+errors. It updates twice a second while other cells run. A new %dashboard freezes the previous \
+one. In jupyter console, which does not show updates, it prints the text table once.",
     },
 ];
 
@@ -453,6 +466,14 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
                 .map(Command::Collect)
                 .map_err(|e| MagicError::new(e, Some(spec.usage)))
         }
+        "dashboard" => match words.as_slice() {
+            [] => Ok(Command::Dashboard { stop: false }),
+            [flag] if flag == "--stop" => Ok(Command::Dashboard { stop: true }),
+            other => Err(MagicError::new(
+                format!("%dashboard takes only --stop, not `{}`", other.join(" ")),
+                Some(spec.usage),
+            )),
+        },
         "magic" => match words.as_slice() {
             [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
             [name] => Err(MagicError::new(
@@ -707,6 +728,16 @@ mod tests {
             );
         }
         assert!(help_for("%%pmap").unwrap().contains("--skip-errors"));
+        assert_eq!(
+            parse("%dashboard", None),
+            Ok(Command::Dashboard { stop: false })
+        );
+        assert_eq!(
+            parse("%dashboard --stop", None),
+            Ok(Command::Dashboard { stop: true })
+        );
+        let err = parse("%dashboard now", None).unwrap_err();
+        assert!(err.message.contains("only --stop"), "{err}");
     }
 
     #[test]
