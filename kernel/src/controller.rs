@@ -214,8 +214,6 @@ impl Controller {
 
     /// Starts `count` engines and waits until each is ready or dead. Returns the new ids.
     pub async fn start_engines(&self, count: u32) -> anyhow::Result<Vec<u32>> {
-        let (endpoint, key_file) = self.link().await?;
-        let exe = std::env::current_exe().context("finding the parallax binary")?;
         let ids: Vec<u32> = {
             let mut registry = self.registry();
             let first = registry.next_engine;
@@ -230,47 +228,88 @@ impl Controller {
             .count() as u32
             + count;
         for &id in &ids {
-            let mut command = tokio::process::Command::new(&exe);
-            command
-                .args(["engine", "--controller", &endpoint, "--id", &id.to_string()])
-                .arg("--key-file")
-                .arg(&key_file)
-                .env("PARALLAX_ENGINE_ID", id.to_string())
-                .env("PARALLAX_ENGINES", total.to_string())
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true);
-            // SAFETY: prctl in the child between fork and exec touches no memory of ours; it
-            // ties the engine's life to this kernel's, even when the kernel is SIGKILLed.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = command.spawn().context("starting an engine process")?;
-            let pid = child.id().unwrap_or(0);
-            let last_words = child
-                .stderr
-                .take()
-                .map(|stderr| tokio::spawn(relay_stderr(stderr)));
-            self.registry().engines.insert(
-                id,
-                Engine {
-                    pid,
-                    host: "localhost".into(),
-                    state: EngineState::Starting,
-                    started: Instant::now(),
-                    identity: None,
-                    running: Vec::new(),
-                    executed: 0,
-                    stopping: false,
-                },
-            );
-            tokio::spawn(self.clone().watch_process(id, child, last_words));
+            self.spawn_engine(id, total).await?;
         }
+        self.wait_until_started(&ids).await?;
+        Ok(ids)
+    }
+
+    /// Starts a new process in the place of dead engine `id`, with the same id, and waits until
+    /// it is ready. Its variables are gone: it starts from an empty context.
+    pub async fn restart_engine(&self, id: u32) -> anyhow::Result<()> {
+        let total = {
+            let registry = self.registry();
+            match registry.engines.get(&id) {
+                None => anyhow::bail!("there is no engine {id}"),
+                Some(engine) if !is_dead(engine) => {
+                    anyhow::bail!(
+                        "engine {id} is {}; only a dead engine is restarted",
+                        engine.state
+                    )
+                }
+                Some(_) => registry.engines.values().filter(|e| !is_dead(e)).count() as u32 + 1,
+            }
+        };
+        tracing::info!("restarting engine {id}");
+        self.spawn_engine(id, total).await?;
+        self.wait_until_started(&[id]).await?;
+        match self.registry().engines.get(&id).map(|e| e.state.clone()) {
+            Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Launches the process of engine `id`, one of `total` live engines.
+    async fn spawn_engine(&self, id: u32, total: u32) -> anyhow::Result<()> {
+        let (endpoint, key_file) = self.link().await?;
+        let exe = std::env::current_exe().context("finding the parallax binary")?;
+        let mut command = tokio::process::Command::new(&exe);
+        command
+            .args(["engine", "--controller", &endpoint, "--id", &id.to_string()])
+            .arg("--key-file")
+            .arg(&key_file)
+            .env("PARALLAX_ENGINE_ID", id.to_string())
+            .env("PARALLAX_ENGINES", total.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl in the child between fork and exec touches no memory of ours; it
+        // ties the engine's life to this kernel's, even when the kernel is SIGKILLed.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().context("starting an engine process")?;
+        let pid = child.id().unwrap_or(0);
+        let last_words = child
+            .stderr
+            .take()
+            .map(|stderr| tokio::spawn(relay_stderr(stderr, id, self.monitor.clone())));
+        self.registry().engines.insert(
+            id,
+            Engine {
+                pid,
+                host: "localhost".into(),
+                state: EngineState::Starting,
+                started: Instant::now(),
+                identity: None,
+                running: Vec::new(),
+                executed: 0,
+                stopping: false,
+            },
+        );
+        tokio::spawn(self.clone().watch_process(id, child, last_words));
         self.notify();
+        self.monitor
+            .output(id, "log", &format!("engine {id} started (pid {pid})"));
+        Ok(())
+    }
+
+    /// Waits until none of `ids` is still starting.
+    async fn wait_until_started(&self, ids: &[u32]) -> anyhow::Result<()> {
         let mut changed = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
@@ -286,7 +325,7 @@ impl Controller {
                     .count()
             };
             if starting == 0 {
-                return Ok(ids);
+                return Ok(());
             }
             if tokio::time::timeout_at(deadline, changed.changed())
                 .await
@@ -304,6 +343,8 @@ impl Controller {
         mut child: tokio::process::Child,
         last_words: Option<tokio::task::JoinHandle<Option<String>>>,
     ) {
+        // Taken before the wait: a reaped child has no id.
+        let pid = child.id();
         let status = child.wait().await;
         let cause = match status {
             Ok(status) => match (status.signal(), status.code()) {
@@ -327,6 +368,15 @@ impl Controller {
             },
             Err(e) => format!("lost: {e}"),
         };
+        // A restarted engine has the same id and a new process: the old one's end is no news.
+        let replaced = self
+            .registry()
+            .engines
+            .get(&id)
+            .is_some_and(|engine| pid.is_some_and(|p| p != engine.pid));
+        if replaced {
+            return;
+        }
         let mut expected = false;
         let orphaned: Vec<(u64, mpsc::UnboundedSender<TaskEvent>)> = {
             let mut registry = self.registry();
@@ -422,6 +472,11 @@ impl Controller {
             FromEngine::Stream { task, name, text } => {
                 if let Some((engine, events)) = registry.tasks.get(&task) {
                     if sender == Some(*engine) {
+                        let stream = match name {
+                            StreamName::Stdout => "stdout",
+                            StreamName::Stderr => "stderr",
+                        };
+                        self.monitor.output(*engine, stream, &text);
                         let _ = events.send(TaskEvent::Stream {
                             engine: *engine,
                             name,
@@ -700,6 +755,23 @@ impl Controller {
         }
     }
 
+    /// Interrupts job `id` (the dashboard's button): the job hears it, and its tasks still
+    /// running are interrupted. False when no such job runs or it cannot be interrupted.
+    pub async fn interrupt_job(&self, id: u64) -> bool {
+        let Some(tasks) = self.monitor.cancel_job(id) else {
+            return false;
+        };
+        let running: Vec<(u32, u64)> = {
+            let registry = self.registry();
+            tasks
+                .into_iter()
+                .filter(|(_, task)| registry.tasks.contains_key(task))
+                .collect()
+        };
+        self.interrupt(&running).await;
+        true
+    }
+
     /// Tells a job when the kernel's stop button is pressed: `changed()` fires on each press
     /// after this call.
     pub fn interrupts(&self) -> watch::Receiver<u64> {
@@ -798,7 +870,7 @@ fn task_label(message: &ToEngine) -> String {
 }
 
 /// A map's name on the dashboard: its function, or `closure`.
-fn map_label(func: &str) -> String {
+pub fn map_label(func: &str) -> String {
     if func.trim_start().starts_with('|') {
         "map closure".to_owned()
     } else {
@@ -808,7 +880,11 @@ fn map_label(func: &str) -> String {
 
 /// Passes an engine's stderr on to ours, line by line, and returns its last fatal message (the
 /// `parallax: …` line an engine prints when it gives up).
-async fn relay_stderr(stderr: tokio::process::ChildStderr) -> Option<String> {
+async fn relay_stderr(
+    stderr: tokio::process::ChildStderr,
+    engine: u32,
+    monitor: Monitor,
+) -> Option<String> {
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::new(stderr);
     let mut line = Vec::new();
@@ -819,6 +895,7 @@ async fn relay_stderr(stderr: tokio::process::ChildStderr) -> Option<String> {
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end();
         eprintln!("{text}");
+        monitor.output(engine, "log", text);
         if let Some(reason) = text.strip_prefix("parallax: ") {
             fatal = Some(reason.to_owned());
         }
@@ -884,11 +961,16 @@ mod tests {
             .spawn()
             .expect("sh runs");
         let stderr = child.stderr.take().expect("piped");
-        let said = relay_stderr(stderr).await;
+        let monitor = crate::monitor::Monitor::default();
+        let said = relay_stderr(stderr, 3, monitor.clone()).await;
         assert_eq!(
             said.as_deref(),
             Some("connecting to the controller: refused")
         );
         assert_eq!(child.wait().await.expect("exit").code(), Some(1));
+        // The dashboard shows what the engine wrote.
+        let lines = monitor.output_since(0);
+        assert_eq!(lines.len(), 4);
+        assert!(lines.iter().all(|l| l.engine == 3 && l.stream == "log"));
     }
 }

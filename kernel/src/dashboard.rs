@@ -6,10 +6,11 @@
 use crate::controller::{Controller, EngineState, EngineStatus};
 use crate::iopub::{OutputRoute, Publisher};
 use crate::monitor::Snapshot;
+use crate::usage::{SharedUsage, Usage};
 use serde_json::json;
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// How often the live block is redrawn.
@@ -24,27 +25,35 @@ pub struct LiveDashboard {
 }
 
 impl LiveDashboard {
-    /// Publishes a new block answering `route` and keeps it up to date.
-    pub fn start(controller: Controller, publisher: Publisher, route: OutputRoute) -> Self {
+    /// Publishes a new block answering `route` and keeps it up to date. `link` is the browser
+    /// page's address, shown in the block.
+    pub fn start(
+        controller: Controller,
+        publisher: Publisher,
+        route: OutputRoute,
+        usage: SharedUsage,
+        link: Option<String>,
+    ) -> Self {
         let display_id = format!("dashboard-{}", uuid::Uuid::new_v4());
-        let mut usage = UsageSampler::default();
-        let draw = move |usage: &mut UsageSampler, kind: &str, frozen: bool| {
+        let draw = move |usage: &mut SharedUsage, kind: &str, frozen: bool| {
             let status = controller.status();
             let snapshot = controller.monitor.snapshot();
-            let usage = usage.sample(&status);
+            let usage = usage.get(&status);
+            let link = link.as_deref().filter(|_| !frozen);
             publisher.publish(
                 &route,
                 kind,
                 json!({
                     "data": {
-                        "text/plain": render_text(&snapshot, &status, &usage, frozen),
-                        "text/html": render_html(&snapshot, &status, &usage, frozen),
+                        "text/plain": render_text(&snapshot, &status, &usage, frozen, link),
+                        "text/html": render_html(&snapshot, &status, &usage, frozen, link),
                     },
                     "metadata": {},
                     "transient": {"display_id": display_id},
                 }),
             );
         };
+        let mut usage = usage;
         // The first frame belongs to the %dashboard cell's own output, before it ends.
         draw(&mut usage, "display_data", false);
         let (stop, mut stopped) = oneshot::channel();
@@ -72,103 +81,7 @@ impl LiveDashboard {
     }
 }
 
-/// CPU and memory of each local engine, with its evaluation process.
-#[derive(Default)]
-struct UsageSampler {
-    last: HashMap<u32, (u64, Instant)>,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Usage {
-    cpu_percent: Option<f64>,
-    rss_bytes: u64,
-}
-
-impl UsageSampler {
-    fn sample(&mut self, engines: &[EngineStatus]) -> HashMap<u32, Usage> {
-        let tree = process_tree();
-        let mut found = HashMap::new();
-        for engine in engines {
-            if matches!(engine.state, EngineState::Dead(_)) || engine.pid == 0 {
-                continue;
-            }
-            let mut ticks = 0;
-            let mut rss_bytes = 0;
-            let mut todo = vec![engine.pid];
-            while let Some(pid) = todo.pop() {
-                if let Some((t, rss)) = cpu_and_memory(pid) {
-                    ticks += t;
-                    rss_bytes += rss;
-                }
-                todo.extend(tree.get(&pid).into_iter().flatten());
-            }
-            let now = Instant::now();
-            let cpu_percent = self.last.get(&engine.id).map(|(before, at)| {
-                let seconds = now.duration_since(*at).as_secs_f64().max(1e-3);
-                100.0 * ticks.saturating_sub(*before) as f64 / clock_ticks() / seconds
-            });
-            self.last.insert(engine.id, (ticks, now));
-            found.insert(
-                engine.id,
-                Usage {
-                    cpu_percent,
-                    rss_bytes,
-                },
-            );
-        }
-        found
-    }
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf takes and returns plain integers.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 {
-        ticks as f64
-    } else {
-        100.0
-    }
-}
-
-/// parent pid -> child pids, from /proc.
-fn process_tree() -> HashMap<u32, Vec<u32>> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return children;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(parent) = stat_fields(pid).and_then(|f| f.get(1).and_then(|p| p.parse().ok())) {
-            children.entry(parent).or_default().push(pid);
-        }
-    }
-    children
-}
-
-/// The fields of /proc/PID/stat after the command name (state, ppid, ...).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.get(stat.rfind(')')? + 2..)?;
-    Some(after.split_whitespace().map(str::to_owned).collect())
-}
-
-/// CPU ticks used (user + system) and resident bytes of one process.
-fn cpu_and_memory(pid: u32) -> Option<(u64, u64)> {
-    let fields = stat_fields(pid)?;
-    // After the name: state(0) ppid(1) ... utime(11) stime(12) ... rss(21), in pages.
-    let number = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-    // SAFETY: sysconf takes and returns plain integers.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some((number(11)? + number(12)?, number(21)? * page))
-}
-
-fn engine_counts(status: &[EngineStatus], snapshot: &Snapshot) -> (usize, usize, usize) {
+pub fn engine_counts(status: &[EngineStatus], snapshot: &Snapshot) -> (usize, usize, usize) {
     let dead = status
         .iter()
         .filter(|s| matches!(s.state, EngineState::Dead(_)))
@@ -222,9 +135,13 @@ fn render_text(
     status: &[EngineStatus],
     usage: &HashMap<u32, Usage>,
     frozen: bool,
+    link: Option<&str>,
 ) -> String {
     let mut text = header(snapshot, status, frozen);
     text.push('\n');
+    if let Some(link) = link {
+        let _ = writeln!(text, "In a browser: {link}");
+    }
     let _ = writeln!(
         text,
         "{:>6}  {:<10} {:>8}  {:<14} {:<24} {:>8} {:>6} {:>6} {:>9}",
@@ -357,7 +274,14 @@ fn render_html(
     status: &[EngineStatus],
     usage: &HashMap<u32, Usage>,
     frozen: bool,
+    link: Option<&str>,
 ) -> String {
+    let link = link.map_or(String::new(), |link| {
+        format!(
+            " <a href=\"{0}\" target=\"_blank\" rel=\"noopener\">open in a browser</a>",
+            escape(link)
+        )
+    });
     let mut rows = String::new();
     for s in status {
         let (task, running_for) = current_task(snapshot, s.id);
@@ -401,7 +325,7 @@ fn render_html(
     };
     format!(
         "<div class=\"parallax-dashboard\" style=\"font-family:monospace;font-size:12px\">\
-         <div><b>{}</b></div>\
+         <div><b>{}</b>{link}</div>\
          <table style=\"border-collapse:collapse;margin:4px 0\"><tr><th>engine</th><th>host</th><th>pid</th><th>state</th><th>task</th><th>for</th><th>done</th><th>CPU</th><th>memory</th></tr>{rows}</table>\
          {}{errors}</div>",
         escape(&header(snapshot, status, frozen)),

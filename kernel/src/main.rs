@@ -13,6 +13,9 @@ mod pmap;
 mod server;
 mod shell;
 mod stdin;
+mod timeline;
+mod usage;
+mod web;
 mod wire;
 
 use clap::{Parser, Subcommand};

@@ -1,11 +1,16 @@
-//! What the engines are doing, for the dashboard: tasks started and finished on each engine (a
-//! cell, a transfer, a chunk of a map), counters, the recent task stream and the latest errors.
-//! The controller feeds it as messages pass; nothing in it grows with the session's length:
-//! the stream keeps a window of recent tasks and the errors a short list.
+//! What the engines are doing, for the dashboards: tasks started and finished on each engine (a
+//! cell, a transfer, a chunk of a map), the jobs they belong to, counters, the recent task
+//! stream, the whole session's timeline, the engines' recent output and the latest errors.
+//! The controller and the jobs feed it as messages pass; nothing in it grows with the session's
+//! length: the stream keeps a window of recent tasks, the timeline a fixed number of buckets,
+//! and the jobs, errors and output short lists.
 
+use crate::timeline::Timeline;
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 
 /// Finished tasks older than this leave the stream.
 const STREAM_WINDOW: Duration = Duration::from_secs(60);
@@ -15,6 +20,11 @@ const STREAM_LIMIT: usize = 2000;
 const ERRORS_KEPT: usize = 8;
 /// The rate is measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Finished jobs kept for the history.
+const JOBS_KEPT: usize = 100;
+/// Lines of output kept per engine, and the length a line is cut to.
+const OUTPUT_LINES: usize = 200;
+const OUTPUT_LINE_CHARS: usize = 400;
 
 /// A task as the dashboard knows it: a controller task, or one chunk of a map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,8 +34,10 @@ pub enum TaskKey {
 }
 
 /// One finished task in the stream. Times are seconds since the monitor started.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskRecord {
+    /// Finished tasks are numbered in the order they finish, from 1.
+    pub seq: u64,
     pub engine: u32,
     pub label: String,
     pub start: f64,
@@ -33,11 +45,51 @@ pub struct TaskRecord {
     pub ok: bool,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ErrorRecord {
     pub at: f64,
     pub engine: u32,
     pub message: String,
+}
+
+/// What a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Px,
+    Pmap,
+    Scatter,
+    Push,
+    Gather,
+    Pull,
+}
+
+/// A user's request to the engines: a %px cell on some engines, a map, a transfer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub kind: JobKind,
+    pub label: String,
+    pub engines: Vec<u32>,
+    pub start: f64,
+    pub end: Option<f64>,
+    /// Units of work done and in all: items of a map, engines of a cell.
+    pub done: u64,
+    pub total: u64,
+    pub error: Option<String>,
+    /// It can be interrupted from the dashboard.
+    pub interruptible: bool,
+}
+
+/// A line an engine printed. `stream` is stdout or stderr of a cell, or `log` for what the
+/// engine process itself wrote (compiler messages, its own errors).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutputLine {
+    pub seq: u64,
+    pub at: f64,
+    pub engine: u32,
+    pub stream: &'static str,
+    pub text: String,
 }
 
 /// An engine's activity.
@@ -62,6 +114,10 @@ pub struct Snapshot {
     pub engines: BTreeMap<u32, EngineActivity>,
     pub stream: Vec<TaskRecord>,
     pub errors: Vec<ErrorRecord>,
+    pub jobs_running: Vec<JobRecord>,
+    /// Bumped whenever the finished jobs or the timeline change.
+    pub jobs_version: u64,
+    pub timeline_version: u64,
 }
 
 struct Running {
@@ -82,27 +138,290 @@ struct State {
     engines: BTreeMap<u32, EngineActivity>,
     stream: VecDeque<TaskRecord>,
     errors: VecDeque<ErrorRecord>,
+    next_seq: u64,
+    timeline: Timeline,
+    next_job: u64,
+    jobs_running: BTreeMap<u64, RunningJob>,
+    jobs_done: VecDeque<JobRecord>,
+    output: BTreeMap<u32, VecDeque<OutputLine>>,
+    next_output: u64,
+    jobs_version: u64,
+    timeline_version: u64,
+}
+
+struct RunningJob {
+    record: JobRecord,
+    /// Engine tasks of the job, for interrupting it.
+    tasks: Vec<(u32, u64)>,
+    cancel: watch::Sender<bool>,
 }
 
 /// Cheap to clone; every clone sees the same state.
 #[derive(Clone)]
 pub struct Monitor {
     started: Instant,
+    /// Wall-clock time of `started`, in milliseconds since the Unix epoch.
+    pub started_wall_ms: f64,
     state: Arc<Mutex<State>>,
+    /// Bumped on every change, for live views waiting for news.
+    version: Arc<watch::Sender<u64>>,
 }
 
 impl Default for Monitor {
     fn default() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         Monitor {
             started: Instant::now(),
+            started_wall_ms: wall.as_secs_f64() * 1000.0,
             state: Arc::default(),
+            version: Arc::new(watch::channel(0).0),
         }
+    }
+}
+
+/// A job's entry in the monitor: it ends when finished or dropped.
+pub struct Job {
+    monitor: Monitor,
+    id: u64,
+    ended: bool,
+}
+
+impl Job {
+    #[cfg(test)]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Engine tasks that belong to the job, for interrupting it.
+    pub fn track(&self, tasks: &[(u32, u64)]) {
+        let mut state = self.monitor.state();
+        if let Some(job) = state.jobs_running.get_mut(&self.id) {
+            job.tasks.extend_from_slice(tasks);
+        }
+    }
+
+    pub fn set_total(&self, total: u64) {
+        self.update(|job| job.total = total);
+    }
+
+    pub fn progress(&self, done: u64) {
+        self.update(|job| job.done = done);
+    }
+
+    pub fn advance(&self, more: u64) {
+        self.update(|job| job.done += more);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut JobRecord)) {
+        {
+            let mut state = self.monitor.state();
+            if let Some(job) = state.jobs_running.get_mut(&self.id) {
+                change(&mut job.record);
+            }
+        }
+        self.monitor.changed();
+    }
+
+    /// Fires when the job is interrupted from the dashboard.
+    pub fn cancelled(&self) -> watch::Receiver<bool> {
+        let state = self.monitor.state();
+        match state.jobs_running.get(&self.id) {
+            Some(job) => job.cancel.subscribe(),
+            None => watch::channel(true).1,
+        }
+    }
+
+    pub fn finish(mut self, error: Option<String>) {
+        self.end(error);
+    }
+
+    /// Ends the job as a cell's outcome says.
+    pub fn finish_as<T>(self, outcome: &Result<T, parallax_eval::CellError>) {
+        let error = outcome
+            .as_ref()
+            .err()
+            .map(|e| format!("{}: {}", e.ename, e.evalue));
+        if error.is_none() {
+            self.update(|job| job.done = job.total);
+        }
+        self.finish(error);
+    }
+
+    fn end(&mut self, error: Option<String>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let end = self.monitor.seconds(Instant::now());
+        {
+            let mut state = self.monitor.state();
+            if let Some(job) = state.jobs_running.remove(&self.id) {
+                let mut record = job.record;
+                record.end = Some(end);
+                record.error = error;
+                record.interruptible = false;
+                state.jobs_done.push_back(record);
+                while state.jobs_done.len() > JOBS_KEPT {
+                    state.jobs_done.pop_front();
+                }
+                state.jobs_version += 1;
+            }
+        }
+        self.monitor.changed();
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.end(None);
     }
 }
 
 impl Monitor {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Fires on every change.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Seconds since the monitor started.
+    pub fn now(&self) -> f64 {
+        self.seconds(Instant::now())
+    }
+
+    /// A job starts: `total` units of work (items, engines).
+    pub fn job(
+        &self,
+        kind: JobKind,
+        label: &str,
+        engines: &[u32],
+        total: u64,
+        interruptible: bool,
+    ) -> Job {
+        let start = self.now();
+        let id = {
+            let mut state = self.state();
+            state.next_job += 1;
+            let id = state.next_job;
+            state.jobs_running.insert(
+                id,
+                RunningJob {
+                    record: JobRecord {
+                        id,
+                        kind,
+                        label: label.to_owned(),
+                        engines: engines.to_vec(),
+                        start,
+                        end: None,
+                        done: 0,
+                        total,
+                        error: None,
+                        interruptible,
+                    },
+                    tasks: Vec::new(),
+                    cancel: watch::channel(false).0,
+                },
+            );
+            id
+        };
+        self.changed();
+        Job {
+            monitor: self.clone(),
+            id,
+            ended: false,
+        }
+    }
+
+    /// Marks job `id` interrupted and returns its engine tasks; None if it is not running.
+    pub fn cancel_job(&self, id: u64) -> Option<Vec<(u32, u64)>> {
+        let state = self.state();
+        let job = state.jobs_running.get(&id)?;
+        if !job.record.interruptible {
+            return None;
+        }
+        job.cancel.send_replace(true);
+        Some(job.tasks.clone())
+    }
+
+    /// Finished jobs, newest first.
+    pub fn jobs_done(&self, limit: usize) -> Vec<JobRecord> {
+        self.state()
+            .jobs_done
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Text an engine printed; kept line by line.
+    pub fn output(&self, engine: u32, stream: &'static str, text: &str) {
+        let at = self.now();
+        {
+            let mut state = self.state();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                state.next_output += 1;
+                let seq = state.next_output;
+                let mut kept: String = line.chars().take(OUTPUT_LINE_CHARS).collect();
+                if kept.len() < line.len() {
+                    kept.push('…');
+                }
+                let lines = state.output.entry(engine).or_default();
+                lines.push_back(OutputLine {
+                    seq,
+                    at,
+                    engine,
+                    stream,
+                    text: kept,
+                });
+                while lines.len() > OUTPUT_LINES {
+                    lines.pop_front();
+                }
+            }
+        }
+        self.changed();
+    }
+
+    /// Lines printed after `since`, oldest first, per engine.
+    pub fn output_since(&self, since: u64) -> Vec<OutputLine> {
+        let state = self.state();
+        let mut lines: Vec<OutputLine> = state
+            .output
+            .values()
+            .flat_map(|lines| lines.iter().filter(|l| l.seq > since).cloned())
+            .collect();
+        lines.sort_by_key(|l| l.seq);
+        lines
+    }
+
+    /// Finished tasks still in the stream with a number above `since`, and whether some
+    /// after `since` have already left it.
+    pub fn tasks_since(&self, since: u64) -> (Vec<TaskRecord>, bool) {
+        let state = self.state();
+        let tasks: Vec<TaskRecord> = state
+            .stream
+            .iter()
+            .filter(|r| r.seq > since)
+            .cloned()
+            .collect();
+        let first_kept = state.stream.front().map_or(state.next_seq + 1, |r| r.seq);
+        (tasks, first_kept > since + 1)
+    }
+
+    pub fn last_task(&self) -> u64 {
+        self.state().next_seq
+    }
+
+    pub fn timeline(&self) -> Timeline {
+        self.state().timeline.clone()
     }
 
     fn seconds(&self, at: Instant) -> f64 {
@@ -121,6 +440,8 @@ impl Monitor {
                 start,
             },
         );
+        drop(state);
+        self.changed();
     }
 
     /// Names the chunks of the map served as `task`.
@@ -140,6 +461,11 @@ impl Monitor {
     /// its run, when it has one (the start is then moved to match it).
     pub fn finished(&self, key: TaskKey, error: Option<String>, took: Option<Duration>) {
         let end = self.seconds(Instant::now());
+        self.record_finish(key, error, took, end);
+        self.changed();
+    }
+
+    fn record_finish(&self, key: TaskKey, error: Option<String>, took: Option<Duration>, end: f64) {
         let mut state = self.state();
         if let TaskKey::Task(task) = key {
             state.map_labels.remove(&task);
@@ -177,7 +503,14 @@ impl Monitor {
                 state.errors.pop_front();
             }
         }
+        state
+            .timeline
+            .add(running.engine, &running.label, start, end, ok);
+        state.timeline_version += 1;
+        state.next_seq += 1;
+        let seq = state.next_seq;
         state.stream.push_back(TaskRecord {
+            seq,
             engine: running.engine,
             label: running.label,
             start,
@@ -206,6 +539,7 @@ impl Monitor {
         for key in keys {
             self.finished(key, Some(format!("engine {engine} {cause}")), None);
         }
+        self.changed();
     }
 
     /// How much work job `task` holds back for now.
@@ -213,7 +547,17 @@ impl Monitor {
         self.state().queued.insert(task, count);
     }
 
+    /// The state with the recent task stream.
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with(true)
+    }
+
+    /// The state without the task stream, for views that take it apart.
+    pub fn summary(&self) -> Snapshot {
+        self.snapshot_with(false)
+    }
+
+    fn snapshot_with(&self, with_stream: bool) -> Snapshot {
         let now = self.seconds(Instant::now());
         let state = self.state();
         let since = now - RATE_WINDOW.as_secs_f64();
@@ -227,8 +571,19 @@ impl Monitor {
             failed: state.failed,
             rate: recent as f64 / window,
             engines: state.engines.clone(),
-            stream: state.stream.iter().cloned().collect(),
+            stream: if with_stream {
+                state.stream.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
             errors: state.errors.iter().cloned().collect(),
+            jobs_running: state
+                .jobs_running
+                .values()
+                .map(|j| j.record.clone())
+                .collect(),
+            jobs_version: state.jobs_version,
+            timeline_version: state.timeline_version,
         }
     }
 }
@@ -267,6 +622,81 @@ mod tests {
         monitor.finished(TaskKey::Task(1), None, None);
         monitor.finished(TaskKey::Task(99), None, None);
         assert_eq!(monitor.snapshot().done, 1);
+    }
+
+    #[test]
+    fn jobs_move_from_running_to_history_and_can_be_cancelled() {
+        let monitor = Monitor::default();
+        let job = monitor.job(JobKind::Pmap, "map f", &[0, 1], 0, true);
+        job.track(&[(0, 5), (1, 6)]);
+        job.set_total(100);
+        job.progress(40);
+        let cancelled = job.cancelled();
+        let snap = monitor.summary();
+        assert_eq!(snap.jobs_running.len(), 1);
+        assert_eq!(
+            (snap.jobs_running[0].done, snap.jobs_running[0].total),
+            (40, 100)
+        );
+        assert_eq!(monitor.cancel_job(job.id()), Some(vec![(0, 5), (1, 6)]));
+        assert!(*cancelled.borrow());
+        job.finish(Some("interrupted".into()));
+        assert_eq!(monitor.cancel_job(1), None);
+        let done = monitor.jobs_done(10);
+        assert_eq!(done[0].error.as_deref(), Some("interrupted"));
+        assert!(done[0].end.is_some());
+        // A job dropped without a word ends without an error; a transfer is not interruptible.
+        let transfer = monitor.job(JobKind::Push, "x", &[0], 1, false);
+        assert_eq!(monitor.cancel_job(transfer.id()), None);
+        drop(transfer);
+        let done = monitor.jobs_done(10);
+        assert_eq!(
+            (done.len(), done[0].kind, done[0].error.clone()),
+            (2, JobKind::Push, None)
+        );
+        assert!(monitor.summary().jobs_running.is_empty());
+    }
+
+    #[test]
+    fn output_is_kept_per_engine_by_line_and_read_from_a_point() {
+        let monitor = Monitor::default();
+        monitor.output(0, "stdout", "a\nb\n");
+        monitor.output(1, "stderr", "oops\n");
+        let all = monitor.output_since(0);
+        let texts: Vec<&str> = all.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["a", "b", "oops"]);
+        assert_eq!(monitor.output_since(2).len(), 1);
+        for i in 0..(OUTPUT_LINES + 50) {
+            monitor.output(0, "stdout", &format!("line {i}"));
+        }
+        let engine0 = monitor
+            .output_since(0)
+            .into_iter()
+            .filter(|l| l.engine == 0)
+            .count();
+        assert_eq!(engine0, OUTPUT_LINES);
+        monitor.output(2, "stdout", &"x".repeat(10_000));
+        let long = monitor
+            .output_since(0)
+            .pop()
+            .map(|l| l.text)
+            .unwrap_or_default();
+        assert_eq!(long.chars().count(), OUTPUT_LINE_CHARS + 1);
+    }
+
+    #[test]
+    fn tasks_are_numbered_and_read_from_a_point() {
+        let monitor = Monitor::default();
+        for i in 0..5 {
+            monitor.started(TaskKey::Task(i), 0, "cell");
+            monitor.finished(TaskKey::Task(i), None, None);
+        }
+        let (tasks, dropped) = monitor.tasks_since(3);
+        assert_eq!(tasks.iter().map(|t| t.seq).collect::<Vec<_>>(), [4, 5]);
+        assert!(!dropped);
+        assert_eq!(monitor.last_task(), 5);
+        let timeline = monitor.timeline();
+        assert_eq!(timeline.lanes[&0].iter().map(|b| b.tasks).sum::<u32>(), 5);
     }
 
     #[test]

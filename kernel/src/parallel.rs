@@ -3,6 +3,7 @@
 
 use crate::controller::{Controller, TaskEvent};
 use crate::iopub::{OutputRoute, Publisher};
+use crate::monitor::{Job, JobKind};
 use parallax_engine_protocol::{Outcome, StreamName};
 use parallax_eval::{CellError, CellOutput};
 use parallax_magics::{ClusterCommand, GroupOutputs, PxFlags, Targets};
@@ -383,12 +384,21 @@ async fn run_job(
         Some((first, rest)) if adds_dependencies(code) && !rest.is_empty() => (vec![*first], rest),
         _ => (targets.to_vec(), &[][..]),
     };
+    let job = controller.monitor.job(
+        JobKind::Px,
+        &cell_label(code),
+        targets,
+        targets.len() as u64,
+        true,
+    );
     let (tasks, events) = controller.submit(&first, code).await;
-    let mut report = collect(controller.clone(), tasks, events, timeout, live.clone()).await;
+    job.track(&tasks);
+    let mut report = collect(&controller, &job, tasks, events, timeout, live.clone()).await;
     if !rest.is_empty() {
         if report.failures().is_empty() {
             let (tasks, events) = controller.submit(rest, code).await;
-            let others = collect(controller, tasks, events, timeout, live).await;
+            job.track(&tasks);
+            let others = collect(&controller, &job, tasks, events, timeout, live).await;
             report.pieces.extend(others.pieces);
         } else {
             let skipped: Vec<String> = rest.iter().map(u32::to_string).collect();
@@ -403,13 +413,37 @@ async fn run_job(
         }
     }
     report.targets = targets.to_vec();
+    let failures = report.failures();
+    let error = (!failures.is_empty()).then(|| {
+        let each: Vec<String> = failures
+            .iter()
+            .map(|(engine, ename)| format!("engine {engine}: {ename}"))
+            .collect();
+        each.join(", ")
+    });
+    job.finish(error);
     report
+}
+
+/// A cell's name on the dashboard: its first line that says something.
+fn cell_label(code: &str) -> String {
+    let line = code
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("//"))
+        .unwrap_or("(empty cell)");
+    let mut label: String = line.chars().take(60).collect();
+    if label.len() < line.len() {
+        label.push('…');
+    }
+    label
 }
 
 /// Collects a job's events until every task is done. With `live`, publishes each piece as it
 /// arrives. With a timeout, interrupts the tasks still running when it passes.
 async fn collect(
-    controller: Controller,
+    controller: &Controller,
+    job: &Job,
     tasks: Vec<(u32, u64)>,
     mut events: mpsc::UnboundedReceiver<TaskEvent>,
     timeout: Option<Duration>,
@@ -476,6 +510,7 @@ async fn collect(
                 outcome,
             } => {
                 remaining.retain(|(e, _)| *e != engine);
+                job.advance(1);
                 match outcome {
                     Outcome::Ok { data } if data.is_empty() => continue,
                     Outcome::Ok { data } => Piece::Result {

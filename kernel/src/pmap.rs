@@ -6,6 +6,7 @@
 use crate::controller::TaskEvent;
 use crate::data::{explain_input_error, human_bytes, list, DataMover};
 use crate::iopub::{OutputRoute, Publisher};
+use crate::monitor::{Job, JobKind};
 use crate::parallel::publish_engine_stream;
 use bytes::Bytes;
 use parallax_engine::payload_buffers;
@@ -15,7 +16,7 @@ use parallax_magics::Pmap;
 use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Chunks each engine holds at once: one running, one waiting, so it never idles on the wire.
 const IN_FLIGHT: usize = 2;
@@ -66,6 +67,7 @@ struct Progress {
     last: Instant,
 }
 
+/// Runs a map as a job on the dashboard.
 pub async fn pmap(
     mover: &DataMover,
     pmap: Pmap,
@@ -73,8 +75,29 @@ pub async fn pmap(
     route: &OutputRoute,
 ) -> Result<CellOutput, CellError> {
     let targets = mover.select(&pmap.flags.targets)?;
+    let job = mover.controller.monitor.job(
+        JobKind::Pmap,
+        &crate::controller::map_label(&pmap.func),
+        &targets,
+        0,
+        true,
+    );
+    let outcome = run_map(mover, pmap, targets, &job, publisher, route).await;
+    job.finish_as(&outcome);
+    outcome
+}
+
+async fn run_map(
+    mover: &DataMover,
+    pmap: Pmap,
+    targets: Vec<u32>,
+    job: &Job,
+    publisher: &Publisher,
+    route: &OutputRoute,
+) -> Result<CellOutput, CellError> {
     let started = Instant::now();
     let mut interrupts = mover.controller.interrupts();
+    let mut cancelled = job.cancelled();
     // The notebook's context builds the data crate first, so that the engines find its
     // dependencies in evcxr's shared cache instead of all building them at once.
     mover.port().await?;
@@ -88,6 +111,7 @@ pub async fn pmap(
                 (ToEngine::Map { task, func }, Vec::new())
             })
             .await;
+        job.track(&[(engine, task)]);
         workers.insert(
             engine,
             Worker {
@@ -123,7 +147,7 @@ pub async fn pmap(
     let (arg_type, result_type) = loop {
         let event = tokio::select! {
             event = events.recv() => event,
-            _ = interrupts.changed() => {
+            _ = stopped(&mut interrupts, &mut cancelled) => {
                 let _ = first_take.await;
                 let error = CellError::plain("Interrupted", "the map was interrupted before it started");
                 return Err(abandon(mover, &workers, &mut events, error).await);
@@ -199,6 +223,7 @@ pub async fn pmap(
     };
 
     let total = items.meta.count;
+    job.set_total(total);
     let bytes_per_item = (items.data.len() as u64)
         .checked_div(total)
         .unwrap_or(1)
@@ -311,7 +336,7 @@ pub async fn pmap(
             }
             _ = sleep_until(deadline) => break Some(Stop::TimedOut),
             // The engines were told too: each ends its map after the chunk it is on.
-            _ = interrupts.changed() => break Some(Stop::Interrupted),
+            _ = stopped(&mut interrupts, &mut cancelled) => break Some(Stop::Interrupted),
         };
         let Some(event) = event else {
             break Some(Stop::Failed(CellError::internal(
@@ -365,6 +390,7 @@ pub async fn pmap(
                     spec.sent.elapsed().as_secs_f64() * 1e3
                 );
                 items_finished += count;
+                job.progress(items_finished);
                 if count > 0 {
                     let per_item = elapsed_ns as f64 / count as f64;
                     cost_ns = Some(match cost_ns {
@@ -825,6 +851,22 @@ fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// Fires when the kernel's stop button is pressed or the dashboard interrupts this job.
+async fn stopped(interrupts: &mut watch::Receiver<u64>, cancelled: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = interrupts.changed() => {}
+        _ = cancel_requested(cancelled) => {}
+    }
+}
+
+async fn cancel_requested(cancelled: &mut watch::Receiver<bool>) {
+    let ended = cancelled.wait_for(|c| *c).await.is_err();
+    if ended {
+        // The job has ended, so nobody can cancel it any more.
+        std::future::pending::<()>().await;
+    }
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@ use crate::completeness::{self, Completeness};
 use crate::data::DataMover;
 use crate::history::History;
 use crate::iopub::{OutputRoute, Publisher, Session};
+use crate::monitor::{Job, JobKind};
 use crate::parallel::Parallel;
 use crate::server::send_logged;
 use crate::stdin::StdinBridge;
 use crate::wire::WireMessage;
 use jupyter_protocol::{ExecuteRequest, JupyterMessageContent};
 use parallax_eval::{CellError, CellOutput, Evaluator, InputAsker, StreamSink};
-use parallax_magics::{Command, Segment};
+use parallax_magics::{Command, Movement, Segment, Targets};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +32,10 @@ pub struct Shell {
     data: DataMover,
     /// The live `%dashboard` block, if one is updating.
     dashboard: Option<crate::dashboard::LiveDashboard>,
+    /// The browser dashboard's address, once the first `%dashboard` has started its server.
+    web_dashboard: Option<String>,
+    /// CPU and memory of the engines, sampled once for every view.
+    usage: crate::usage::SharedUsage,
     execution_count: i64,
     /// Requests taken off the queue while aborting after an error, to be served next.
     deferred: VecDeque<WireMessage>,
@@ -60,6 +65,8 @@ impl Shell {
             parallel: Parallel::new(controller.clone()),
             data: DataMover::new(controller, evaluator.clone()),
             dashboard: None,
+            web_dashboard: None,
+            usage: crate::usage::SharedUsage::new(std::time::Duration::from_millis(500)),
             execution_count: 0,
             deferred: VecDeque::new(),
         }
@@ -264,6 +271,13 @@ impl Shell {
     }
 
     /// A sink that publishes a cell's printed output as `stream` messages answering `route`.
+    /// A transfer's entry on the dashboard.
+    fn transfer_job(&self, kind: JobKind, name: &str, targets: &Option<Targets>) -> Job {
+        let engines = self.data.select(targets).unwrap_or_default();
+        let monitor = &self.data.controller.monitor;
+        monitor.job(kind, name, &engines, engines.len() as u64, false)
+    }
+
     fn stream_to(&self, route: &OutputRoute) -> StreamSink {
         let publisher = self.publisher.clone();
         let route = route.clone();
@@ -377,10 +391,24 @@ impl Shell {
                 return crate::pmap::pmap(&self.data, pmap, &self.publisher, route).await;
             }
             Command::Distribute(command) => {
-                return self.data.distribute(command, &self.publisher, route).await;
+                let kind = match command.movement {
+                    Movement::Scatter => JobKind::Scatter,
+                    _ => JobKind::Push,
+                };
+                let job = self.transfer_job(kind, &command.name, &command.targets);
+                let outcome = self.data.distribute(command, &self.publisher, route).await;
+                job.finish_as(&outcome);
+                return outcome;
             }
             Command::Collect(command) => {
-                return self.data.collect(command, &self.publisher, route).await;
+                let kind = match command.movement {
+                    Movement::Gather => JobKind::Gather,
+                    _ => JobKind::Pull,
+                };
+                let job = self.transfer_job(kind, &command.name, &command.targets);
+                let outcome = self.data.collect(command, &self.publisher, route).await;
+                job.finish_as(&outcome);
+                return outcome;
             }
             Command::Dashboard { stop } => {
                 let previous = self.dashboard.take();
@@ -396,10 +424,25 @@ impl Shell {
                     };
                     self.publisher.stream(route, "stdout", text);
                 } else {
+                    if self.web_dashboard.is_none() {
+                        let controller = self.data.controller.clone();
+                        match crate::web::WebDashboard::start(controller, self.usage.clone()).await
+                        {
+                            Ok(web) => self.web_dashboard = Some(web.url),
+                            // The notebook's block still works without the browser page.
+                            Err(e) => self.publisher.stream(
+                                route,
+                                "stderr",
+                                &format!("The browser dashboard could not start: {e:#}\n"),
+                            ),
+                        }
+                    }
                     self.dashboard = Some(crate::dashboard::LiveDashboard::start(
                         self.data.controller.clone(),
                         self.publisher.clone(),
                         route.clone(),
+                        self.usage.clone(),
+                        self.web_dashboard.clone(),
                     ));
                 }
             }

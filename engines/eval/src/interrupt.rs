@@ -154,7 +154,7 @@ fn kill_builds() {
 }
 
 /// pid -> (parent pid, command name), read from /proc.
-fn process_table() -> HashMap<u32, (u32, String)> {
+pub fn process_table() -> HashMap<u32, (u32, String)> {
     let mut table = HashMap::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return table;
