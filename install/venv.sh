@@ -17,6 +17,10 @@ packages=(
     "pexpect==4.9.0"
     "pytest"
 )
+if [ "${1:-}" = "--ui" ]; then
+    # The browser tests: JupyterLab to run notebooks in, Playwright to drive Debian's Chromium.
+    packages+=("jupyterlab==4.6.6" "playwright==1.65.2")
+fi
 stamp="$venv/.parallax-packages"
 wanted="${packages[*]}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then

@@ -117,3 +117,19 @@ def interrupt_and_wait(kernel, worker, limit: float = 10) -> float:
     elapsed = time.monotonic() - t0
     assert not worker.is_alive(), "the cell did not end after the interrupt"
     return elapsed
+
+
+def all_iopub_until_idle(kc, msg_id, timeout=300):
+    """Every IOPub message until the request `msg_id` is idle, whatever its parent."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=deadline - time.monotonic())
+        seen.append(msg)
+        if (
+            msg["msg_type"] == "status"
+            and msg["parent_header"].get("msg_id") == msg_id
+            and msg["content"]["execution_state"] == "idle"
+        ):
+            return seen
+    raise AssertionError("the cell did not end")

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, Rust unit tests, then the integration tests through
-# real Jupyter clients against the release binary built once for the run.
+# real Jupyter clients (and JupyterLab in Debian's Chromium) against the release binary built once
+# for the run.
 set -euo pipefail
 source "$(dirname "$0")/../install/env.sh"
 cd "$PARALLAX_ROOT"
 "$PARALLAX_ROOT/install/build.sh"
-"$PARALLAX_ROOT/install/venv.sh"
+"$PARALLAX_ROOT/install/venv.sh" --ui
+"$PARALLAX_ROOT/install/browser.sh"
 cargo fmt --all --check
 cargo clippy --release --locked --all-targets -- -D warnings
 cargo test --release --locked

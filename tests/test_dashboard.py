@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, of_type, stream_text
+from conftest import ARTIFACTS, RunningKernel, all_iopub_until_idle, of_type, stream_text
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +26,6 @@ def cluster(kernelspec):
     assert reply["content"]["status"] == "ok", reply["content"]
     yield running
     running.stop()
-
-
-def all_iopub_until_idle(kc, msg_id, timeout=300):
-    """Every IOPub message until the request `msg_id` is idle, whatever its parent."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = kc.get_iopub_msg(timeout=deadline - time.monotonic())
-        seen.append(msg)
-        if (
-            msg["msg_type"] == "status"
-            and msg["parent_header"].get("msg_id") == msg_id
-            and msg["content"]["execution_state"] == "idle"
-        ):
-            return seen
-    raise AssertionError("the cell did not end")
 
 
 COUNTS = re.compile(
