@@ -52,7 +52,7 @@ def test_quickstart_outputs():
     assert "Started 2 engines" in outputs_text(code[5])
     engines_said = outputs_text(code[6])
     assert "[stdout:0] engine 0 of 2" in engines_said and "[stdout:1] engine 1 of 2" in engines_said
-    found = sorted(o["data"]["text/plain"].split(": ")[1] for o in code[7].outputs if "data" in o)
+    found = sorted(o["data"]["text/plain"].split(": ")[1] for o in code[7].outputs if "engine" in o.get("metadata", {}))
     assert found == ["820022", "837799"]
     # %pmap, then data movement.
     assert "steps: Vec<u32> with 99999 results of `collatz_steps`" in outputs_text(code[8])

@@ -35,6 +35,11 @@ def results(outputs):
     return found
 
 
+def is_progress(msg):
+    """A slow cell's progress block, shown besides the engines' outputs."""
+    return msg["content"].get("transient", {}).get("display_id", "").startswith("px-progress-")
+
+
 def engine_errors(outputs):
     return {
         int(re.match(r"\[(\d+):", m["content"]["ename"]).group(1)): m["content"]
@@ -210,7 +215,7 @@ def test_group_outputs_engine_and_type(cluster):
     order = [
         (m["content"].get("metadata", {}).get("engine"), m["msg_type"], m["content"].get("text", ""))
         for m in outputs
-        if m["msg_type"] in ("stream", "display_data")
+        if m["msg_type"] in ("stream", "display_data") and not is_progress(m)
     ]
     engines_in_order = [re.search(r"\[\w+:(\d+)\]", t).group(1) if t else str(e) for e, _, t in order]
     # All of one engine's outputs come before the next engine's.
@@ -221,7 +226,7 @@ def test_group_outputs_engine_and_type(cluster):
         else "stderr" if m["msg_type"] == "stream"
         else "result"
         for m in outputs
-        if m["msg_type"] in ("stream", "display_data")
+        if m["msg_type"] in ("stream", "display_data") and not is_progress(m)
     ]
     assert kinds == sorted(kinds, key=["stdout", "stderr", "result"].index), kinds
 
@@ -252,7 +257,7 @@ def test_rich_output_from_engines_carries_the_engine_id(cluster):
     html = {
         m["content"]["metadata"]["engine"]: m["content"]["data"]["text/html"]
         for m in of_type(outputs, "display_data")
-        if "text/html" in m["content"]["data"]
+        if "text/html" in m["content"]["data"] and "engine" in m["content"]["metadata"]
     }
     assert html == {0: "<i>engine 0</i>", 2: "<i>engine 2</i>"}
 
@@ -265,11 +270,13 @@ def test_dep_builds_on_one_engine_first(cluster):
         output_hook=lambda m: arrivals.append(m),
     )
     assert reply["content"]["status"] == "ok", reply["content"]
-    done_order = [m["content"]["metadata"]["engine"] for m in of_type(arrivals, "display_data")]
+    done_order = [
+        m["content"]["metadata"]["engine"] for m in of_type(arrivals, "display_data") if not is_progress(m)
+    ]
     assert done_order[0] == 0 and sorted(done_order) == [0, 1, 2], done_order
     # Engine 0 built the dependency and finished before the others ran the cell.
     first_done = next(
-        i for i, m in enumerate(arrivals) if m["msg_type"] == "display_data"
+        i for i, m in enumerate(arrivals) if m["msg_type"] == "display_data" and not is_progress(m)
     )
     other_runs = [
         i
@@ -282,6 +289,30 @@ def test_dep_builds_on_one_engine_first(cluster):
         1: '"7"',
         2: '"14"',
     }
+
+
+def test_a_long_cell_shows_which_engines_are_done(cluster):
+    sleep = "std::thread::sleep(std::time::Duration::from_millis(600 + 1500 * id() as u64));"
+    reply, outputs = cluster.execute(f"%px --targets 0,1,2 --progress-after 0.3 {sleep}")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    shown = [m for m in of_type(outputs, "display_data") if is_progress(m)]
+    assert len(shown) == 1, outputs
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    updates = [
+        m["content"]["data"]["text/plain"]
+        for m in of_type(outputs, "update_display_data")
+        if m["content"]["transient"]["display_id"] == display_id
+    ]
+    texts = [shown[0]["content"]["data"]["text/plain"]] + updates
+    # Engines finish one after another, and the block says so as they do.
+    assert any("1 of 3 engines done" in t and "engine 2: running" in t for t in texts), texts
+    assert any("2 of 3 engines done" in t for t in texts), texts
+    assert texts[-1].startswith("%px: 3 of 3 engines done") and "engine 0: done in" in texts[-1], texts
+    # -1: never; and a short cell shows none by default.
+    _, outputs = cluster.execute(f"%px --targets 0,1 --progress-after -1 {sleep}")
+    assert not [m for m in outputs if is_progress(m)], outputs
+    _, outputs = cluster.execute("%px 1 + 1")
+    assert not [m for m in outputs if is_progress(m)], outputs
 
 
 def test_sigkill_of_one_engine_mid_cell(cluster):
@@ -406,3 +437,4 @@ def test_shutdown_stops_the_engines(kernelspec):
     running.stop()  # a shutdown_request, as a frontend sends it
     assert wait_until(lambda: not any(alive(p) for p in procs), 10), [p for p in procs if alive(p)]
     assert "engine 0 stopped" in running.log_path.read_text()
+

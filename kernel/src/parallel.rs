@@ -13,6 +13,11 @@ use tokio::sync::{mpsc, watch};
 
 /// An engine that does not stop within this long after a timeout's interrupt is given up on.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A blocking `%px` cell that runs longer than this shows a progress block (ipyparallel's
+/// default too)...
+const PROGRESS_AFTER: f64 = 2.0;
+/// ...redrawn at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// One thing an engine produced, kept for grouping and for `%pxresult`.
 #[derive(Debug, Clone)]
@@ -274,7 +279,7 @@ impl Parallel {
         }
         let d = &self.defaults;
         let text = format!(
-            "%px defaults: --targets {} --{} --timeout {} --group-outputs {} {}\n",
+            "%px defaults: --targets {} --{} --timeout {} --group-outputs {} {} --progress-after {}\n",
             d.targets.clone().unwrap_or(Targets::All),
             if d.block.unwrap_or(true) {
                 "block"
@@ -292,6 +297,7 @@ impl Parallel {
             } else {
                 "--no-local"
             },
+            d.progress_after.unwrap_or(PROGRESS_AFTER),
         );
         publisher.stream(route, "stdout", &text);
     }
@@ -315,7 +321,7 @@ impl Parallel {
             let job_targets = targets.clone();
             let code = code.to_owned();
             tokio::spawn(async move {
-                let report = run_job(controller, &job_targets, &code, timeout, None).await;
+                let report = run_job(controller, &job_targets, &code, timeout, None, None).await;
                 let _ = report_tx.send(Some(report));
             });
             self.pending = Some(Pending { report: report_rx });
@@ -331,7 +337,22 @@ impl Parallel {
             return Ok(CellOutput::default());
         }
         let live = (group == GroupOutputs::Order).then(|| (publisher.clone(), route.clone()));
-        let report = run_job(self.controller.clone(), &targets, code, timeout, live).await;
+        let progress_after = flags.progress_after.unwrap_or(PROGRESS_AFTER);
+        // Grouped outputs come at the end, so the progress block is the only sign of life.
+        let progress = (progress_after >= 0.0).then(|| Progress {
+            publisher: publisher.clone(),
+            route: route.clone(),
+            after: Duration::from_secs_f64(progress_after),
+        });
+        let report = run_job(
+            self.controller.clone(),
+            &targets,
+            code,
+            timeout,
+            live,
+            progress,
+        )
+        .await;
         if group != GroupOutputs::Order {
             report.publish_grouped(group, publisher, route);
         }
@@ -379,6 +400,7 @@ async fn run_job(
     code: &str,
     timeout: Option<Duration>,
     live: Option<(Publisher, OutputRoute)>,
+    progress: Option<Progress>,
 ) -> Report {
     let (first, rest) = match targets.split_first() {
         Some((first, rest)) if adds_dependencies(code) && !rest.is_empty() => (vec![*first], rest),
@@ -393,12 +415,21 @@ async fn run_job(
     );
     let (tasks, events) = controller.submit(&first, code).await;
     job.track(&tasks);
-    let mut report = collect(&controller, &job, tasks, events, timeout, live.clone()).await;
+    let mut report = collect(
+        &controller,
+        &job,
+        tasks,
+        events,
+        timeout,
+        live.clone(),
+        progress.clone(),
+    )
+    .await;
     if !rest.is_empty() {
         if report.failures().is_empty() {
             let (tasks, events) = controller.submit(rest, code).await;
             job.track(&tasks);
-            let others = collect(&controller, &job, tasks, events, timeout, live).await;
+            let others = collect(&controller, &job, tasks, events, timeout, live, progress).await;
             report.pieces.extend(others.pieces);
         } else {
             let skipped: Vec<String> = rest.iter().map(u32::to_string).collect();
@@ -448,6 +479,7 @@ async fn collect(
     mut events: mpsc::UnboundedReceiver<TaskEvent>,
     timeout: Option<Duration>,
     live: Option<(Publisher, OutputRoute)>,
+    progress: Option<Progress>,
 ) -> Report {
     let targets: Vec<u32> = tasks.iter().map(|(engine, _)| *engine).collect();
     let mut remaining = tasks.clone();
@@ -458,42 +490,56 @@ async fn collect(
     let started = tokio::time::Instant::now();
     let mut deadline = timeout.map(|t| started + t);
     let mut timed_out: Vec<u32> = Vec::new();
+    let mut progress = progress.map(|p| PxProgress::new(&report.targets, p));
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
         if remaining.is_empty() {
             break;
         }
-        let next = match deadline {
-            Some(at) => match tokio::time::timeout_at(at, events.recv()).await {
-                Ok(event) => event,
-                Err(_) => {
-                    let still: Vec<(u32, u64)> = remaining.clone();
-                    if timed_out.is_empty() {
-                        // First pass: ask the engines still running to stop.
-                        timed_out = still.iter().map(|(e, _)| *e).collect();
-                        controller.interrupt(&still).await;
-                        deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
-                        continue;
-                    }
-                    // They did not stop: report them and stop waiting.
-                    for (engine, _) in still {
-                        let piece = Piece::Error {
-                            engine,
-                            ename: "Timeout".into(),
-                            evalue: format!(
-                                "engine {engine} was still running after {:.1} s and did not stop",
-                                timeout.map_or(0.0, |t| t.as_secs_f64())
-                            ),
-                            traceback: Vec::new(),
-                        };
-                        if let Some((publisher, route)) = &live {
-                            piece.publish(publisher, route);
-                        }
-                        report.pieces.push(piece);
-                    }
-                    break;
+        let received = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, events.recv()).await,
+                None => Ok(events.recv().await),
+            }
+        };
+        let received = tokio::select! {
+            received = received => received,
+            _ = tick.tick(), if progress.is_some() => {
+                if let Some(progress) = progress.as_mut() {
+                    progress.draw(false);
                 }
-            },
-            None => events.recv().await,
+                continue;
+            }
+        };
+        let next = match received {
+            Ok(event) => event,
+            Err(_) => {
+                let still: Vec<(u32, u64)> = remaining.clone();
+                if timed_out.is_empty() {
+                    // First pass: ask the engines still running to stop.
+                    timed_out = still.iter().map(|(e, _)| *e).collect();
+                    controller.interrupt(&still).await;
+                    deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                    continue;
+                }
+                // They did not stop: report them and stop waiting.
+                for (engine, _) in still {
+                    let piece = Piece::Error {
+                        engine,
+                        ename: "Timeout".into(),
+                        evalue: format!(
+                            "engine {engine} was still running after {:.1} s and did not stop",
+                            timeout.map_or(0.0, |t| t.as_secs_f64())
+                        ),
+                        traceback: Vec::new(),
+                    };
+                    if let Some((publisher, route)) = &live {
+                        piece.publish(publisher, route);
+                    }
+                    report.pieces.push(piece);
+                }
+                break;
+            }
         };
         let Some(event) = next else { break };
         let piece = match event {
@@ -511,6 +557,9 @@ async fn collect(
             } => {
                 remaining.retain(|(e, _)| *e != engine);
                 job.advance(1);
+                if let Some(progress) = progress.as_mut() {
+                    progress.finished(engine, matches!(outcome, Outcome::Ok { .. }));
+                }
                 match outcome {
                     Outcome::Ok { data } if data.is_empty() => continue,
                     Outcome::Ok { data } => Piece::Result {
@@ -549,7 +598,100 @@ async fn collect(
         }
         report.pieces.push(piece);
     }
+    if let Some(progress) = progress.as_mut() {
+        progress.draw(true);
+    }
     report
+}
+
+/// Where a blocking cell's progress block goes, and after how long it shows.
+#[derive(Clone)]
+struct Progress {
+    publisher: Publisher,
+    route: OutputRoute,
+    after: Duration,
+}
+
+/// A long `%px` cell's progress block: after a second, which engines are done and how long
+/// the others have run, redrawn in place; at the end, a summary.
+struct PxProgress {
+    to: Progress,
+    display_id: String,
+    shown: bool,
+    started: Instant,
+    /// engine -> None while it runs, then (seconds it took, ok).
+    engines: std::collections::BTreeMap<u32, Option<(f64, bool)>>,
+}
+
+impl PxProgress {
+    fn new(targets: &[u32], to: Progress) -> Self {
+        PxProgress {
+            to,
+            display_id: format!("px-progress-{}", uuid::Uuid::new_v4()),
+            shown: false,
+            started: Instant::now(),
+            engines: targets.iter().map(|e| (*e, None)).collect(),
+        }
+    }
+
+    fn finished(&mut self, engine: u32, ok: bool) {
+        let took = self.started.elapsed().as_secs_f64();
+        self.engines.insert(engine, Some((took, ok)));
+    }
+
+    /// Shows or redraws the block; `last` draws the summary, and only over a block shown.
+    fn draw(&mut self, last: bool) {
+        if last && !self.shown || !last && self.started.elapsed() < self.to.after {
+            return;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let done = self.engines.values().filter(|e| e.is_some()).count();
+        let failed = self
+            .engines
+            .values()
+            .filter(|e| matches!(e, Some((_, false))))
+            .count();
+        let total = self.engines.len();
+        let mut text = format!("%px: {done} of {total} engines done");
+        if failed > 0 {
+            text.push_str(&format!(" ({failed} failed)"));
+        }
+        text.push_str(&format!(", {elapsed:.1} s"));
+        let mut rows = String::new();
+        for (engine, state) in &self.engines {
+            let (what, colour) = match state {
+                None => (format!("running {elapsed:.1} s"), "#69c"),
+                Some((took, true)) => (format!("done in {took:.1} s"), "#3a7"),
+                Some((took, false)) => (format!("failed after {took:.1} s"), "#d22"),
+            };
+            text.push_str(&format!(" | engine {engine}: {what}"));
+            rows.push_str(&format!(
+                "<div><span style=\"display:inline-block;width:6em\">engine {engine}</span><span style=\"color:{colour}\">{what}</span></div>"
+            ));
+        }
+        let percent = 100.0 * done as f64 / total.max(1) as f64;
+        let html = format!(
+            "<div style=\"font-family:monospace;font-size:12px;max-width:40em\">\
+             <div>%px: {done} of {total} engines done, {elapsed:.1} s</div>\
+             <div style=\"background:#eee;height:8px;margin:4px 0\"><div style=\"width:{percent:.1}%;background:#3a7;height:8px\"></div></div>\
+             {rows}</div>"
+        );
+        let kind = if self.shown {
+            "update_display_data"
+        } else {
+            "display_data"
+        };
+        self.to.publisher.publish(
+            &self.to.route,
+            kind,
+            json!({
+                "data": {"text/plain": text, "text/html": html},
+                "metadata": {},
+                "transient": {"display_id": self.display_id},
+            }),
+        );
+        self.shown = true;
+    }
 }
 
 /// The ready engines `targets` selects, or a clear error when there are none.

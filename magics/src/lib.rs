@@ -105,14 +105,14 @@ Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its env
     MagicSpec {
         name: "px",
         kind: MagicKind::Line,
-        usage: "%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local] CODE",
+        usage: "%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local] [--progress-after SECS] CODE",
         summary: "Run one line of Rust on the engines.",
         details: PX_FLAGS_HELP,
     },
     MagicSpec {
         name: "px",
         kind: MagicKind::Cell,
-        usage: "%%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local]",
+        usage: "%%px [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local] [--progress-after SECS]",
         summary: "Run the rest of the cell on the engines.",
         details: PX_FLAGS_HELP,
     },
@@ -133,7 +133,7 @@ Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its env
     MagicSpec {
         name: "pxconfig",
         kind: MagicKind::Line,
-        usage: "%pxconfig [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local|--no-local]",
+        usage: "%pxconfig [--targets T] [--block|--noblock] [--timeout SECS] [--group-outputs engine|order|type] [--local|--no-local] [--progress-after SECS]",
         summary: "Set the default flags of %px, %%px and %autopx (with no flags: show them).",
         details: "",
     },
@@ -214,7 +214,8 @@ the engine: [stdout:2], [stderr:0], Out[1:5].\n\
   --block, --noblock  wait for the result (default), or return at once and see it with %pxresult\n\
   --timeout SECS      stop the cell on engines still running after SECS; keep the others' results\n\
   --group-outputs G   order (live, as they come), engine (engine by engine) or type (stdout, stderr, results)\n\
-  --local             also run the code in the notebook's own context";
+  --local             also run the code in the notebook's own context\n\
+  --progress-after S  a blocking cell still running after S seconds shows which engines are done (default 2; -1: never)";
 
 /// Finds a magic by name and kind.
 pub fn lookup(name: &str, kind: MagicKind) -> Option<&'static MagicSpec> {

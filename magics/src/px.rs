@@ -156,6 +156,8 @@ pub struct PxFlags {
     pub timeout: Option<f64>,
     pub group_outputs: Option<GroupOutputs>,
     pub local: Option<bool>,
+    /// Seconds before a blocking cell shows its progress block; negative: never.
+    pub progress_after: Option<f64>,
 }
 
 impl PxFlags {
@@ -167,6 +169,7 @@ impl PxFlags {
             timeout: self.timeout.or(defaults.timeout),
             group_outputs: self.group_outputs.or(defaults.group_outputs),
             local: self.local.or(defaults.local),
+            progress_after: self.progress_after.or(defaults.progress_after),
         }
     }
 }
@@ -195,6 +198,17 @@ pub fn parse_px_flags(args: &str) -> Result<(PxFlags, &str), String> {
             }
             "--local" => flags.local = Some(true),
             "--no-local" => flags.local = Some(false),
+            "--progress-after" => {
+                let text = value("a number of seconds")?;
+                let secs: f64 = text
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite())
+                    .ok_or_else(|| {
+                        format!("--progress-after takes seconds (-1: never), not `{text}`")
+                    })?;
+                flags.progress_after = Some(secs);
+            }
             other => return Err(format!("unknown flag {other}")),
         }
         Ok(())
@@ -367,6 +381,11 @@ mod tests {
         let merged = flags.over(&defaults);
         assert_eq!(merged.block, Some(true));
         assert_eq!(merged.timeout, Some(3.0));
+        let (never, code) = parse_px_flags("--progress-after -1 x").expect("parses");
+        assert_eq!((never.progress_after, code), (Some(-1.0), "x"));
+        assert!(parse_px_flags("--progress-after soon x")
+            .unwrap_err()
+            .contains("--progress-after takes seconds"));
     }
 
     #[test]
