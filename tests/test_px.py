@@ -315,6 +315,21 @@ def test_a_long_cell_shows_which_engines_are_done(cluster):
     assert not [m for m in outputs if is_progress(m)], outputs
 
 
+def test_cluster_ping_times_the_control_path(cluster):
+    reply, outputs = cluster.execute("%cluster ping -n 50")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    said = stream_text(outputs)
+    found = re.search(
+        r"Round trip to (\d+) engines .*, 50 times: median ([\d.]+) ms, min ([\d.]+) ms, 95th percentile ([\d.]+) ms",
+        said,
+    )
+    assert found, said
+    median, low, high = (float(found.group(i)) for i in (2, 3, 4))
+    assert int(found.group(1)) == 3 and 0 < low <= median <= high, said
+    reply, _ = cluster.execute("%cluster ping -n 0")
+    assert reply["content"]["status"] == "error" and "ping [-n COUNT]" in reply["content"]["evalue"]
+
+
 def test_sigkill_of_one_engine_mid_cell(cluster):
     _, outputs = cluster.execute('%px println!("pid {}", std::process::id());')
     # The cell runs in evcxr's evaluation process; its parent is the engine process.

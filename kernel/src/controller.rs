@@ -139,7 +139,23 @@ pub struct Controller {
     interrupts: Arc<watch::Sender<u64>>,
     /// What the engines are doing, for the dashboard.
     pub monitor: Monitor,
+    /// Timed round trips in flight: nonce -> engines yet to answer, and who waits.
+    round_trips: Arc<Mutex<RoundTrips>>,
 }
+
+#[derive(Default)]
+struct RoundTrips {
+    sent: u64,
+    open: HashMap<u64, RoundTrip>,
+}
+
+struct RoundTrip {
+    waiting_for: std::collections::BTreeSet<u32>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Timed round trips use nonces from here up, apart from the keep-alive pings' small ones.
+const ROUND_TRIP_NONCES: u64 = 1 << 63;
 
 impl Controller {
     pub fn new(key: &str) -> Self {
@@ -148,6 +164,7 @@ impl Controller {
         Controller {
             interrupts: Arc::new(interrupts),
             monitor: Monitor::default(),
+            round_trips: Arc::default(),
             registry: Arc::default(),
             signer: Signer::new(key),
             key: key.to_owned(),
@@ -514,7 +531,19 @@ impl Controller {
                     }
                 }
             }
-            FromEngine::Pong { .. } => {}
+            FromEngine::Pong { nonce } => {
+                if let Some(engine) = sender {
+                    let mut trips = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(trip) = trips.open.get_mut(&nonce) {
+                        trip.waiting_for.remove(&engine);
+                        if trip.waiting_for.is_empty() {
+                            if let Some(done) = trip.done.take() {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                }
+            }
             FromEngine::Fetched {
                 task,
                 type_src,
@@ -659,6 +688,37 @@ impl Controller {
                 self.send(id, ToEngine::Ping { nonce }).await;
             }
         }
+    }
+
+    /// Sends a no-op message to each of `engines` and waits for all their answers: the time
+    /// from the first send to the last answer, or None if one did not answer `within`.
+    pub async fn round_trip(&self, engines: &[u32], within: Duration) -> Option<Duration> {
+        let (done, answered) = tokio::sync::oneshot::channel();
+        let nonce = {
+            let mut trips = self.round_trips.lock().unwrap_or_else(|p| p.into_inner());
+            trips.sent += 1;
+            let nonce = ROUND_TRIP_NONCES + trips.sent;
+            trips.open.insert(
+                nonce,
+                RoundTrip {
+                    waiting_for: engines.iter().copied().collect(),
+                    done: Some(done),
+                },
+            );
+            nonce
+        };
+        let started = Instant::now();
+        for &engine in engines {
+            self.send(engine, ToEngine::Ping { nonce }).await;
+        }
+        let answered = tokio::time::timeout(within, answered).await;
+        let took = started.elapsed();
+        self.round_trips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .remove(&nonce);
+        matches!(answered, Ok(Ok(()))).then_some(took)
     }
 
     /// Ids of the engines that can take cells (registered and ready), ascending.

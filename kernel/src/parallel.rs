@@ -217,6 +217,7 @@ impl Parallel {
                 say(self.start(count).await?);
             }
             ClusterCommand::Status => say(self.status_table()),
+            ClusterCommand::Ping { count } => say(self.ping(count).await?),
         }
         Ok(CellOutput::default())
     }
@@ -249,6 +250,43 @@ impl Parallel {
             text.push_str(&format!(" Failed: {}.", dead.join("; ")));
         }
         Ok(text)
+    }
+
+    /// Times round trips of a no-op message to every ready engine: the control path alone,
+    /// with no compiling and no cell.
+    async fn ping(&self, count: u32) -> Result<String, CellError> {
+        let engines = self.controller.ready_engines();
+        if engines.is_empty() {
+            return Err(CellError::plain(
+                "UsageError",
+                "no engines; start some with %cluster start [-n N]",
+            ));
+        }
+        let mut times = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            match self
+                .controller
+                .round_trip(&engines, Duration::from_secs(5))
+                .await
+            {
+                Some(took) => times.push(took.as_secs_f64() * 1e3),
+                None => {
+                    return Err(CellError::plain(
+                        "EngineError",
+                        "an engine did not answer within 5 s; see %cluster status",
+                    ))
+                }
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        Ok(format!(
+            "Round trip to {} engines (a signed no-op message to each and its answer), {count} times: median {:.3} ms, min {:.3} ms, 95th percentile {:.3} ms.",
+            engines.len(),
+            at(0.5),
+            at(0.0),
+            at(0.95),
+        ))
     }
 
     fn status_table(&self) -> String {

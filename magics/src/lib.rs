@@ -95,11 +95,12 @@ pub const MAGICS: &[MagicSpec] = &[
     MagicSpec {
         name: "cluster",
         kind: MagicKind::Line,
-        usage: "%cluster start [-n N] | status | stop | restart | add -n K",
-        summary: "Start, inspect, stop, restart or grow the pool of local engines.",
+        usage: "%cluster start [-n N] | status | stop | restart | add -n K | ping [-n COUNT]",
+        summary: "Start, inspect, stop, restart, grow or time the pool of local engines.",
         details: "start: start N engines (default: the number of cores) and wait until they can run a cell.\n\
 status: one row per engine: id, pid, host, state, uptime.\n\
 stop: stop every engine. restart: stop them and start as many again. add -n K: start K more.\n\
+ping: time COUNT (default 100) round trips of a no-op message to every ready engine and back.\n\
 Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its environment.",
     },
     MagicSpec {

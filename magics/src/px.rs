@@ -229,6 +229,10 @@ pub enum ClusterCommand {
     Add {
         engines: u32,
     },
+    /// Time `count` round trips of a no-op message to every ready engine.
+    Ping {
+        count: u32,
+    },
 }
 
 pub fn parse_cluster(words: &[String]) -> Result<ClusterCommand, String> {
@@ -237,7 +241,7 @@ pub fn parse_cluster(words: &[String]) -> Result<ClusterCommand, String> {
             [] if required => Err("-n K is required".to_owned()),
             [] => Ok(None),
             [flag, n] if flag == "-n" || flag == "--engines" => match n.parse::<u32>() {
-                Ok(0) | Err(_) => Err(format!("-n takes a positive number of engines, not `{n}`")),
+                Ok(0) | Err(_) => Err(format!("-n takes a positive number, not `{n}`")),
                 Ok(n) => Ok(Some(n)),
             },
             [flag] if flag == "-n" || flag == "--engines" => Err("-n needs a number".to_owned()),
@@ -252,7 +256,9 @@ pub fn parse_cluster(words: &[String]) -> Result<ClusterCommand, String> {
         }
     };
     match words {
-        [] => Err("%cluster needs a subcommand: start, status, stop, restart or add".to_owned()),
+        [] => {
+            Err("%cluster needs a subcommand: start, status, stop, restart, add or ping".to_owned())
+        }
         [sub, rest @ ..] => match sub.as_str() {
             "start" => Ok(ClusterCommand::Start {
                 engines: count(rest, false)?,
@@ -261,6 +267,9 @@ pub fn parse_cluster(words: &[String]) -> Result<ClusterCommand, String> {
                 engines: count(rest, true)?.unwrap_or(1),
             }),
             "status" => no_more(rest, ClusterCommand::Status),
+            "ping" => Ok(ClusterCommand::Ping {
+                count: count(rest, false)?.unwrap_or(100),
+            }),
             "stop" => no_more(rest, ClusterCommand::Stop),
             "restart" => no_more(rest, ClusterCommand::Restart),
             other => Err(format!("unknown %cluster subcommand `{other}`")),
@@ -404,6 +413,14 @@ mod tests {
             Ok(ClusterCommand::Add { engines: 2 })
         );
         assert_eq!(parse_cluster(&words("status")), Ok(ClusterCommand::Status));
+        assert_eq!(
+            parse_cluster(&words("ping")),
+            Ok(ClusterCommand::Ping { count: 100 })
+        );
+        assert_eq!(
+            parse_cluster(&words("ping -n 7")),
+            Ok(ClusterCommand::Ping { count: 7 })
+        );
         assert_eq!(parse_cluster(&words("stop")), Ok(ClusterCommand::Stop));
         assert_eq!(
             parse_cluster(&words("restart")),
