@@ -25,7 +25,7 @@ fi
 data="$(mktemp -d)"
 trap 'rm -rf "$data"' EXIT
 "$PARALLAX_BIN" install --prefix "$data" >/dev/null
-"$peers/bin/python" -m ipykernel install --prefix "$data" --name bench-ipython >/dev/null
+"$peers/bin/python" -m ipykernel install --prefix "$data" --name bench-ipython >/dev/null 2>&1
 mkdir -p "$data/share/jupyter/kernels/bench-evcxr"
 cat > "$data/share/jupyter/kernels/bench-evcxr/kernel.json" <<JSON
 {"argv": ["$evcxr", "--control_file", "{connection_file}"], "display_name": "evcxr", "language": "rust"}

@@ -28,7 +28,9 @@ MIB = 1 << 20
 
 
 class Kernel:
-    def __init__(self, name):
+    def __init__(self, name, kernels):
+        self.name = name
+        kernels.append(self)
         self.km = KernelManager(kernel_name=name)
         self.km.start_kernel()
         self.kc = self.km.client()
@@ -73,8 +75,9 @@ class Kernel:
         return json.loads(found.group(1))
 
     def stop(self):
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
+        if self.km.is_alive():
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=True)
 
 
 IPP_SETUP = """
@@ -102,7 +105,7 @@ dv.activate()
 lview = rc.load_balanced_view()
 """
 
-IPP_STOP = "rc.close(); cluster.stop_cluster_sync()"
+IPP_STOP = "rc.close(); cluster.stop_cluster_sync(); del cluster"
 
 HEAVY_RS = (
     "fn heavy(x: u64) -> u64 { let t = std::time::Instant::now(); let mut a = x; "
@@ -116,16 +119,32 @@ def ratio(ours, theirs):
 
 
 def main():
+    kernels = []
+    try:
+        measure_all(kernels)
+    finally:
+        # A failed run must not leave clusters behind: ipyparallel's processes outlive their
+        # kernel.
+        for kernel in kernels:
+            try:
+                if kernel.name == "bench-ipython":
+                    kernel.cell("'cluster' in dir() and cluster.stop_cluster_sync()", timeout=60)
+                kernel.stop()
+            except Exception as error:  # noqa: BLE001 - best effort at the end of a run
+                print(f"cleaning up {kernel.name}: {error}")
+
+
+def measure_all(kernels):
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--engines", default="1,2,4,8")
     args = parser.parse_args()
     counts = [int(n) for n in args.engines.split(",")]
 
-    px = Kernel("parallax")
-    ipy = Kernel("bench-ipython")
+    px = Kernel("parallax", kernels)
+    ipy = Kernel("bench-ipython", kernels)
     ipy.cell(IPP_SETUP)
-    evcxr = Kernel("bench-evcxr")
+    evcxr = Kernel("bench-evcxr", kernels)
     evcxr_cell = evcxr.timed("let a = 1;", args.runs, warm=2)
     evcxr.stop()
 
@@ -137,12 +156,13 @@ def main():
         starts[("ipyparallel", n)] = ipy.cell(IPP_START.format(n=n))[0]
         latency[("parallax", n)] = px.timed("%px let a = 1;", args.runs, warm=2)
         latency[("ipyparallel", n)] = ipy.timed("%px a=1", max(args.runs, 20), warm=2)
-        if n != 4:
-            px.cell("%cluster stop")
-            ipy.cell(IPP_STOP)
-    if 4 not in counts:
-        starts[("parallax", 4)] = px.cell("%cluster start -n 4")[0]
-        starts[("ipyparallel", 4)] = ipy.cell(IPP_START.format(n=4))[0]
+        px.cell("%cluster stop")
+        ipy.cell(IPP_STOP)
+    # The rest runs on 4 engines; their start is timed here if the loop did not.
+    start_px = px.cell("%cluster start -n 4")[0]
+    start_ipy = ipy.cell(IPP_START.format(n=4))[0]
+    starts.setdefault(("parallax", 4), start_px)
+    starts.setdefault(("ipyparallel", 4), start_ipy)
 
     # Maps, 4 engines.
     px.cell(f"%%px --local\nfn ident(x: u64) -> u64 {{ x }}\n{HEAVY_RS}")
@@ -192,8 +212,6 @@ def main():
     )
     px.cell("%cluster stop")
     ipy.cell(IPP_STOP)
-    px.stop()
-    ipy.stop()
 
     print(f"\nMedians of {args.runs} runs (20 for ipyparallel's %px); whole cells as a client waits for them.\n")
     print("Broadcast of a trivial cell (Parallax `%px let a = 1;`, ipyparallel `%px a=1`, evcxr `let a = 1;`):\n")

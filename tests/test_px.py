@@ -3,6 +3,8 @@
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -440,6 +442,34 @@ def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):
         running.log_file.close()
         running.kc.stop_channels()
 
+
+
+LAUNCHER = """
+import sys, time
+from jupyter_client.manager import KernelManager
+km = KernelManager(kernel_name="parallax")
+km.start_kernel()
+kc = km.client()
+kc.start_channels()
+kc.wait_for_ready(timeout=60)
+reply = kc.execute_interactive("%cluster start -n 1", timeout=600, output_hook=lambda msg: None)
+assert reply["content"]["status"] == "ok", reply["content"]
+print(km.provisioner.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_kernel_whose_launcher_dies_shuts_down_with_its_engines(kernelspec):
+    # The launcher starts a kernel with an engine, then is SIGKILLed: it never shuts it down.
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True)
+    try:
+        kernel_pid = int(launcher.stdout.readline())
+        procs = [kernel_pid] + descendants(kernel_pid)
+        assert len(procs) >= 3, procs  # the kernel, its engine and the engine's evaluation
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert wait_until(lambda: not any(alive(p) for p in procs), 15), [p for p in procs if alive(p)]
 
 
 def test_shutdown_stops_the_engines(kernelspec):

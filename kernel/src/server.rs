@@ -114,15 +114,41 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         stdin_bridge,
         shell_send,
         kernel_info,
-        shutdown_tx,
+        shutdown_tx.clone(),
     );
+    let shutdown_tx_for_parent = shutdown_tx;
     tokio::spawn(shell.run(shell_queue));
+    tokio::spawn(watch_parent(shutdown_tx_for_parent));
 
     shutdown_rx.recv().await;
     controller.stop_all().await;
     crate::controller::remove_key_dir();
     publisher.flush().await;
     Ok(())
+}
+
+/// A kernel whose launcher dies without shutting it down would keep its engines forever. When
+/// jupyter_client launched it (it sets JPY_PARENT_PID), the kernel shuts down once its parent
+/// process is gone (it is then re-parented), as ipykernel does.
+async fn watch_parent(shutdown: mpsc::UnboundedSender<()>) {
+    if std::env::var_os("JPY_PARENT_PID").is_none() {
+        return;
+    }
+    // SAFETY: getppid takes nothing and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    if parent <= 1 {
+        return;
+    }
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        // SAFETY: as above.
+        if unsafe { libc::getppid() } != parent {
+            tracing::warn!("the kernel's parent (pid {parent}) is gone; shutting down");
+            let _ = shutdown.send(());
+            return;
+        }
+    }
 }
 
 /// Reads a ROUTER socket, dropping (and logging) anything malformed, unsigned or replayed.
