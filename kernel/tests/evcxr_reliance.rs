@@ -1,0 +1,82 @@
+//! What compiling a cell once per machine relies on in evcxr 0.22.0 (pinned in the workspace):
+//! a context can be given its own evaluation process (`EvalContext::with_subprocess_command`);
+//! that process is told `LOAD_AND_RUN <shared object> <function>` for each compiled cell; and a
+//! second evaluation process that is sent the same lines, in the same order, rebuilds the same
+//! variables and prints the same results, without compiling anything. If an evcxr upgrade
+//! changes any of this, this test says so.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+const PARALLAX: &str = env!("CARGO_BIN_EXE_parallax");
+
+#[test]
+fn compiled_cells_replay_in_a_second_evaluation_process() {
+    let dir = std::env::temp_dir().join(format!("parallax-reliance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch directory");
+    let log = dir.join("load-and-run.log");
+    // The context's evaluation process is parallax itself, with what evcxr tells it copied to a
+    // log on the way.
+    let mut runtime = Command::new("sh");
+    runtime
+        .arg("-c")
+        .arg("tee -a \"$LOG\" | \"$PARALLAX\"")
+        .env("LOG", &log)
+        .env("PARALLAX", PARALLAX);
+    let (mut context, _outputs) =
+        evcxr::EvalContext::with_subprocess_command(runtime).expect("an evcxr context");
+    let cells = [
+        "let x = 40u64;",
+        "fn add(a: u64, b: u64) -> u64 { a + b }",
+        "let y = add(x, 2);",
+        "let greeting = format!(\"{} and {}\", x, y);",
+        "greeting",
+    ];
+    let mut last = None;
+    for cell in cells {
+        let outputs = context.eval(cell).expect("the cell runs");
+        last = outputs.content_by_mime_type.get("text/plain").cloned();
+    }
+    assert_eq!(last.as_deref(), Some("\"40 and 42\""));
+
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .expect("the log")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        lines.len() >= cells.len() - 1 && lines.iter().all(|l| l.starts_with("LOAD_AND_RUN ")),
+        "{lines:?}"
+    );
+
+    // A fresh evaluation process, fed the same lines: no compiler involved.
+    let mut replay = Command::new(PARALLAX)
+        .env("EVCXR_IS_RUNTIME", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("a second evaluation process");
+    let mut stdin = replay.stdin.take().expect("its stdin");
+    let mut stdout = BufReader::new(replay.stdout.take().expect("its stdout"));
+    let mut printed = Vec::new();
+    for line in &lines {
+        writeln!(stdin, "{line}").expect("sent");
+        loop {
+            let mut out = String::new();
+            assert!(stdout.read_line(&mut out).expect("read") > 0, "it exited");
+            if out.trim_end() == "EVCXR_EXECUTION_COMPLETE" {
+                break;
+            }
+            printed.push(out.trim_end().to_owned());
+        }
+    }
+    drop(stdin);
+    let _ = replay.wait();
+    let shown = printed.join("\n");
+    assert!(
+        shown.contains("EVCXR_BEGIN_CONTENT text/plain\n\"40 and 42\"\nEVCXR_END_CONTENT"),
+        "{shown}"
+    );
+    drop(context);
+    let _ = std::fs::remove_dir_all(&dir);
+}
