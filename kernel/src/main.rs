@@ -63,6 +63,13 @@ fn main() -> ExitCode {
     }
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
     // roles this call never returns. It must come before anything else but the line above.
+    // With a report file named, the evaluation process is Parallax's own, which records the
+    // compiled cells it runs.
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+        if let Some(report) = std::env::var_os(parallax_eval::runtime::REPORT_VAR) {
+            parallax_eval::runtime::serve(std::path::Path::new(&report));
+        }
+    }
     evcxr::runtime_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -2,7 +2,8 @@
 //! a context can be given its own evaluation process (`EvalContext::with_subprocess_command`);
 //! that process is told `LOAD_AND_RUN <shared object> <function>` for each compiled cell; and a
 //! second evaluation process that is sent the same lines, in the same order, rebuilds the same
-//! variables and prints the same results, without compiling anything. If an evcxr upgrade
+//! variables and prints the same results, without compiling anything. The first context runs
+//! on Parallax's own evaluation process, which records those lines; the replay on evcxr's. If an evcxr upgrade
 //! changes any of this, this test says so.
 
 use std::io::{BufRead, BufReader, Write};
@@ -15,14 +16,9 @@ fn compiled_cells_replay_in_a_second_evaluation_process() {
     let dir = std::env::temp_dir().join(format!("parallax-reliance-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a scratch directory");
     let log = dir.join("load-and-run.log");
-    // The context's evaluation process is parallax itself, with what evcxr tells it copied to a
-    // log on the way.
-    let mut runtime = Command::new("sh");
-    runtime
-        .arg("-c")
-        .arg("tee -a \"$LOG\" | \"$PARALLAX\"")
-        .env("LOG", &log)
-        .env("PARALLAX", PARALLAX);
+    // The context's evaluation process is Parallax's own, which records what evcxr tells it.
+    let mut runtime = Command::new(PARALLAX);
+    runtime.env("PARALLAX_RUNTIME_REPORT", &log);
     let (mut context, _outputs) =
         evcxr::EvalContext::with_subprocess_command(runtime).expect("an evcxr context");
     let cells = [
@@ -49,7 +45,7 @@ fn compiled_cells_replay_in_a_second_evaluation_process() {
         "{lines:?}"
     );
 
-    // A fresh evaluation process, fed the same lines: no compiler involved.
+    // A fresh evaluation process (evcxr's own), fed the same lines: no compiler involved.
     let mut replay = Command::new(PARALLAX)
         .env("EVCXR_IS_RUNTIME", "1")
         .stdin(Stdio::piped())
@@ -76,6 +72,18 @@ fn compiled_cells_replay_in_a_second_evaluation_process() {
     assert!(
         shown.contains("EVCXR_BEGIN_CONTENT text/plain\n\"40 and 42\"\nEVCXR_END_CONTENT"),
         "{shown}"
+    );
+    // A cell that crashes Parallax's evaluation process is reported by evcxr as a lost process,
+    // and the next cell runs in a new one.
+    let crashed = context.eval("unsafe { std::ptr::null_mut::<u64>().write_volatile(1); }");
+    assert!(crashed.is_err(), "a segfault must fail the cell");
+    let after = context.eval("40 + 2").expect("the next cell runs");
+    assert_eq!(
+        after
+            .content_by_mime_type
+            .get("text/plain")
+            .map(String::as_str),
+        Some("42")
     );
     drop(context);
     let _ = std::fs::remove_dir_all(&dir);

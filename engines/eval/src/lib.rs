@@ -7,6 +7,7 @@ pub mod dataport;
 pub mod diagnostics;
 mod evaluator;
 pub mod interrupt;
+pub mod runtime;
 
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession, Payload};
 pub use diagnostics::CellError;

@@ -1,0 +1,94 @@
+//! An evaluation process of Parallax's own, speaking evcxr 0.22's protocol: evcxr's context
+//! writes `LOAD_AND_RUN <shared object> <function>` for each compiled cell, the process loads the
+//! object, calls the function with the variable store it holds and answers
+//! `EVCXR_EXECUTION_COMPLETE`. Unlike evcxr's own, it also writes each of those lines to a
+//! report file before running it: the record of compiled cells, in order, that another
+//! evaluation process can replay to reach the same state without compiling (compile once per
+//! machine). The kernel binary becomes this process when `EVCXR_IS_RUNTIME` and
+//! `PARALLAX_RUNTIME_REPORT` are both set.
+
+use std::ffi::c_void;
+use std::io::{BufRead, Write};
+
+/// The environment variable naming the report file.
+pub const REPORT_VAR: &str = "PARALLAX_RUNTIME_REPORT";
+
+const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
+
+/// Serves the evaluation protocol on stdin and stdout until stdin closes; never returns.
+pub fn serve(report: &std::path::Path) -> ! {
+    install_crash_handlers();
+    let mut report = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(report)
+    {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("parallax runtime: cannot open {}: {e}", report.display());
+            std::process::exit(99);
+        }
+    };
+    // Loaded objects are never unloaded: their thread-local destructors may run at exit.
+    let mut loaded: Vec<libloading::Library> = Vec::new();
+    let mut store: *mut c_void = std::ptr::null_mut();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let Some((path, function)) = line
+            .strip_prefix("LOAD_AND_RUN ")
+            .and_then(|rest| rest.rsplit_once(' '))
+        else {
+            eprintln!("parallax runtime: unrecognised instruction {line:?}");
+            std::process::exit(99);
+        };
+        if let Err(e) = writeln!(report, "{line}").and_then(|_| report.flush()) {
+            eprintln!("parallax runtime: cannot write the report: {e}");
+            std::process::exit(99);
+        }
+        // SAFETY: the object was just built by evcxr for this process's protocol: its function
+        // takes and returns the variable store, as evcxr's own runtime calls it.
+        let result = unsafe {
+            libloading::Library::new(path).and_then(|library| {
+                let run = library
+                    .get::<extern "C" fn(*mut c_void) -> *mut c_void>(function.as_bytes())?;
+                store = run(store);
+                Ok(library)
+            })
+        };
+        match result {
+            Ok(library) => loaded.push(library),
+            Err(e) => {
+                eprintln!("parallax runtime: loading {path}: {e}");
+                std::process::exit(99);
+            }
+        }
+        println!("{COMPLETE}");
+        let _ = std::io::stdout().flush();
+    }
+    std::process::exit(0);
+}
+
+/// A crash in a cell ends the process with a word on stderr, as evcxr's runtime does; evcxr's
+/// context then reports the lost process.
+fn install_crash_handlers() {
+    extern "C" fn on_crash(signal: libc::c_int) {
+        let said: &[u8] = match signal {
+            libc::SIGSEGV => b"Segmentation fault.\n",
+            libc::SIGILL => b"Illegal instruction.\n",
+            libc::SIGBUS => b"Bus error.\n",
+            _ => b"Unexpected signal.\n",
+        };
+        // SAFETY: write(2) and abort(3) are async-signal-safe.
+        unsafe {
+            libc::write(2, said.as_ptr().cast(), said.len());
+            libc::abort();
+        }
+    }
+    for signal in [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS] {
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            let handler: extern "C" fn(libc::c_int) = on_crash;
+            libc::signal(signal, handler as libc::sighandler_t);
+        }
+    }
+}
