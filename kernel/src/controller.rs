@@ -8,7 +8,8 @@ use anyhow::Context;
 use bytes::Bytes;
 use parallax_engine::payload_from;
 use parallax_engine_protocol::{
-    FromEngine, Outcome, Receiver, Sender, Signer, StreamName, ToEngine,
+    FromEngine, Outcome, Receiver, Role, Sender, Share, Signer, StateReport, Step, StreamName,
+    ToEngine,
 };
 use parallax_eval::Payload;
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +54,32 @@ struct Engine {
     executed: u64,
     /// We asked it to exit, so its exit is no news.
     stopping: bool,
+    /// The state its variables are in, as far as we know: engines on one host in the same
+    /// state share compiled cells.
+    state_key: StateKey,
+    /// It holds a compiling context for its state (or will, once its queued cells ran).
+    compiler: bool,
+    /// Its last report.
+    report: Option<StateReport>,
+    /// Why its state left the others', in words, most recent cause.
+    divergence: Option<String>,
+}
+
+/// What an engine's state is known as: its history's fingerprint, once it reported with nothing
+/// queued, or the shared cell it was last sent, which leaves every engine of that cell's group
+/// in one state unless their outcomes differ (they report that later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum StateKey {
+    Reported(u64),
+    After(u64),
+}
+
+/// A shared cell in flight: who compiles it, and for whom.
+struct SharedCell {
+    leader: u32,
+    followers: Vec<u32>,
+    /// Tasks of the cell not yet done.
+    open: usize,
 }
 
 /// What a job hears about its tasks.
@@ -115,6 +142,108 @@ struct Registry {
     next_task: u64,
     /// task -> (engine, where its events go)
     tasks: HashMap<u64, (u32, mpsc::UnboundedSender<TaskEvent>)>,
+    next_cell: u64,
+    cells: HashMap<u64, SharedCell>,
+    /// task -> its shared cell
+    task_cells: HashMap<u64, u64>,
+    /// Tasks that do not count as executions (warming an engine up).
+    uncounted: std::collections::HashSet<u64>,
+}
+
+impl Registry {
+    /// A task of a shared cell ended; the cell is forgotten with its last task.
+    fn close_cell_task(&mut self, task: u64) {
+        if let Some(cell) = self.task_cells.remove(&task) {
+            if let Some(shared) = self.cells.get_mut(&cell) {
+                shared.open = shared.open.saturating_sub(1);
+                if shared.open == 0 {
+                    self.cells.remove(&cell);
+                }
+            }
+        }
+    }
+
+    /// Splits `targets` into groups that share compiled cells (one host, one state), each with
+    /// its leader: an engine that already holds a compiling context for that state if there
+    /// is one, else the lowest id. Records the cells and the state each engine will be in.
+    fn plan(&mut self, targets: &[u32]) -> HashMap<u32, Share> {
+        let mut groups: BTreeMap<(String, StateKey), Vec<u32>> = BTreeMap::new();
+        for &engine in targets {
+            let key = match self.engines.get(&engine) {
+                Some(e) => (e.host.clone(), e.state_key),
+                // Unknown here: it will not get the cell anyway; alone, it waits for no one.
+                None => (String::new(), StateKey::After(u64::MAX - engine as u64)),
+            };
+            groups.entry(key).or_default().push(engine);
+        }
+        let mut plan = HashMap::new();
+        for ((host, state), members) in groups {
+            let cell = self.next_cell;
+            self.next_cell += 1;
+            // Engines in this state that do not get the cell part from those that do.
+            let left_out: Vec<u32> = self
+                .engines
+                .iter()
+                .filter(|(id, e)| {
+                    !is_dead(e) && e.host == host && e.state_key == state && !members.contains(id)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if !left_out.is_empty() {
+                let ids = |list: &[u32]| {
+                    list.iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                for &member in &members {
+                    if let Some(engine) = self.engines.get_mut(&member) {
+                        engine.divergence = Some(format!(
+                            "it ran a cell (shared cell {cell}) that engines {} did not",
+                            ids(&left_out)
+                        ));
+                    }
+                }
+                for &other in &left_out {
+                    if let Some(engine) = self.engines.get_mut(&other) {
+                        engine.divergence = Some(format!(
+                            "engines {} ran a cell (shared cell {cell}) that it did not",
+                            ids(&members)
+                        ));
+                    }
+                }
+            }
+            let leader = members
+                .iter()
+                .copied()
+                .find(|m| self.engines.get(m).is_some_and(|e| e.compiler))
+                .unwrap_or(members[0]);
+            let followers: Vec<u32> = members.iter().copied().filter(|m| *m != leader).collect();
+            for &member in &members {
+                let role = if member == leader {
+                    Role::Lead {
+                        followers: followers.clone(),
+                    }
+                } else {
+                    Role::Follow { leader }
+                };
+                plan.insert(member, Share { cell, role });
+                if let Some(engine) = self.engines.get_mut(&member) {
+                    engine.state_key = StateKey::After(cell);
+                    engine.compiler = member == leader;
+                }
+            }
+            self.cells.insert(
+                cell,
+                SharedCell {
+                    leader,
+                    followers,
+                    open: members.len(),
+                },
+            );
+        }
+        plan
+    }
 }
 
 struct Link {
@@ -141,6 +270,11 @@ pub struct Controller {
     pub monitor: Monitor,
     /// Timed round trips in flight: nonce -> engines yet to answer, and who waits.
     round_trips: Arc<Mutex<RoundTrips>>,
+    /// The dispatcher's queue, for passing on steps from where no await is allowed.
+    commands: Arc<std::sync::OnceLock<mpsc::UnboundedSender<Outgoing>>>,
+    /// Held while a shared cell is sent to its engines, so that every engine receives shared
+    /// cells in the same order (a follower waits for its leader, never the other way round).
+    dispatching: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -157,6 +291,9 @@ struct RoundTrip {
 /// Timed round trips use nonces from here up, apart from the keep-alive pings' small ones.
 const ROUND_TRIP_NONCES: u64 = 1 << 63;
 
+/// The fingerprint of an engine that has executed nothing.
+const EMPTY_HISTORY: u64 = 0;
+
 impl Controller {
     pub fn new(key: &str) -> Self {
         let (changed, _) = watch::channel(0);
@@ -165,6 +302,8 @@ impl Controller {
             interrupts: Arc::new(interrupts),
             monitor: Monitor::default(),
             round_trips: Arc::default(),
+            commands: Arc::default(),
+            dispatching: Arc::default(),
             registry: Arc::default(),
             signer: Signer::new(key),
             key: key.to_owned(),
@@ -196,6 +335,7 @@ impl Controller {
         let key_file = write_key_file(&self.key)?;
         let (send, recv) = socket.split();
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let _ = self.commands.set(commands.clone());
         tokio::spawn(self.clone().receive(recv));
         tokio::spawn(self.clone().dispatch(send, command_rx));
         tokio::spawn(self.clone().ping());
@@ -248,6 +388,14 @@ impl Controller {
             self.spawn_engine(id, total).await?;
         }
         self.wait_until_started(&ids).await?;
+        let live: Vec<u32> = {
+            let registry = self.registry();
+            ids.iter()
+                .copied()
+                .filter(|id| registry.engines.get(id).is_some_and(|e| !is_dead(e)))
+                .collect()
+        };
+        self.warm_up(&live).await?;
         Ok(ids)
     }
 
@@ -269,7 +417,11 @@ impl Controller {
         };
         tracing::info!("restarting engine {id}");
         self.spawn_engine(id, total).await?;
+        if let Some(engine) = self.registry().engines.get_mut(&id) {
+            engine.divergence = Some("it was restarted, with none of the others' state".into());
+        }
         self.wait_until_started(&[id]).await?;
+        self.warm_up(&[id]).await?;
         match self.registry().engines.get(&id).map(|e| e.state.clone()) {
             Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
             _ => Ok(()),
@@ -316,6 +468,10 @@ impl Controller {
                 running: Vec::new(),
                 executed: 0,
                 stopping: false,
+                state_key: StateKey::Reported(EMPTY_HISTORY),
+                compiler: false,
+                report: None,
+                divergence: None,
             },
         );
         tokio::spawn(self.clone().watch_process(id, child, last_words));
@@ -407,6 +563,31 @@ impl Controller {
                 }
                 None => Vec::new(),
             };
+            // Followers waiting for its compiled cells hear that it is gone.
+            let led: Vec<(u64, Vec<u32>)> = registry
+                .cells
+                .iter()
+                .filter(|(_, shared)| shared.leader == id)
+                .map(|(cell, shared)| (*cell, shared.followers.clone()))
+                .collect();
+            for (cell, followers) in led {
+                for follower in followers {
+                    self.pass_on(
+                        follower,
+                        ToEngine::Shared {
+                            cell,
+                            from: id,
+                            step: Step::Abort {
+                                reason: cause.clone(),
+                            },
+                        },
+                    );
+                }
+            }
+            for task in &running {
+                registry.close_cell_task(*task);
+                registry.uncounted.remove(task);
+            }
             running
                 .into_iter()
                 .filter_map(|task| registry.tasks.remove(&task).map(|(_, tx)| (task, tx)))
@@ -502,7 +683,11 @@ impl Controller {
                     }
                 }
             }
-            FromEngine::Done { task, outcome } => {
+            FromEngine::Done {
+                task,
+                outcome,
+                state,
+            } => {
                 let owned = registry
                     .tasks
                     .get(&task)
@@ -513,14 +698,30 @@ impl Controller {
                         Outcome::Ok { .. } => None,
                     };
                     self.monitor.finished(TaskKey::Task(task), error, None);
+                    registry.close_cell_task(task);
+                    let counted = !registry.uncounted.remove(&task);
                     if let Some((engine, events)) = registry.tasks.remove(&task) {
                         let mut count = 0;
                         if let Some(record) = registry.engines.get_mut(&engine) {
                             record.running.retain(|t| *t != task);
-                            record.executed += 1;
+                            if counted {
+                                record.executed += 1;
+                            }
                             count = record.executed;
                             if record.running.is_empty() && record.state == EngineState::Busy {
                                 record.state = EngineState::Idle;
+                            }
+                            if let Some(report) = state {
+                                let said = record.report.as_ref().and_then(|r| r.note.as_ref());
+                                if report.note.is_some() && report.note.as_ref() != said {
+                                    record.divergence.clone_from(&report.note);
+                                }
+                                // With cells still queued, the prediction stands until the last.
+                                if record.running.is_empty() {
+                                    record.state_key = StateKey::Reported(report.fingerprint);
+                                    record.compiler = report.compiler;
+                                }
+                                record.report = Some(report);
                             }
                         }
                         let _ = events.send(TaskEvent::Done {
@@ -528,6 +729,30 @@ impl Controller {
                             execution_count: count,
                             outcome,
                         });
+                    }
+                }
+            }
+            FromEngine::Share { cell, to, step } => {
+                let Some(shared) = registry.cells.get(&cell) else {
+                    return;
+                };
+                if sender != Some(shared.leader) {
+                    tracing::warn!(
+                        "engines: engine {sender:?} spoke for cell {cell} of engine {}",
+                        shared.leader
+                    );
+                    return;
+                }
+                for follower in to {
+                    if shared.followers.contains(&follower) {
+                        self.pass_on(
+                            follower,
+                            ToEngine::Shared {
+                                cell,
+                                from: shared.leader,
+                                step: step.clone(),
+                            },
+                        );
                     }
                 }
             }
@@ -755,6 +980,57 @@ impl Controller {
             .collect()
     }
 
+    /// Which live engines share compiled cells and which compile their own, and why: a line
+    /// each, for `%cluster status`.
+    pub fn sharing(&self) -> Vec<String> {
+        let registry = self.registry();
+        let mut groups: BTreeMap<(String, StateKey), Vec<u32>> = BTreeMap::new();
+        let mut per_host: HashMap<String, usize> = HashMap::new();
+        for (id, engine) in registry.engines.iter().filter(|(_, e)| !is_dead(e)) {
+            groups
+                .entry((engine.host.clone(), engine.state_key))
+                .or_default()
+                .push(*id);
+            *per_host.entry(engine.host.clone()).or_default() += 1;
+        }
+        let mut lines = Vec::new();
+        for ((host, _), members) in groups {
+            let compiling = members
+                .iter()
+                .copied()
+                .find(|m| registry.engines.get(m).is_some_and(|e| e.compiler));
+            if members.len() > 1 {
+                let ids: Vec<String> = members.iter().map(u32::to_string).collect();
+                lines.push(match compiling {
+                    Some(leader) => format!(
+                        "engines {} on {host} share compiled cells: engine {leader} compiles them",
+                        ids.join(", ")
+                    ),
+                    None => format!(
+                        "engines {} on {host} share compiled cells: engine {} will compile the next",
+                        ids.join(", "),
+                        members[0]
+                    ),
+                });
+                continue;
+            }
+            let id = members[0];
+            let why = if per_host.get(&host) == Some(&1) {
+                format!("it is the only engine on {host}")
+            } else {
+                registry
+                    .engines
+                    .get(&id)
+                    .and_then(|e| e.divergence.clone())
+                    .unwrap_or_else(|| "no other engine is in its state".to_owned())
+            };
+            lines.push(format!(
+                "engine {id} on {host} compiles its own cells: {why}"
+            ));
+        }
+        lines
+    }
+
     /// Sends `code` to each engine in `targets`; the events of every task go to one channel.
     pub async fn submit(
         &self,
@@ -762,25 +1038,96 @@ impl Controller {
         code: &str,
     ) -> (Vec<(u32, u64)>, mpsc::UnboundedReceiver<TaskEvent>) {
         let (events, event_rx) = mpsc::unbounded_channel();
-        let mut sent = Vec::new();
+        let sent = self
+            .start_shared(targets, &events, |_, task, share| {
+                let code = code.to_owned();
+                (ToEngine::Execute { task, code, share }, Vec::new())
+            })
+            .await;
+        (sent, event_rx)
+    }
+
+    /// Queues a message for an engine without waiting (from where no await is allowed).
+    fn pass_on(&self, engine: u32, message: ToEngine) {
+        if let Some(commands) = self.commands.get() {
+            let _ = commands.send((engine, message, Vec::new()));
+        }
+    }
+
+    /// Starts one task on each of `targets`, all executing the same cell: the engines of one
+    /// host whose states are the same share it, compiled once by one of them. `message` makes
+    /// what to send to an engine from its task's id and its part in the sharing.
+    pub async fn start_shared(
+        &self,
+        targets: &[u32],
+        events: &Events,
+        mut message: impl FnMut(u32, u64, Share) -> (ToEngine, Vec<Bytes>),
+    ) -> Vec<(u32, u64)> {
+        let _in_order = self.dispatching.lock().await;
+        let mut plan = self.registry().plan(targets);
+        let mut sent = Vec::with_capacity(targets.len());
         for &engine in targets {
+            let Some(share) = plan.remove(&engine) else {
+                continue;
+            };
+            let cell = share.cell;
             let task = self
-                .start_task(engine, &events, |task| {
-                    let code = code.to_owned();
-                    (ToEngine::Execute { task, code }, Vec::new())
+                .start_task_in(engine, events, Some(cell), |task| {
+                    message(engine, task, share)
                 })
                 .await;
             sent.push((engine, task));
         }
-        (sent, event_rx)
+        sent
+    }
+
+    /// Has new engines build what every cell needs first (their compiling context, the
+    /// helper crates), once per host, before they count as started.
+    async fn warm_up(&self, ids: &[u32]) -> anyhow::Result<()> {
+        let (events, mut event_rx) = mpsc::unbounded_channel();
+        let tasks = self
+            .start_shared(ids, &events, |_, task, share| {
+                let code = String::new();
+                (ToEngine::Execute { task, code, share }, Vec::new())
+            })
+            .await;
+        {
+            let mut registry = self.registry();
+            registry
+                .uncounted
+                .extend(tasks.iter().map(|(_, task)| *task));
+        }
+        drop(events);
+        let mut waiting = tasks.len();
+        let mut failures = Vec::new();
+        while waiting > 0 {
+            match event_rx.recv().await {
+                Some(TaskEvent::Done {
+                    engine, outcome, ..
+                }) => {
+                    waiting -= 1;
+                    if let Outcome::Error { ename, evalue, .. } = outcome {
+                        failures.push(format!("engine {engine}: {ename}: {evalue}"));
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("engines could not get ready: {}", failures.join("; "))
+        }
     }
 
     /// Starts one task on `engine`: `message` makes what to send from the new task's id. The
     /// task's events go to `events` until its `Done` (or the engine's death).
-    pub async fn start_task(
+    async fn start_task_in(
         &self,
         engine: u32,
         events: &Events,
+        cell: Option<u64>,
         message: impl FnOnce(u64) -> (ToEngine, Vec<Bytes>),
     ) -> u64 {
         let task = {
@@ -788,6 +1135,9 @@ impl Controller {
             let task = registry.next_task;
             registry.next_task += 1;
             registry.tasks.insert(task, (engine, events.clone()));
+            if let Some(cell) = cell {
+                registry.task_cells.insert(task, cell);
+            }
             if let Some(record) = registry.engines.get_mut(&engine) {
                 record.running.push(task);
                 if record.state == EngineState::Idle {
@@ -917,6 +1267,7 @@ fn forward<F: FnOnce(u32) -> TaskEvent>(
 /// How a task is named on the dashboard.
 fn task_label(message: &ToEngine) -> String {
     match message {
+        ToEngine::Execute { code, .. } if code.is_empty() => "warm-up".to_owned(),
         ToEngine::Execute { .. } => "cell".to_owned(),
         ToEngine::Store { name, .. } => format!("store {name}"),
         ToEngine::Fetch { name, .. } => format!("fetch {name}"),
@@ -925,7 +1276,8 @@ fn task_label(message: &ToEngine) -> String {
         ToEngine::Interrupt { .. }
         | ToEngine::Ping { .. }
         | ToEngine::Shutdown
-        | ToEngine::MapEnd { .. } => "control".to_owned(),
+        | ToEngine::MapEnd { .. }
+        | ToEngine::Shared { .. } => "control".to_owned(),
     }
 }
 

@@ -78,9 +78,9 @@ impl DataMover {
         let id = self.next_transfer();
         let arrived = port.expect(id);
         let code = if items {
-            cells::send_items(&port, id, expr, item_type)
+            cells::send_items(cells::Via::Port(&port), id, expr, item_type)
         } else {
-            cells::send_value(&port, id, expr)
+            cells::send_value(cells::Via::Port(&port), id, expr)
         };
         let ran = self.run_local(code, publisher, route).await;
         port.withdraw(id);
@@ -116,7 +116,7 @@ impl DataMover {
         port.offer(id, payload);
         let ran = self
             .run_local(
-                cells::receive_items(&port, id, name, item_type),
+                cells::receive_items(cells::Via::Port(&port), id, name, item_type),
                 publisher,
                 route,
             )
@@ -154,22 +154,21 @@ impl DataMover {
             vec![payload.clone(); targets.len()]
         };
         let (events, mut event_rx) = mpsc::unbounded_channel();
-        for (&engine, part) in targets.iter().zip(&parts) {
-            let name = command.name.clone();
-            let type_src = type_src.clone();
-            self.controller
-                .start_task(engine, &events, |task| {
-                    let store = ToEngine::Store {
-                        task,
-                        name,
-                        type_src,
-                        value: !scatter,
-                        meta: part.meta.clone().into(),
-                    };
-                    (store, payload_buffers(part))
-                })
-                .await;
-        }
+        let part_of: BTreeMap<u32, &Payload> = targets.iter().copied().zip(&parts).collect();
+        self.controller
+            .start_shared(&targets, &events, |engine, task, share| {
+                let part = part_of[&engine];
+                let store = ToEngine::Store {
+                    task,
+                    name: command.name.clone(),
+                    type_src: type_src.clone(),
+                    value: !scatter,
+                    meta: part.meta.clone().into(),
+                    share,
+                };
+                (store, payload_buffers(part))
+            })
+            .await;
         drop(events);
         let mut failed = Vec::new();
         let mut done = 0;
@@ -235,19 +234,17 @@ impl DataMover {
         let gather = command.movement == Movement::Gather;
         let began = std::time::Instant::now();
         let (events, mut event_rx) = mpsc::unbounded_channel();
-        for &engine in &targets {
-            let name = command.name.clone();
-            self.controller
-                .start_task(engine, &events, |task| {
-                    let fetch = ToEngine::Fetch {
-                        task,
-                        name,
-                        value: !gather,
-                    };
-                    (fetch, Vec::new())
-                })
-                .await;
-        }
+        self.controller
+            .start_shared(&targets, &events, |_, task, share| {
+                let fetch = ToEngine::Fetch {
+                    task,
+                    name: command.name.clone(),
+                    value: !gather,
+                    share,
+                };
+                (fetch, Vec::new())
+            })
+            .await;
         drop(events);
         let mut fetched: BTreeMap<u32, (String, Payload)> = BTreeMap::new();
         let mut failed = Vec::new();

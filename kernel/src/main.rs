@@ -63,11 +63,17 @@ fn main() -> ExitCode {
     }
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
     // roles this call never returns. It must come before anything else but the line above.
-    // With a report file named, the evaluation process is Parallax's own, which records the
-    // compiled cells it runs.
+    // Parallax's own evaluation processes: an engine's store, a compiling context's relay to
+    // it, and a runtime that records the compiled cells it runs.
     if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+        if let Some(socket) = std::env::var_os(parallax_eval::gateway::RELAY_VAR) {
+            parallax_eval::relay::serve(std::path::Path::new(&socket));
+        }
+        if std::env::var_os(parallax_eval::store::STORE_VAR).is_some() {
+            parallax_eval::runtime::serve(None);
+        }
         if let Some(report) = std::env::var_os(parallax_eval::runtime::REPORT_VAR) {
-            parallax_eval::runtime::serve(std::path::Path::new(&report));
+            parallax_eval::runtime::serve(Some(std::path::Path::new(&report)));
         }
     }
     evcxr::runtime_hook();

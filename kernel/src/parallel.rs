@@ -308,6 +308,13 @@ impl Parallel {
                 s.uptime.as_secs_f64()
             ));
         }
+        let sharing = self.controller.sharing();
+        if !sharing.is_empty() {
+            text.push_str("Compiled cells:\n");
+            for line in sharing {
+                text.push_str(&format!("  {line}\n"));
+            }
+        }
         text.trim_end().to_owned()
     }
 
@@ -422,16 +429,8 @@ impl Parallel {
     }
 }
 
-/// A cell that adds dependencies (`:dep`) makes every engine build them. Engines on one host
-/// share evcxr's dependency cache, but it races when several miss at once, so one engine
-/// builds first and the others then find the build in the cache.
-fn adds_dependencies(code: &str) -> bool {
-    code.lines()
-        .any(|line| line.trim_start().starts_with(":dep"))
-}
-
-/// Runs `code` on `targets` and collects the report, building dependencies on one engine
-/// first when the cell adds any. If that first engine fails, the others do not run the cell.
+/// Runs `code` on `targets` and collects the report. The engines of a host that are in the same
+/// state compile it (and any `:dep` it adds) once, on one of them.
 async fn run_job(
     controller: Controller,
     targets: &[u32],
@@ -440,10 +439,6 @@ async fn run_job(
     live: Option<(Publisher, OutputRoute)>,
     progress: Option<Progress>,
 ) -> Report {
-    let (first, rest) = match targets.split_first() {
-        Some((first, rest)) if adds_dependencies(code) && !rest.is_empty() => (vec![*first], rest),
-        _ => (targets.to_vec(), &[][..]),
-    };
     let job = controller.monitor.job(
         JobKind::Px,
         &cell_label(code),
@@ -451,36 +446,9 @@ async fn run_job(
         targets.len() as u64,
         true,
     );
-    let (tasks, events) = controller.submit(&first, code).await;
+    let (tasks, events) = controller.submit(targets, code).await;
     job.track(&tasks);
-    let mut report = collect(
-        &controller,
-        &job,
-        tasks,
-        events,
-        timeout,
-        live.clone(),
-        progress.clone(),
-    )
-    .await;
-    if !rest.is_empty() {
-        if report.failures().is_empty() {
-            let (tasks, events) = controller.submit(rest, code).await;
-            job.track(&tasks);
-            let others = collect(&controller, &job, tasks, events, timeout, live, progress).await;
-            report.pieces.extend(others.pieces);
-        } else {
-            let skipped: Vec<String> = rest.iter().map(u32::to_string).collect();
-            let note = format!(
-                "engines {} did not run this cell: building its dependencies failed on engine {}\n",
-                skipped.join(", "),
-                first[0]
-            );
-            if let Some((publisher, route)) = &live {
-                publisher.stream(route, "stderr", &note);
-            }
-        }
-    }
+    let mut report = collect(&controller, &job, tasks, events, timeout, live, progress).await;
     report.targets = targets.to_vec();
     let failures = report.failures();
     let error = (!failures.is_empty()).then(|| {

@@ -103,15 +103,15 @@ async fn run_map(
     mover.port().await?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut workers: BTreeMap<u32, Worker> = BTreeMap::new();
-    for &engine in &targets {
-        let func = pmap.func.clone();
-        let task = mover
-            .controller
-            .start_task(engine, &events_tx, |task| {
-                (ToEngine::Map { task, func }, Vec::new())
-            })
-            .await;
-        job.track(&[(engine, task)]);
+    let serving = mover
+        .controller
+        .start_shared(&targets, &events_tx, |_, task, share| {
+            let func = pmap.func.clone();
+            (ToEngine::Map { task, func, share }, Vec::new())
+        })
+        .await;
+    job.track(&serving);
+    for (engine, task) in serving {
         workers.insert(
             engine,
             Worker {

@@ -440,6 +440,10 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
     Ok(items)
 }
 
+/// Where an engine's evaluation process finds its engine's data socket, and its token.
+pub const SOCKET_VAR: &str = "PARALLAX_DATA_SOCKET";
+pub const TOKEN_VAR: &str = "PARALLAX_DATA_TOKEN";
+
 /// The connection of a cell to its host.
 pub struct Link {
     reader: BufReader<UnixStream>,
@@ -448,6 +452,18 @@ pub struct Link {
 
 impl Link {
     pub fn connect(path: &str, token: &str) -> Link {
+        // An engine's cells are the same on every engine of a host (they are compiled once), so
+        // they name no socket: each finds its engine's in its evaluation process's environment.
+        let (path, token) = if path.is_empty() {
+            let read = |name: &str| {
+                std::env::var(name)
+                    .unwrap_or_else(|_| panic!("parallax: {name} is not set in this process"))
+            };
+            (read(SOCKET_VAR), read(TOKEN_VAR))
+        } else {
+            (path.to_owned(), token.to_owned())
+        };
+        let (path, token) = (path.as_str(), token.as_str());
         let stream = UnixStream::connect(path)
             .unwrap_or_else(|e| panic!("parallax: cannot reach the data socket {path}: {e}"));
         let reader = stream

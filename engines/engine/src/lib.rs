@@ -1,18 +1,23 @@
-//! The engine process: connects to its controller, evaluates the cells it is sent one at a time
-//! with its own evcxr context, and streams output and results back. It exits when told to, or
-//! when it has heard nothing from the controller for a while (the kernel is gone).
+//! The engine process: connects to its controller, evaluates the cells it is sent one at a time,
+//! and streams output and results back. Its variables live in its store (an evaluation process
+//! of its own); the cells it runs there are compiled once per host: by this engine's compiling
+//! context when it leads a shared cell, which passes each compiled cell on to the engines that
+//! follow it, or by the leader's when it follows. It exits when told to, or when it has heard
+//! nothing from the controller for a while (the kernel is gone).
+
+mod sharing;
 
 use anyhow::Context;
 use bytes::Bytes;
 use parallax_engine_protocol::{
-    ends_from_bytes, ends_to_bytes, DataMeta, FromEngine, Outcome, Receiver, Sender, Signer,
+    ends_from_bytes, ends_to_bytes, DataMeta, FromEngine, Outcome, Receiver, Sender, Share, Signer,
     StreamName, ToEngine,
 };
-use parallax_eval::{
-    cells, CellError, CellOutput, DataPort, Evaluator, MapInput, MapOutput, Payload, StreamSink,
-};
+use parallax_eval::cells;
+use parallax_eval::{private_base, CellError, MapInput, MapOutput, Payload, StreamSink};
+use sharing::{outcome_of, Core, DEPENDENCY_CACHE};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,24 +29,37 @@ use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 const ENV_CRATE_SOURCE: &str = include_str!("../../env/src/lib.rs");
 const ENV_CRATE_MANIFEST: &str = include_str!("../../env/Cargo.toml");
 
-/// Writes the helper crate into a private directory and returns the `:dep` line for it.
-fn env_crate_dep() -> std::io::Result<String> {
-    let dir = std::env::temp_dir().join(format!("parallax-env-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("src"))?;
-    std::fs::write(dir.join("Cargo.toml"), ENV_CRATE_MANIFEST)?;
-    std::fs::write(dir.join("src").join("lib.rs"), ENV_CRATE_SOURCE)?;
+/// The `:dep` line for a helper crate carried in this binary. The crate is written once per
+/// host and version, to a path named by its content, so that the line is the same on every
+/// engine of the host (and so are the cells compiled after it).
+fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result<String> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (manifest, source).hash(&mut hasher);
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("parallax")
+        .join("crates");
+    let dir = base.join(format!("{name}-{:016x}", hasher.finish()));
+    if !dir.join("src").join("lib.rs").exists() {
+        // Written beside it and renamed, so that no engine sees half a crate.
+        let scratch = base.join(format!(".{name}-{}", std::process::id()));
+        std::fs::create_dir_all(scratch.join("src"))?;
+        std::fs::write(scratch.join("Cargo.toml"), manifest)?;
+        std::fs::write(scratch.join("src").join("lib.rs"), source)?;
+        if std::fs::rename(&scratch, &dir).is_err() {
+            // Another engine got there first.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
     let path = dir
         .to_string_lossy()
         .replace('\\', "\\\\")
         .replace('"', "\\\"");
-    Ok(format!(":dep parallax_env = {{ path = \"{path}\" }}"))
+    Ok(format!(":dep {name} = {{ path = \"{path}\" }}"))
 }
-
-/// The exit code of an engine whose evcxr context could not be built.
-const EXIT_NO_EVALUATOR: i32 = 3;
-
-/// evcxr's command that caches built dependencies (size in MiB).
-const DEPENDENCY_CACHE: &str = ":cache 4000";
 
 /// The controller pings every second; this long without any message means it is gone.
 const CONTROLLER_SILENCE_LIMIT: Duration = Duration::from_secs(10);
@@ -77,7 +95,7 @@ enum DataWork {
         name: String,
         type_src: String,
         value: bool,
-        payload: Payload,
+        payload: Result<Payload, String>,
     },
     Fetch {
         name: String,
@@ -88,16 +106,16 @@ enum DataWork {
     },
 }
 
-type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
+pub(crate) type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
 
 /// The maps this engine serves: their chunk feeds, and maps ended before their cell began.
 #[derive(Default)]
-struct Maps {
+pub(crate) struct Maps {
     feeds: HashMap<u64, std_mpsc::Sender<MapInput>>,
     ended: HashSet<u64>,
 }
 
-type SharedMaps = Arc<Mutex<Maps>>;
+pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 
 fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, Maps> {
     maps.lock().unwrap_or_else(|p| p.into_inner())
@@ -127,18 +145,15 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     };
     send(&mut socket, &mut sender, &register, Vec::new()).await?;
 
-    let evaluator = Evaluator::start();
-    let maps = SharedMaps::default();
+    let core = Core::new(engine, outbound.clone(), &private_base())
+        .context("starting the engine's evaluation process")?;
+    let interrupter = core.interrupter.clone();
+    let maps = core.maps.clone();
+    let inbox = core.inbox.clone();
     let running = Arc::new(AtomicU64::new(NO_TASK));
-    let (tasks, task_rx) = mpsc::unbounded_channel::<(u64, Work)>();
-    tokio::spawn(run_tasks(
-        evaluator.clone(),
-        task_rx,
-        outbound.clone(),
-        engine,
-        maps.clone(),
-        running.clone(),
-    ));
+    let (tasks, task_rx) = mpsc::unbounded_channel::<(u64, Share, Work)>();
+    tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running.clone()));
+    let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
 
     let mut last_heard = Instant::now();
     // Until the controller speaks, it may not have our registration (it can arrive before the
@@ -162,26 +177,26 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                 last_heard = Instant::now();
                 heard_from_controller = true;
                 match message {
-                    ToEngine::Execute { task, code } => {
-                        let _ = tasks.send((task, Work::Code(code)));
+                    ToEngine::Execute { task, code, share } => {
+                        let _ = tasks.send((task, share, Work::Code(code)));
                     }
-                    ToEngine::Store { task, name, type_src, value, meta } => {
-                        match payload_from(meta, buffers) {
-                            Ok(payload) => {
-                                let _ = tasks.send((task, Work::Data(DataWork::Store { name, type_src, value, payload })));
-                            }
-                            Err(e) => {
-                                tracing::warn!("engine {engine}: dropped a store: {e}");
-                                let _ = outbound.send((done_error(task, "DataError", &e), Vec::new()));
-                            }
+                    ToEngine::Store { task, name, type_src, value, meta, share } => {
+                        // Values that did not arrive intact are dropped, but the engine still
+                        // takes part in the shared cell: the others of its group may wait for it.
+                        let payload = payload_from(meta, buffers);
+                        if let Err(e) = &payload {
+                            tracing::warn!("engine {engine}: dropped a store: {e}");
                         }
+                        let work = Work::Data(DataWork::Store { name, type_src, value, payload });
+                        let _ = tasks.send((task, share, work));
                     }
-                    ToEngine::Fetch { task, name, value } => {
-                        let _ = tasks.send((task, Work::Data(DataWork::Fetch { name, value })));
+                    ToEngine::Fetch { task, name, value, share } => {
+                        let _ = tasks.send((task, share, Work::Data(DataWork::Fetch { name, value })));
                     }
-                    ToEngine::Map { task, func } => {
-                        let _ = tasks.send((task, Work::Data(DataWork::Map { func })));
+                    ToEngine::Map { task, func, share } => {
+                        let _ = tasks.send((task, share, Work::Data(DataWork::Map { func })));
                     }
+                    ToEngine::Shared { cell, from, step } => inbox.deliver(cell, from, step),
                     ToEngine::Chunk { task, chunk, start, meta } => {
                         let feed = lock(&maps).feeds.get(&task).cloned();
                         match (feed, payload_from(meta, buffers)) {
@@ -204,7 +219,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                             // A map stops between chunks and keeps the engine's variables; only
                             // an item that runs on and on needs the hard way.
                             end_map(&maps, task);
-                            let interrupter = evaluator.interrupter().clone();
+                            let interrupter = interrupter.clone();
                             let running = running.clone();
                             tokio::spawn(async move {
                                 tokio::time::sleep(MAP_STOP_GRACE).await;
@@ -212,8 +227,8 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                                     interrupter.interrupt();
                                 }
                             });
-                        } else {
-                            evaluator.interrupter().interrupt();
+                        } else if running.load(Ordering::SeqCst) == task {
+                            interrupter.interrupt();
                         }
                     }
                     ToEngine::Ping { nonce } => {
@@ -242,10 +257,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         }
     };
     // A cell still running must not outlive the engine.
-    evaluator.interrupter().kill_all();
-    let _ = std::fs::remove_dir_all(
-        std::env::temp_dir().join(format!("parallax-env-{}", std::process::id())),
-    );
+    interrupter.kill_all();
     result
 }
 
@@ -283,71 +295,31 @@ pub fn payload_buffers(payload: &Payload) -> Vec<Bytes> {
     vec![ends_to_bytes(&payload.ends), payload.data.clone()]
 }
 
-fn done_error(task: u64, ename: &str, evalue: &str) -> FromEngine {
-    FromEngine::Done {
-        task,
-        outcome: Outcome::Error {
-            ename: ename.to_owned(),
-            evalue: evalue.to_owned(),
-            traceback: vec![format!("{ename}: {evalue}")],
-        },
+/// The commands every engine context executes before its first cell: the dependency cache,
+/// and the helper crate cells use without a `:dep` of their own.
+fn preludes() -> Vec<String> {
+    let mut preludes = vec![DEPENDENCY_CACHE.to_owned()];
+    match helper_crate_dep("parallax_env", ENV_CRATE_MANIFEST, ENV_CRATE_SOURCE) {
+        Ok(dep) => preludes.push(dep),
+        Err(e) => tracing::warn!("could not write the parallax_env crate: {e}"),
     }
-}
-
-fn outcome_of(result: Result<CellOutput, CellError>) -> Outcome {
-    match result {
-        Ok(output) => Outcome::Ok { data: output.data },
-        Err(error) => Outcome::Error {
-            ename: error.ename,
-            evalue: error.evalue,
-            traceback: error.traceback,
-        },
-    }
+    preludes
 }
 
 /// Runs tasks one at a time, in the order they arrived.
 async fn run_tasks(
-    evaluator: Evaluator,
-    mut tasks: mpsc::UnboundedReceiver<(u64, Work)>,
+    mut core: Core,
+    mut tasks: mpsc::UnboundedReceiver<(u64, Share, Work)>,
     outbound: Outbound,
-    engine: u32,
-    maps: SharedMaps,
     running: Arc<AtomicU64>,
 ) {
-    match evaluator.ready().await {
-        Ok(()) => {
-            // evcxr's dependency cache lives in the user's cache directory, so engines on one
-            // host share it; the controller has one engine build a new dependency first.
-            let quiet: StreamSink = Arc::new(|_, _| {});
-            if let Err(e) = evaluator
-                .execute(DEPENDENCY_CACHE.into(), quiet.clone(), None)
-                .await
-            {
-                tracing::warn!(
-                    "engine {engine}: could not enable the dependency cache: {}",
-                    e.evalue
-                );
-            }
-            match env_crate_dep() {
-                Ok(dep) => {
-                    if let Err(e) = evaluator.execute(dep, quiet, None).await {
-                        tracing::warn!(
-                            "engine {engine}: parallax_env is unavailable: {}",
-                            e.evalue
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!("engine {engine}: could not write parallax_env: {e}"),
-            }
-            let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
-        }
-        Err(e) => {
-            // Exiting is how the controller learns of it: it reports the exit code at once.
-            tracing::error!("engine {engine}: {e}");
-            std::process::exit(EXIT_NO_EVALUATOR);
-        }
-    }
-    while let Some((task, work)) = tasks.recv().await {
+    let preludes = preludes();
+    let data_dep = helper_crate_dep(
+        "parallax_data",
+        cells::DATA_CRATE_MANIFEST,
+        cells::DATA_CRATE_SOURCE,
+    );
+    while let Some((task, share, work)) = tasks.recv().await {
         let sink_outbound = outbound.clone();
         let sink: StreamSink = Arc::new(move |name, text| {
             let name = if name == "stderr" {
@@ -364,29 +336,54 @@ async fn run_tasks(
         });
         running.store(task, Ordering::SeqCst);
         let outcome = match work {
-            Work::Code(code) => outcome_of(evaluator.execute(code, sink, None).await),
-            Work::Data(work) => match evaluator.data_port().await {
-                Ok(port) => {
-                    run_data_work(&evaluator, &port, task, work, sink, &outbound, &maps).await
+            Work::Code(code) => {
+                let work = sharing::Work {
+                    code,
+                    preludes: preludes.clone(),
+                    wants_sent_type: false,
+                };
+                core.execute(task, &share, &work, sink).await.outcome
+            }
+            Work::Data(work) => {
+                let mut needs = preludes.clone();
+                match &data_dep {
+                    Ok(dep) => needs.push(dep.clone()),
+                    Err(e) => tracing::warn!("could not write the parallax_data crate: {e}"),
                 }
-                Err(error) => outcome_of(Err(error)),
-            },
+                run_data_work(&mut core, task, &share, work, needs, sink, &outbound).await
+            }
         };
         running.store(NO_TASK, Ordering::SeqCst);
-        let _ = outbound.send((FromEngine::Done { task, outcome }, Vec::new()));
+        let report = core.report();
+        tracing::debug!(
+            "engine {}: task {task} done; history {:016x} of {} entries",
+            core.engine,
+            report.fingerprint,
+            report.entries
+        );
+        let done = FromEngine::Done {
+            task,
+            outcome,
+            state: Some(report),
+        };
+        let _ = outbound.send((done, Vec::new()));
     }
 }
 
-/// Runs the cell of a data task; what it sends back goes out before the task's `Done`.
+/// Runs the cell of a data task; what it sends back goes out before the task's `Done`. The
+/// cell's transfer id is the shared cell's number, the same on every engine that runs it.
 async fn run_data_work(
-    evaluator: &Evaluator,
-    port: &DataPort,
+    core: &mut Core,
     task: u64,
+    share: &Share,
     work: DataWork,
+    preludes: Vec<String>,
     sink: StreamSink,
     outbound: &Outbound,
-    maps: &SharedMaps,
 ) -> Outcome {
+    let id = share.cell;
+    let port = core.port.clone();
+    let via = core.via();
     match work {
         DataWork::Store {
             name,
@@ -395,35 +392,56 @@ async fn run_data_work(
             payload,
         } => {
             let began = Instant::now();
-            port.offer(task, payload);
-            let code = if value {
-                cells::receive_value(port, task, &name, &type_src)
-            } else {
-                cells::receive_items(port, task, &name, &type_src)
+            let refused = match payload {
+                Ok(payload) => {
+                    port.offer(id, payload);
+                    None
+                }
+                Err(e) => Some(e),
             };
-            let result = evaluator.execute(code, sink, None).await;
-            port.withdraw(task);
+            let code = if value {
+                cells::receive_value(via, id, &name, &type_src)
+            } else {
+                cells::receive_items(via, id, &name, &type_src)
+            };
+            let work = sharing::Work {
+                code,
+                preludes,
+                wants_sent_type: false,
+            };
+            let ended = core.execute(task, share, &work, sink).await;
+            port.withdraw(id);
             tracing::debug!(
                 "store of `{name}` took {:.3} s",
                 began.elapsed().as_secs_f64()
             );
-            outcome_of(result)
+            match refused {
+                Some(e) => outcome_of(Err(CellError::plain(
+                    "DataError",
+                    format!("the values for `{name}` did not arrive intact: {e}"),
+                ))),
+                None => ended.outcome,
+            }
         }
         DataWork::Fetch { name, value } => {
             let began = Instant::now();
-            let arrived = port.expect(task);
+            let arrived = port.expect(id);
             let code = if value {
-                cells::send_value(port, task, &name)
+                cells::send_value(via, id, &name)
             } else {
-                cells::send_items(port, task, &name, None)
+                cells::send_items(via, id, &name, None)
             };
-            let result = evaluator.execute(code, sink, None).await;
-            port.withdraw(task);
-            if let Err(error) = result {
-                return outcome_of(Err(error));
+            let work = sharing::Work {
+                code,
+                preludes,
+                wants_sent_type: true,
+            };
+            let ended = core.execute(task, share, &work, sink).await;
+            port.withdraw(id);
+            if let Outcome::Error { .. } = ended.outcome {
+                return ended.outcome;
             }
-            let spelled = evaluator.variable_type(cells::SENT).await;
-            match (arrived.await, spelled.as_deref().and_then(cells::sent_type)) {
+            match (arrived.await, ended.sent_type) {
                 (Ok(payload), Some(type_src)) => {
                     tracing::debug!(
                         "fetch of `{name}`: {} bytes in {:.3} s",
@@ -443,14 +461,14 @@ async fn run_data_work(
                 }
                 (Err(_), _) => outcome_of(Err(CellError::internal("the values never arrived"))),
                 (_, None) => outcome_of(Err(CellError::internal(&format!(
-                    "evcxr did not name the type of `{name}` (found {spelled:?})"
+                    "evcxr did not name the type of `{name}`"
                 )))),
             }
         }
         DataWork::Map { func } => {
-            let session = port.open_map(task);
+            let session = port.open_map(id);
             let ended_early = {
-                let mut maps = lock(maps);
+                let mut maps = lock(&core.maps);
                 maps.feeds.insert(task, session.input.clone());
                 maps.ended.remove(&task)
             };
@@ -459,23 +477,21 @@ async fn run_data_work(
             }
             let forwarder =
                 tokio::spawn(forward_map_output(task, session.output, outbound.clone()));
-            let result = evaluator
-                .execute(cells::serve_map(port, task, &func), sink, None)
-                .await;
-            lock(maps).feeds.remove(&task);
-            port.withdraw(task);
+            let work = sharing::Work {
+                code: cells::serve_map(via, id, &func),
+                preludes,
+                wants_sent_type: true,
+            };
+            let ended = core.execute(task, share, &work, sink).await;
+            lock(&core.maps).feeds.remove(&task);
+            port.withdraw(id);
             // The cell is over, so its side of the session is closed and the forwarder ends
             // once it has passed on every result.
             let _ = forwarder.await;
-            if let Err(error) = result {
-                return outcome_of(Err(error));
+            if let Outcome::Error { .. } = ended.outcome {
+                return ended.outcome;
             }
-            if let Some(type_src) = evaluator
-                .variable_type(cells::SENT)
-                .await
-                .as_deref()
-                .and_then(cells::sent_type)
-            {
+            if let Some(type_src) = ended.sent_type {
                 let _ = outbound.send((FromEngine::ResultType { task, type_src }, Vec::new()));
             }
             Outcome::Ok {

@@ -12,8 +12,21 @@ pub const SENT: &str = "parallax_sent";
 pub const DATA_CRATE_SOURCE: &str = include_str!("../../data/src/lib.rs");
 pub const DATA_CRATE_MANIFEST: &str = include_str!("../../data/Cargo.toml");
 
-fn link_args(port: &DataPort, id: u64) -> String {
-    format!("{:?}, {:?}, {id}", port.socket(), port.token())
+/// How a cell reaches its host's data socket.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// This socket, named in the cell (the notebook's own context).
+    Port(&'a DataPort),
+    /// The one the evaluation process's environment names (an engine's store), so that the
+    /// cell is the same on every engine and compiles once.
+    Environment,
+}
+
+fn link_args(via: Via, id: u64) -> String {
+    match via {
+        Via::Port(port) => format!("{:?}, {:?}, {id}", port.socket(), port.token()),
+        Via::Environment => format!("\"\", \"\", {id}"),
+    }
 }
 
 /// A leading `&` would borrow the input twice; the cell borrows it itself.
@@ -27,48 +40,48 @@ fn unborrowed(expr: &str) -> &str {
 
 /// Sends the items `expr` yields as transfer `id`. `item_type` pins the items' type (so that
 /// `0..10` becomes the `u64`s a function expects); `None` lets Rust infer it.
-pub fn send_items(port: &DataPort, id: u64, expr: &str, item_type: Option<&str>) -> String {
+pub fn send_items(via: Via, id: u64, expr: &str, item_type: Option<&str>) -> String {
     let expr = unborrowed(expr);
     format!(
         "let {SENT} = parallax_data::send_items::<{ty}>({args}, {{\n\
          use parallax_data::{{ViaClone as _, ViaRef as _}};\n\
          (&&parallax_data::Input(&(\n{expr}\n))).parallax_items()\n}});",
         ty = item_type.unwrap_or("_"),
-        args = link_args(port, id),
+        args = link_args(via, id),
     )
 }
 
 /// Sends the value of `expr` (borrowed, never moved) as transfer `id`.
-pub fn send_value(port: &DataPort, id: u64, expr: &str) -> String {
+pub fn send_value(via: Via, id: u64, expr: &str) -> String {
     let expr = unborrowed(expr);
     format!(
         "let {SENT} = parallax_data::send_value({args}, &(\n{expr}\n));",
-        args = link_args(port, id)
+        args = link_args(via, id)
     )
 }
 
 /// Stores transfer `id` as `name: Vec<item_type>`.
-pub fn receive_items(port: &DataPort, id: u64, name: &str, item_type: &str) -> String {
+pub fn receive_items(via: Via, id: u64, name: &str, item_type: &str) -> String {
     format!(
         "let {name}: Vec<{item_type}> = parallax_data::receive_items({});",
-        link_args(port, id)
+        link_args(via, id)
     )
 }
 
 /// Stores transfer `id` as `name: value_type`.
-pub fn receive_value(port: &DataPort, id: u64, name: &str, value_type: &str) -> String {
+pub fn receive_value(via: Via, id: u64, name: &str, value_type: &str) -> String {
     format!(
         "let {name}: {value_type} = parallax_data::receive_value({});",
-        link_args(port, id)
+        link_args(via, id)
     )
 }
 
 /// Serves map task `task` with `func` (a function's name, a closure, or a variable holding
 /// one, such as a `Box<dyn Fn(T) -> R>`). It is borrowed, so that a variable is not moved away.
-pub fn serve_map(port: &DataPort, task: u64, func: &str) -> String {
+pub fn serve_map(via: Via, task: u64, func: &str) -> String {
     format!(
         "let {SENT} = parallax_data::serve_map({}, &(\n{func}\n));",
-        link_args(port, task)
+        link_args(via, task)
     )
 }
 

@@ -3,6 +3,8 @@
 
 use crate::dataport::DataPort;
 use crate::diagnostics::{self, CellError};
+use crate::gateway::Recorder;
+use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crossbeam_channel::{Receiver, Sender};
 use evcxr::{CommandContext, EvalCallbacks};
@@ -83,6 +85,25 @@ enum Job {
         name: String,
         done: oneshot::Sender<Option<String>>,
     },
+    /// Executes recorded entries again, told their recorded outcomes instead of running them.
+    Replay {
+        entries: Vec<Entry>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// The names of the context's variables.
+    Variables {
+        done: oneshot::Sender<BTreeSet<String>>,
+    },
+}
+
+/// How a compiling evaluator reaches the evaluation process it compiles for: its context's own
+/// process is a relay to a gateway (`crate::gateway`), which runs what it compiles in an
+/// engine's store and records each execution.
+pub struct Compiling {
+    pub relay: std::process::Command,
+    pub recorder: Arc<dyn Recorder>,
+    /// The store's process, which an interrupt of a running cell kills.
+    pub runtime: Arc<Mutex<std::process::Child>>,
 }
 
 /// The handle the kernel holds: cheap to clone, usable from async code.
@@ -98,12 +119,20 @@ impl Evaluator {
     /// Starts the evaluation thread. The evcxr context is built there, in the background, so
     /// that the kernel answers `kernel_info` at once; the first job waits for it.
     pub fn start() -> Evaluator {
+        Self::start_with(None, Interrupter::default())
+    }
+
+    /// An evaluator that compiles for an engine's store through its gateway.
+    pub fn start_compiling(compiling: Compiling, interrupter: Interrupter) -> Evaluator {
+        Self::start_with(Some(compiling), interrupter)
+    }
+
+    fn start_with(compiling: Option<Compiling>, interrupter: Interrupter) -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
-        let interrupter = Interrupter::default();
         let thread_interrupter = interrupter.clone();
         std::thread::Builder::new()
             .name("evaluator".into())
-            .spawn(move || run(job_rx, thread_interrupter))
+            .spawn(move || run(job_rx, thread_interrupter, compiling))
             .expect("spawning the evaluator thread");
         Evaluator {
             jobs,
@@ -172,6 +201,24 @@ impl Evaluator {
             done,
         });
         result.await.ok().flatten()
+    }
+
+    /// Executes `entries` again to rebuild the context state they left, without running
+    /// anything: the gateway answers with their recorded outcomes. Fails if evcxr did not ask
+    /// for exactly the recorded compiled cells.
+    pub async fn replay(&self, entries: Vec<Entry>) -> Result<(), String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Replay { entries, done });
+        result
+            .await
+            .unwrap_or_else(|_| Err("the evaluator stopped".into()))
+    }
+
+    /// The names of the context's variables.
+    pub async fn variables(&self) -> BTreeSet<String> {
+        let (done, result) = oneshot::channel();
+        self.send(Job::Variables { done });
+        result.await.unwrap_or_default()
     }
 
     /// The data socket of this context, with the `parallax_data` crate ready for its cells.
@@ -276,12 +323,22 @@ struct Engine {
     sink: Arc<Mutex<StreamSink>>,
     /// The pid of the evaluation process our panic hook was installed in.
     hooked_pid: Option<u32>,
+    recorder: Option<Arc<dyn Recorder>>,
 }
 
-fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
+fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Option<Compiling>) {
     let sink = Arc::new(Mutex::new(discard_output()));
     let started = Instant::now();
-    let mut engine = match CommandContext::new() {
+    let (context, recorder, runtime) = match compiling {
+        None => (CommandContext::new(), None, None),
+        Some(compiling) => (
+            evcxr::EvalContext::with_subprocess_command(compiling.relay)
+                .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
+            Some(compiling.recorder),
+            Some(compiling.runtime),
+        ),
+    };
+    let mut engine = match context {
         Ok((ctx, outputs)) => {
             let stdout = StreamForwarder::spawn("stdout", outputs.stdout, sink.clone());
             let stderr = StreamForwarder::spawn("stderr", outputs.stderr, sink.clone());
@@ -291,10 +348,15 @@ fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
                 stderr,
                 sink,
                 hooked_pid: None,
+                recorder: recorder.clone(),
             };
             let context_built = started.elapsed();
-            if let Err(e) = engine.install_panic_hook() {
-                tracing::warn!("could not install the panic hook: {e}");
+            // A compiling evaluator installs it in its first cell, so that the engines that
+            // share its compiled cells install it too.
+            if recorder.is_none() {
+                if let Err(e) = engine.install_panic_hook() {
+                    tracing::warn!("could not install the panic hook: {e}");
+                }
             }
             tracing::info!(
                 "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
@@ -307,7 +369,8 @@ fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
     if let Err(e) = &engine {
         tracing::error!("{e}");
     }
-    interrupter.set_runtime(engine.as_ref().ok().map(|e| e.ctx.process_handle()));
+    interrupter
+        .set_runtime(runtime.or_else(|| engine.as_ref().ok().map(|e| e.ctx.process_handle())));
 
     for job in jobs {
         let engine = match &mut engine {
@@ -348,6 +411,12 @@ fn run(jobs: Receiver<Job>, interrupter: Interrupter) {
             Job::Ready { done } => {
                 let _ = done.send(Ok(()));
             }
+            Job::Replay { entries, done } => {
+                let _ = done.send(engine.replay(entries));
+            }
+            Job::Variables { done } => {
+                let _ = done.send(engine.variables());
+            }
             Job::VariableType { name, done } => {
                 let found = engine
                     .ctx
@@ -376,6 +445,12 @@ fn fail_job(job: Job, message: &str) {
         }
         Job::VariableType { done, .. } => {
             let _ = done.send(None);
+        }
+        Job::Replay { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Variables { done } => {
+            let _ = done.send(BTreeSet::new());
         }
     }
 }
@@ -418,10 +493,49 @@ impl Engine {
     }
 
     fn install_panic_hook(&mut self) -> Result<(), String> {
-        self.ctx
-            .execute(PANIC_HOOK_CELL)
-            .map_err(|e| e.to_string())?;
+        self.begin_entry(PANIC_HOOK_CELL);
+        let result = self.ctx.execute(PANIC_HOOK_CELL);
+        self.end_entry(result.is_ok());
+        result.map_err(|e| e.to_string())?;
         self.hooked_pid = self.runtime_pid();
+        Ok(())
+    }
+
+    fn begin_entry(&self, code: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.begin_entry(code);
+        }
+    }
+
+    fn end_entry(&self, ok: bool) {
+        if let Some(recorder) = &self.recorder {
+            recorder.end_entry(ok);
+        }
+    }
+
+    /// See `Evaluator::replay`.
+    fn replay(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some(recorder) = self.recorder.clone() else {
+            return Err("only a compiling evaluator replays".into());
+        };
+        for (index, entry) in entries.into_iter().enumerate() {
+            let ran = !entry.lines.is_empty();
+            recorder.begin_replay(entry.lines);
+            let result = guarded(|| self.ctx.execute(&entry.code));
+            let asked = recorder.end_replay();
+            let failed = match result {
+                Ok(Ok(_)) => None,
+                // A recorded death or type change ends the execution with an error after it ran.
+                Ok(Err(_)) if ran => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(internal) => Some(internal),
+            };
+            if let Some(error) = failed {
+                return Err(format!("entry {index} did not execute again: {error}"));
+            }
+            asked.map_err(|e| format!("entry {index}: {e}"))?;
+        }
+        // The relay may have been restarted by a recorded death; the hook goes in again then.
         Ok(())
     }
 
@@ -457,6 +571,7 @@ impl Engine {
             }
         };
         let _running = interrupter.begin_cell();
+        self.begin_entry(code);
         let result = guarded(|| {
             self.ctx.execute_with_callbacks(
                 code,
@@ -466,6 +581,7 @@ impl Engine {
                 },
             )
         });
+        self.end_entry(matches!(result, Ok(Ok(_))));
         let interruption = interrupter.take_interruption();
         // stderr arrives through its own pipe; give a line written just before the cell ended
         // the moment it needs to reach its channel, so it is published before the result.
@@ -511,6 +627,35 @@ impl Engine {
             },
         }
     }
+}
+
+/// The result of a cell for an engine that ran the compiled cell another engine's context
+/// built: from its own run (its output, its panic, its death), with the variables the
+/// compiling context had before and after the cell. `interrupted`: the death was an interrupt.
+pub fn result_of_run(
+    run: &crate::store::Run,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+    interrupted: bool,
+) -> Result<CellOutput, CellError> {
+    if run.outcome.died {
+        return Err(if interrupted {
+            diagnostics::interrupted_while_running(before)
+        } else {
+            diagnostics::process_died(run.death.as_deref().unwrap_or("it ended"), before)
+        });
+    }
+    let mut contents = run.contents.clone();
+    if let Some(message) = contents.remove(PANIC_MIME) {
+        let message = message.as_str().map(unescape).unwrap_or_default();
+        // New variables were dropped here, whatever happened on the compiling engine.
+        let survived: BTreeSet<String> = before.intersection(after).cloned().collect();
+        return Err(diagnostics::panic_error(&message, before, &survived));
+    }
+    if !run.outcome.changed_type.is_empty() {
+        return Err(diagnostics::type_redefined(&run.outcome.changed_type));
+    }
+    Ok(CellOutput { data: contents })
 }
 
 fn unescape(escaped: &str) -> String {

@@ -5,11 +5,18 @@
 pub mod cells;
 pub mod dataport;
 pub mod diagnostics;
+pub mod evalproto;
 mod evaluator;
+pub mod gateway;
+pub mod history;
 pub mod interrupt;
+pub mod relay;
 pub mod runtime;
+pub mod store;
 
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession, Payload};
 pub use diagnostics::CellError;
-pub use evaluator::{private_base, CellOutput, Evaluator, InputAsker, StreamSink};
+pub use evaluator::{
+    private_base, result_of_run, CellOutput, Compiling, Evaluator, InputAsker, StreamSink,
+};
 pub use interrupt::{Interrupter, Interruption};

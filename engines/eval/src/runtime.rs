@@ -4,8 +4,9 @@
 //! `EVCXR_EXECUTION_COMPLETE`. Unlike evcxr's own, it also writes each of those lines to a
 //! report file before running it: the record of compiled cells, in order, that another
 //! evaluation process can replay to reach the same state without compiling (compile once per
-//! machine). The kernel binary becomes this process when `EVCXR_IS_RUNTIME` and
-//! `PARALLAX_RUNTIME_REPORT` are both set.
+//! machine). The kernel binary becomes this process when `EVCXR_IS_RUNTIME` is set with
+//! `PARALLAX_RUNTIME_REPORT`, or with `PARALLAX_STORE` (an engine's store, which reports
+//! nothing: its engine sends it every line itself).
 
 use std::ffi::c_void;
 use std::io::{BufRead, Write};
@@ -16,19 +17,21 @@ pub const REPORT_VAR: &str = "PARALLAX_RUNTIME_REPORT";
 const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
 
 /// Serves the evaluation protocol on stdin and stdout until stdin closes; never returns.
-pub fn serve(report: &std::path::Path) -> ! {
+pub fn serve(report: Option<&std::path::Path>) -> ! {
     install_crash_handlers();
-    let mut report = match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(report)
-    {
-        Ok(file) => file,
-        Err(e) => {
-            eprintln!("parallax runtime: cannot open {}: {e}", report.display());
-            std::process::exit(99);
+    let mut report = report.map(|path| {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) => {
+                eprintln!("parallax runtime: cannot open {}: {e}", path.display());
+                std::process::exit(99);
+            }
         }
-    };
+    });
     // Loaded objects are never unloaded: their thread-local destructors may run at exit.
     let mut loaded: Vec<libloading::Library> = Vec::new();
     let mut store: *mut c_void = std::ptr::null_mut();
@@ -41,7 +44,10 @@ pub fn serve(report: &std::path::Path) -> ! {
             eprintln!("parallax runtime: unrecognised instruction {line:?}");
             std::process::exit(99);
         };
-        if let Err(e) = writeln!(report, "{line}").and_then(|_| report.flush()) {
+        if let Err(e) = report
+            .as_mut()
+            .map_or(Ok(()), |r| writeln!(r, "{line}").and_then(|_| r.flush()))
+        {
             eprintln!("parallax runtime: cannot write the report: {e}");
             std::process::exit(99);
         }

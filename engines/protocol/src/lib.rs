@@ -24,6 +24,7 @@ pub enum ToEngine {
     Execute {
         task: u64,
         code: String,
+        share: Share,
     },
     /// Stop task `task` if it is still running.
     Interrupt {
@@ -42,6 +43,7 @@ pub enum ToEngine {
         type_src: String,
         value: bool,
         meta: DataMeta,
+        share: Share,
     },
     /// Send variable `name` back as task `task`: as one value (`%pull`), or its items
     /// (`%gather`). The engine answers `Fetched`, then `Done`.
@@ -49,12 +51,14 @@ pub enum ToEngine {
         task: u64,
         name: String,
         value: bool,
+        share: Share,
     },
     /// Serve a map as task `task`: apply `func` (a function's name or a closure) to the
     /// chunks that follow until `MapEnd`.
     Map {
         task: u64,
         func: String,
+        share: Share,
     },
     /// Items `start..` of a map's input (buffers: item ends, then bytes).
     Chunk {
@@ -66,6 +70,90 @@ pub enum ToEngine {
     MapEnd {
         task: u64,
     },
+    /// A step of shared cell `cell` from the engine that compiles it (`from`).
+    Shared {
+        cell: u64,
+        from: u32,
+        step: Step,
+    },
+}
+
+/// How an engine executes a cell that other engines on its host execute too: it compiles the
+/// cell and passes the compiled cell on (`Lead`), or it runs what its leader compiled
+/// (`Follow`). `cell` is the same on every engine that executes it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Share {
+    pub cell: u64,
+    pub role: Role,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Role {
+    Lead { followers: Vec<u32> },
+    Follow { leader: u32 },
+}
+
+impl Share {
+    /// A cell an engine compiles for itself alone.
+    pub fn alone(cell: u64) -> Share {
+        Share {
+            cell,
+            role: Role::Lead {
+                followers: Vec::new(),
+            },
+        }
+    }
+}
+
+/// What a leading engine tells its followers while it executes a shared cell.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// The fingerprint of the leader's history before the cell: only an engine with the same
+    /// one may run what it compiles.
+    Begin {
+        fingerprint: u64,
+    },
+    /// The leader's context began executing this (the cell, or a command it needs first).
+    Entry {
+        code: String,
+    },
+    /// Run this compiled cell (an evcxr `LOAD_AND_RUN` line).
+    Run {
+        line: String,
+    },
+    EntryEnd {
+        ok: bool,
+    },
+    /// The cell is over: the leader's outcome, whether its last execution ran compiled code,
+    /// the variables before and after, the type of the values a data cell sent, the
+    /// fingerprint after, and how the last compiled cell ended on the leader, in words.
+    Done {
+        outcome: Outcome,
+        ran: bool,
+        before: Vec<String>,
+        after: Vec<String>,
+        sent_type: Option<String>,
+        fingerprint: u64,
+        ended: String,
+    },
+    /// Sent by the controller: the leader is gone.
+    Abort {
+        reason: String,
+    },
+}
+
+/// Where an engine's state stands after a task, for `%cluster status` and for grouping.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct StateReport {
+    /// Of the engine's history: engines with equal fingerprints can share compiled cells.
+    pub fingerprint: u64,
+    pub entries: u64,
+    /// The engine holds a compiling context for its state.
+    pub compiler: bool,
+    /// Why the engine's state left the one it shared, if it did, most recent first.
+    pub note: Option<String>,
 }
 
 /// Sent by an engine to the controller.
@@ -97,6 +185,14 @@ pub enum FromEngine {
     Done {
         task: u64,
         outcome: Outcome,
+        #[serde(default)]
+        state: Option<StateReport>,
+    },
+    /// A step of shared cell `cell`, for engines `to`.
+    Share {
+        cell: u64,
+        to: Vec<u32>,
+        step: Step,
     },
     Pong {
         nonce: u64,
@@ -358,6 +454,7 @@ mod tests {
             outcome: Outcome::Ok {
                 data: json!({"text/plain": "2"}).as_object().unwrap().clone(),
             },
+            state: None,
         };
         let frames = tx.encode(&body, vec![Bytes::from_static(b"\x00\x01binary")]);
         let got: Envelope<FromEngine> = rx.decode(frames).unwrap();

@@ -1,0 +1,502 @@
+//! How an engine executes its tasks: the compile-once protocol between the engines of a host.
+//!
+//! Every engine holds its variables in its store and keeps the history of what was executed to
+//! make them. A task comes with a role. The leader executes the cell in its compiling context
+//! (built on first need, by replaying its history when it has one), which runs each compiled
+//! cell in the leader's store and passes it on to the followers; it ends with a `Done` step
+//! carrying what the followers need to answer like it. A follower first checks that its
+//! history is the leader's (the `Begin` step's fingerprint): if so it runs the compiled cells
+//! in its own store; if not (its state diverged since the controller last heard), it compiles
+//! the cell for itself. A follower whose outcome differs from the leader's (a panic on one of
+//! them only, a crash) ends with a different history, which the controller sees in its report.
+
+use crate::{Maps, Outbound, SharedMaps};
+use parallax_engine_protocol::{FromEngine, Outcome, Role, Share, StateReport, Step};
+use parallax_eval::cells::{self, Via};
+use parallax_eval::gateway::{Forward, Gateway, Shared};
+use parallax_eval::history::{Entry, History};
+use parallax_eval::store::{Run, Store};
+use parallax_eval::{
+    result_of_run, CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// evcxr's command that caches built dependencies (size in MiB).
+pub const DEPENDENCY_CACHE: &str = ":cache 4000";
+
+/// What a task executes: its cell, the commands the cell needs first, and whether the type
+/// of the values it sends is wanted afterwards.
+pub struct Work {
+    pub code: String,
+    pub preludes: Vec<String>,
+    pub wants_sent_type: bool,
+}
+
+/// How a shared task ended on this engine.
+pub struct Ended {
+    pub outcome: Outcome,
+    pub sent_type: Option<String>,
+}
+
+type StepFrom = (u32, Step);
+
+enum Slot {
+    Open(
+        mpsc::UnboundedSender<StepFrom>,
+        Option<mpsc::UnboundedReceiver<StepFrom>>,
+    ),
+    /// The follower stopped listening before the leader's `Done`.
+    Abandoned,
+}
+
+/// Steps from leaders, by cell: they may arrive before the follower's task begins.
+#[derive(Clone, Default)]
+pub struct Inbox {
+    slots: Arc<Mutex<HashMap<u64, Slot>>>,
+}
+
+impl Inbox {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn deliver(&self, cell: u64, from: u32, step: Step) {
+        let mut slots = self.slots();
+        let last = matches!(step, Step::Done { .. } | Step::Abort { .. });
+        match slots.get(&cell) {
+            Some(Slot::Abandoned) => {
+                if last {
+                    slots.remove(&cell);
+                }
+            }
+            Some(Slot::Open(tx, _)) => {
+                let _ = tx.send((from, step));
+            }
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = tx.send((from, step));
+                slots.insert(cell, Slot::Open(tx, Some(rx)));
+            }
+        }
+    }
+
+    fn take(&self, cell: u64) -> mpsc::UnboundedReceiver<StepFrom> {
+        let mut slots = self.slots();
+        if let Some(Slot::Open(_, rx)) = slots.get_mut(&cell) {
+            if let Some(rx) = rx.take() {
+                return rx;
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        slots.insert(cell, Slot::Open(tx, None));
+        rx
+    }
+
+    /// The follower heard the last step.
+    fn close(&self, cell: u64) {
+        self.slots().remove(&cell);
+    }
+
+    /// The follower stops listening early; later steps are dropped.
+    fn abandon(&self, cell: u64) {
+        self.slots().insert(cell, Slot::Abandoned);
+    }
+}
+
+pub struct Core {
+    pub engine: u32,
+    store: Arc<Mutex<Store>>,
+    history: Arc<Mutex<History>>,
+    gateway: Gateway,
+    compiler: Option<Evaluator>,
+    pub interrupter: Interrupter,
+    pub port: DataPort,
+    pub inbox: Inbox,
+    outbound: Outbound,
+    /// Why this engine's state left the one it shared, most recent first.
+    note: Option<String>,
+    pub maps: SharedMaps,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Core {
+    pub fn new(engine: u32, outbound: Outbound, base: &std::path::Path) -> std::io::Result<Core> {
+        let port = DataPort::open(base)?;
+        let store = Store::start(&[
+            (
+                parallax_data::SOCKET_VAR.to_owned(),
+                port.socket().to_owned(),
+            ),
+            (parallax_data::TOKEN_VAR.to_owned(), port.token().to_owned()),
+        ])?;
+        let store = Arc::new(Mutex::new(store));
+        let history = Arc::new(Mutex::new(History::default()));
+        let gateway = Gateway::open(base, store.clone(), history.clone())?;
+        let interrupter = Interrupter::default();
+        interrupter.set_runtime(Some(lock(&store).handle()));
+        Ok(Core {
+            engine,
+            store,
+            history,
+            gateway,
+            compiler: None,
+            interrupter,
+            port,
+            inbox: Inbox::default(),
+            outbound,
+            note: None,
+            maps: Arc::new(Mutex::new(Maps::default())),
+        })
+    }
+
+    fn fingerprint(&self) -> u64 {
+        lock(&self.history).fingerprint()
+    }
+
+    /// Where this engine's state stands, for the controller.
+    pub fn report(&self) -> StateReport {
+        let history = lock(&self.history);
+        StateReport {
+            fingerprint: history.fingerprint(),
+            entries: history.len() as u64,
+            compiler: self.compiler.is_some(),
+            note: self.note.clone(),
+        }
+    }
+
+    /// Executes `work` in the role the controller gave.
+    pub async fn execute(
+        &mut self,
+        task: u64,
+        share: &Share,
+        work: &Work,
+        sink: StreamSink,
+    ) -> Ended {
+        lock(&self.store).set_sink(sink.clone());
+        match &share.role {
+            Role::Lead { followers } => self.lead(share.cell, followers, work, sink).await,
+            Role::Follow { leader } => self.follow(task, share.cell, *leader, work, sink).await,
+        }
+    }
+
+    async fn lead(&mut self, cell: u64, followers: &[u32], work: &Work, sink: StreamSink) -> Ended {
+        let to = followers.to_vec();
+        let outbound = self.outbound.clone();
+        let tell = move |step: Step| {
+            if !to.is_empty() {
+                let share = FromEngine::Share {
+                    cell,
+                    to: to.clone(),
+                    step,
+                };
+                let _ = outbound.send((share, Vec::new()));
+            }
+        };
+        tell(Step::Begin {
+            fingerprint: self.fingerprint(),
+        });
+        let compiler = match self.compiler(&sink).await {
+            Ok(compiler) => compiler,
+            Err(error) => {
+                let outcome = outcome_of(Err(error));
+                tell(self.done(&outcome, false, Default::default(), None, ""));
+                return Ended {
+                    outcome,
+                    sent_type: None,
+                };
+            }
+        };
+        let forward: Option<Forward> = (!followers.is_empty()).then(|| {
+            let tell = tell.clone();
+            Arc::new(move |shared: Shared| {
+                tell(match shared {
+                    Shared::Entry(code) => Step::Entry { code },
+                    Shared::Run(line) => Step::Run { line },
+                    Shared::EntryEnd(ok) => Step::EntryEnd { ok },
+                })
+            }) as Forward
+        });
+        self.gateway.set_forward(forward);
+        let quiet: StreamSink = Arc::new(|_, _| {});
+        for prelude in &work.preludes {
+            if lock(&self.history).contains(prelude) {
+                continue;
+            }
+            if let Err(e) = compiler.execute(prelude.clone(), quiet.clone(), None).await {
+                tracing::warn!("engine {}: `{prelude}` failed: {}", self.engine, e.evalue);
+            }
+        }
+        let before = compiler.variables().await;
+        let entries_before = lock(&self.history).len();
+        let result = if work.code.trim().is_empty() {
+            Ok(CellOutput::default())
+        } else {
+            compiler.execute(work.code.clone(), sink, None).await
+        };
+        let after = compiler.variables().await;
+        let sent_type = if work.wants_sent_type && result.is_ok() {
+            compiler
+                .variable_type(cells::SENT)
+                .await
+                .as_deref()
+                .and_then(cells::sent_type)
+        } else {
+            None
+        };
+        self.gateway.set_forward(None);
+        let (ran, ended) = {
+            let history = lock(&self.history);
+            match history.entries().last() {
+                Some(last) if history.len() > entries_before && last.code == work.code => (
+                    !last.lines.is_empty(),
+                    last.lines.last().map(|l| l.describe()).unwrap_or_default(),
+                ),
+                _ => (false, String::new()),
+            }
+        };
+        let outcome = outcome_of(result);
+        tell(self.done(&outcome, ran, (before, after), sent_type.clone(), &ended));
+        Ended { outcome, sent_type }
+    }
+
+    fn done(
+        &self,
+        outcome: &Outcome,
+        ran: bool,
+        (before, after): (BTreeSet<String>, BTreeSet<String>),
+        sent_type: Option<String>,
+        ended: &str,
+    ) -> Step {
+        Step::Done {
+            outcome: outcome.clone(),
+            ran,
+            before: before.into_iter().collect(),
+            after: after.into_iter().collect(),
+            sent_type,
+            fingerprint: self.fingerprint(),
+            ended: ended.to_owned(),
+        }
+    }
+
+    /// This engine's compiling context, built on first need. For a history it has to be
+    /// brought to the state the store is in, by executing the history again with its recorded
+    /// outcomes; if evcxr does not reproduce it, the engine starts afresh, and says so.
+    async fn compiler(&mut self, sink: &StreamSink) -> Result<Evaluator, CellError> {
+        if let Some(compiler) = &self.compiler {
+            return Ok(compiler.clone());
+        }
+        let started = Instant::now();
+        let compiler = self.start_compiler().await?;
+        let entries: Vec<Entry> = lock(&self.history).entries().to_vec();
+        if !entries.is_empty() {
+            match compiler.replay(entries.clone()).await {
+                Ok(()) => tracing::info!(
+                    "engine {}: a compiling context for its {} entries took {:.1?}",
+                    self.engine,
+                    entries.len(),
+                    started.elapsed()
+                ),
+                Err(e) => {
+                    drop(compiler);
+                    let reason = format!(
+                        "engine {}: no compiling context could be brought to this engine's \
+                         state ({e}); its evaluation process was restarted, and its variables, \
+                         functions and types are gone\n",
+                        self.engine
+                    );
+                    tracing::warn!("{}", reason.trim_end());
+                    sink("stderr", &reason);
+                    if let Err(e) = lock(&self.store).restart() {
+                        return Err(CellError::internal(&format!(
+                            "restarting the evaluation process: {e}"
+                        )));
+                    }
+                    *lock(&self.history) = History::default();
+                    self.note = Some("its state could not be rebuilt; it was reset".into());
+                    let fresh = self.start_compiler().await?;
+                    self.compiler = Some(fresh.clone());
+                    return Ok(fresh);
+                }
+            }
+        }
+        self.compiler = Some(compiler.clone());
+        Ok(compiler)
+    }
+
+    async fn start_compiler(&self) -> Result<Evaluator, CellError> {
+        let relay = self
+            .gateway
+            .relay_command()
+            .map_err(|e| CellError::internal(&format!("the relay command: {e}")))?;
+        let compiler = Evaluator::start_compiling(
+            Compiling {
+                relay,
+                recorder: Arc::new(self.gateway.clone()),
+                runtime: lock(&self.store).handle(),
+            },
+            self.interrupter.clone(),
+        );
+        compiler
+            .ready()
+            .await
+            .map_err(|e| CellError::internal(&e))?;
+        Ok(compiler)
+    }
+
+    async fn follow(
+        &mut self,
+        task: u64,
+        cell: u64,
+        leader: u32,
+        work: &Work,
+        sink: StreamSink,
+    ) -> Ended {
+        let mut steps = self.inbox.take(cell);
+        match steps.recv().await {
+            Some((_, Step::Begin { fingerprint })) if fingerprint == self.fingerprint() => {}
+            first => {
+                // Not the state the leader compiles for (or no leader): compile for itself.
+                self.inbox.abandon(cell);
+                if matches!(
+                    first,
+                    Some((_, Step::Done { .. } | Step::Abort { .. })) | None
+                ) {
+                    self.inbox.close(cell);
+                }
+                tracing::info!(
+                    "engine {}: task {task}: its state is not engine {leader}'s; it compiles \
+                     the cell itself",
+                    self.engine
+                );
+                self.note = Some(format!(
+                    "its state was not engine {leader}'s when cell {cell} came"
+                ));
+                return self.lead(cell, &[], work, sink).await;
+            }
+        }
+        // It runs another context's compiled cells now: its own context falls behind.
+        self.compiler = None;
+        let mut current: Option<Entry> = None;
+        let mut last_run: Option<(Run, bool)> = None;
+        loop {
+            let Some((_, step)) = steps.recv().await else {
+                break;
+            };
+            match step {
+                Step::Begin { .. } => {}
+                Step::Entry { code } => {
+                    current = Some(Entry::new(&code));
+                    last_run = None;
+                }
+                Step::Run { line } => {
+                    let (run, interrupted) = self.run_line(line, sink.clone()).await;
+                    if let Some(entry) = current.as_mut() {
+                        entry.lines.push(run.outcome.clone());
+                    }
+                    last_run = Some((run, interrupted));
+                }
+                Step::EntryEnd { ok } => {
+                    if let Some(entry) = current.take().filter(|e| e.counts(ok)) {
+                        lock(&self.history).push(entry);
+                    }
+                }
+                Step::Done {
+                    outcome,
+                    ran,
+                    before,
+                    after,
+                    sent_type,
+                    fingerprint,
+                    ended,
+                } => {
+                    self.inbox.close(cell);
+                    let before: BTreeSet<String> = before.into_iter().collect();
+                    let after: BTreeSet<String> = after.into_iter().collect();
+                    let outcome = match (&last_run, ran) {
+                        (Some((run, interrupted)), true) => {
+                            outcome_of(result_of_run(run, &before, &after, *interrupted))
+                        }
+                        _ => outcome,
+                    };
+                    if self.fingerprint() != fingerprint {
+                        tracing::info!(
+                            "engine {}: cell {cell} left it in another state than engine {leader}",
+                            self.engine
+                        );
+                        let here = last_run
+                            .as_ref()
+                            .map(|(run, _)| run.outcome.describe())
+                            .unwrap_or_else(|| "it ran nothing".into());
+                        self.note = Some(format!(
+                            "in cell {cell}, {here} here; on engine {leader}, {ended}"
+                        ));
+                    }
+                    return Ended { outcome, sent_type };
+                }
+                Step::Abort { reason } => {
+                    self.inbox.close(cell);
+                    if let Some(entry) = current.take().filter(|e| !e.lines.is_empty()) {
+                        lock(&self.history).push(entry);
+                    }
+                    self.note = Some(format!("engine {leader} stopped during cell {cell}"));
+                    return Ended {
+                        outcome: outcome_of(Err(CellError::plain(
+                            "EngineDied",
+                            format!(
+                                "engine {leader}, which compiled this cell for engine {}, {reason}",
+                                self.engine
+                            ),
+                        ))),
+                        sent_type: None,
+                    };
+                }
+            }
+        }
+        Ended {
+            outcome: outcome_of(Err(CellError::internal("the leader's steps stopped"))),
+            sent_type: None,
+        }
+    }
+
+    /// Runs one compiled cell in the store; true with it if an interrupt stopped it.
+    async fn run_line(&self, line: String, sink: StreamSink) -> (Run, bool) {
+        let store = self.store.clone();
+        let interrupter = self.interrupter.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            let run = {
+                let _running = interrupter.begin_cell();
+                lock(&store).run(&line, &sink)
+            };
+            (run, interrupter.take_interruption().is_some())
+        })
+        .await;
+        ran.unwrap_or_else(|_| {
+            let mut run = Run::default();
+            run.outcome.died = true;
+            run.death = Some("the runner panicked".into());
+            (run, false)
+        })
+    }
+
+    /// The data cells of this engine name no socket (see `Via::Environment`).
+    pub fn via(&self) -> Via<'static> {
+        Via::Environment
+    }
+}
+
+pub fn outcome_of(result: Result<CellOutput, CellError>) -> Outcome {
+    match result {
+        Ok(output) => Outcome::Ok { data: output.data },
+        Err(error) => Outcome::Error {
+            ename: error.ename,
+            evalue: error.evalue,
+            traceback: error.traceback,
+        },
+    }
+}

@@ -1,0 +1,176 @@
+//! The lines an evaluation process (evcxr's protocol) writes on stdout while it runs a compiled
+//! cell, classified: the cell's own output, rich content blocks, and the markers evcxr's
+//! generated code prints (a panic, a `?` error, a variable whose type changed, a stdin prompt),
+//! up to the end of the cell. evcxr parses these itself for its own context; an engine that runs
+//! cells compiled by another engine's context parses them here.
+
+pub const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
+const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+const USER_ERROR: &str = "EVCXR_ERROR_OCCURRED";
+const CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
+const INPUT_REQUEST: &str = "EVCXR_INPUT_REQUEST";
+const INPUT_REQUEST_PASSWORD: &str = "EVCXR_INPUT_REQUEST_PASSWORD";
+const BEGIN_CONTENT: &str = "EVCXR_BEGIN_CONTENT ";
+const END_CONTENT: &str = "EVCXR_END_CONTENT";
+
+/// One thing the evaluation process said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Stdout(String),
+    Content { mime: String, text: String },
+    Panic,
+    UserError,
+    ChangedType(String),
+    Input { prompt: String, password: bool },
+    Complete,
+}
+
+/// Turns lines into events; a content block spans several lines.
+#[derive(Default)]
+pub struct Parser {
+    content: Option<(String, String)>,
+}
+
+impl Parser {
+    /// The event `line` completes, if any.
+    pub fn feed(&mut self, line: &str) -> Option<Event> {
+        if let Some((mime, mut text)) = self.content.take() {
+            if line == END_CONTENT {
+                return Some(Event::Content { mime, text });
+            }
+            // evcxr's generated code prints this even inside a block when the display panics.
+            if line == PANIC_NOTIFICATION {
+                return Some(Event::Panic);
+            }
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(line);
+            self.content = Some((mime, text));
+            return None;
+        }
+        Some(if line == COMPLETE {
+            Event::Complete
+        } else if line == PANIC_NOTIFICATION {
+            Event::Panic
+        } else if line == USER_ERROR {
+            Event::UserError
+        } else if let Some(name) = line.strip_prefix(CHANGED_TYPE) {
+            Event::ChangedType(name.to_owned())
+        } else if let Some(rest) = line.strip_prefix(INPUT_REQUEST) {
+            let password = line.starts_with(INPUT_REQUEST_PASSWORD);
+            let prompt = rest.split(':').nth(1).unwrap_or_default().to_owned();
+            Event::Input { prompt, password }
+        } else if let Some(mime) = line.strip_prefix(BEGIN_CONTENT) {
+            self.content = Some((mime.trim().to_owned(), String::new()));
+            return None;
+        } else {
+            Event::Stdout(line.to_owned())
+        })
+    }
+}
+
+/// What running one compiled cell did to the evaluation process's variables: all that
+/// decides the state of evcxr's context afterwards. Two engines whose runs of the same
+/// compiled cells had the same outcomes hold the same variables, of the same types.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct LineOutcome {
+    /// The cell panicked: its new variables were not stored.
+    pub panicked: bool,
+    /// A `?` returned early: its new variables were not stored.
+    pub user_error: bool,
+    /// Variables dropped because their type was redefined.
+    pub changed_type: Vec<String>,
+    /// The process died (a crash, or an interrupt): every variable went with it.
+    pub died: bool,
+}
+
+impl LineOutcome {
+    /// Notes what an event says about the run.
+    pub fn note(&mut self, event: &Event) {
+        match event {
+            Event::Panic => self.panicked = true,
+            Event::UserError => self.user_error = true,
+            Event::ChangedType(name) => self.changed_type.push(name.clone()),
+            _ => {}
+        }
+    }
+
+    /// The lines evcxr's context must read to reach the state this outcome leaves, before
+    /// the end-of-cell marker (a death is the end of the process instead).
+    pub fn markers(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .changed_type
+            .iter()
+            .map(|name| format!("{CHANGED_TYPE}{name}"))
+            .collect();
+        if self.user_error {
+            lines.push(USER_ERROR.to_owned());
+        }
+        if self.panicked {
+            lines.push(PANIC_NOTIFICATION.to_owned());
+        }
+        lines
+    }
+
+    /// In words, for `%cluster status`.
+    pub fn describe(&self) -> String {
+        if self.died {
+            "its evaluation process died".to_owned()
+        } else if self.panicked {
+            "it panicked".to_owned()
+        } else if self.user_error {
+            "a `?` returned an error".to_owned()
+        } else if !self.changed_type.is_empty() {
+            format!("it lost {} to a type change", self.changed_type.join(", "))
+        } else {
+            "it ran to the end".to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_the_lines_of_a_run() {
+        let mut parser = Parser::default();
+        let lines = [
+            "hello",
+            "EVCXR_BEGIN_CONTENT text/plain",
+            "\"40",
+            "and 42\"",
+            "EVCXR_END_CONTENT",
+            "EVCXR_INPUT_REQUEST:name?:",
+            "EVCXR_VARIABLE_CHANGED_TYPE:x",
+            "EVCXR_PANIC_NOTIFICATION",
+            "EVCXR_EXECUTION_COMPLETE",
+        ];
+        let events: Vec<Event> = lines.iter().filter_map(|l| parser.feed(l)).collect();
+        assert_eq!(
+            events,
+            vec![
+                Event::Stdout("hello".into()),
+                Event::Content {
+                    mime: "text/plain".into(),
+                    text: "\"40\nand 42\"".into()
+                },
+                Event::Input {
+                    prompt: "name?".into(),
+                    password: false
+                },
+                Event::ChangedType("x".into()),
+                Event::Panic,
+                Event::Complete,
+            ]
+        );
+        let mut outcome = LineOutcome::default();
+        events.iter().for_each(|e| outcome.note(e));
+        assert!(outcome.panicked && !outcome.user_error && !outcome.died);
+        assert_eq!(
+            outcome.markers(),
+            vec!["EVCXR_VARIABLE_CHANGED_TYPE:x", "EVCXR_PANIC_NOTIFICATION"]
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! An engine's own evaluation process, driven by the engine rather than by an evcxr context: it
+//! holds the engine's variables and runs compiled cells it is sent as `LOAD_AND_RUN` lines,
+//! whichever context compiled them. It is Parallax's runtime (`crate::runtime`), a child of
+//! the engine, that dies with it.
+
+use crate::evalproto::{Event, LineOutcome, Parser};
+use crate::evaluator::StreamSink;
+use crossbeam_channel::Receiver;
+use serde_json::{Map, Value};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Set (with `EVCXR_IS_RUNTIME`) in a store's environment: the binary becomes Parallax's
+/// runtime.
+pub const STORE_VAR: &str = "PARALLAX_STORE";
+
+/// How many of its last stderr lines a dead store is described by.
+const STDERR_TAIL: usize = 20;
+
+/// What the engine hears from its store: a stdout line, or its end.
+pub type StoreLines = Receiver<Option<String>>;
+
+pub struct Store {
+    command: Arc<Mutex<Command>>,
+    /// The same handle across restarts, so that an interrupter can always kill the live one.
+    child: Arc<Mutex<Child>>,
+    stdin: Option<ChildStdin>,
+    lines: StoreLines,
+    sink: Arc<Mutex<StreamSink>>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How a store ended.
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub signal: Option<i32>,
+    pub code: Option<i32>,
+    /// The exit status and the last lines of stderr.
+    pub words: String,
+}
+
+impl Death {
+    /// `signal N` or `code N`: how a relay standing in for the store should end.
+    pub fn status_words(&self) -> String {
+        match (self.signal, self.code) {
+            (Some(signal), _) => format!("signal {signal}"),
+            (None, Some(code)) => format!("code {code}"),
+            (None, None) => "code 1".to_owned(),
+        }
+    }
+}
+
+/// What running one compiled cell gave, for an engine that builds its own reply.
+#[derive(Debug, Default)]
+pub struct Run {
+    pub outcome: LineOutcome,
+    /// The MIME bundle the cell printed (its final expression's value among it).
+    pub contents: Map<String, Value>,
+    /// Why the process died, when it did.
+    pub death: Option<String>,
+}
+
+impl Store {
+    /// Starts the store: this binary, with `env` added to its environment.
+    pub fn start(env: &[(String, String)]) -> std::io::Result<Store> {
+        let exe = std::env::current_exe()?;
+        let mut command = Command::new(exe);
+        command
+            .env("EVCXR_IS_RUNTIME", "1")
+            .env(STORE_VAR, "1")
+            .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let sink: Arc<Mutex<StreamSink>> = Arc::new(Mutex::new(Arc::new(|_, _| {})));
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (child, stdin, lines) = spawn(&mut command, &sink, &stderr_tail)?;
+        Ok(Store {
+            command: Arc::new(Mutex::new(command)),
+            child: Arc::new(Mutex::new(child)),
+            stdin: Some(stdin),
+            lines,
+            sink,
+            stderr_tail,
+        })
+    }
+
+    /// The live process, for interrupts: killing it ends the cell it runs.
+    pub fn handle(&self) -> Arc<Mutex<Child>> {
+        self.child.clone()
+    }
+
+    /// Where the store's stderr goes from now on.
+    pub fn set_sink(&self, sink: StreamSink) {
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    pub fn lines(&self) -> StoreLines {
+        self.lines.clone()
+    }
+
+    /// Writes one line to the store's stdin (an instruction, or an answer to a prompt).
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the store is closed"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// Replaces a dead (or killed) store with a fresh one, without variables.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        {
+            let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        self.stdin = None;
+        self.stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let mut command = self.command.lock().unwrap_or_else(|p| p.into_inner());
+        let (child, stdin, lines) = spawn(&mut command, &self.sink, &self.stderr_tail)?;
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = child;
+        self.stdin = Some(stdin);
+        self.lines = lines;
+        Ok(())
+    }
+
+    /// Why the store ended: its exit status and last words. Waits for it to exit.
+    pub fn death(&mut self) -> Death {
+        let status = {
+            let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            child.wait()
+        };
+        // Its stderr reader may still be passing on the last lines.
+        std::thread::sleep(Duration::from_millis(20));
+        let tail: Vec<String> = self
+            .stderr_tail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let (signal, code, status) = match status {
+            Ok(status) => (status.signal(), status.code(), status.to_string()),
+            Err(e) => (None, None, format!("lost: {e}")),
+        };
+        let words = if tail.is_empty() {
+            status
+        } else {
+            format!("{status}: {}", tail.join("\n"))
+        };
+        Death {
+            signal,
+            code,
+            words,
+        }
+    }
+
+    /// Runs one compiled cell and waits for its end; its stdout goes to `sink` as it is
+    /// printed. A prompt for input gets an empty answer (engines have no stdin). A store that
+    /// died is restarted before this returns.
+    pub fn run(&mut self, line: &str, sink: &StreamSink) -> Run {
+        let mut run = Run::default();
+        let mut parser = Parser::default();
+        if self.send(line).is_err() {
+            return self.died(run);
+        }
+        let lines = self.lines.clone();
+        // Lines already waiting go out together.
+        let mut pending = String::new();
+        let flush = |pending: &mut String| {
+            if !pending.is_empty() {
+                sink("stdout", pending);
+                pending.clear();
+            }
+        };
+        loop {
+            if lines.is_empty() || pending.len() > 64 * 1024 {
+                flush(&mut pending);
+            }
+            let Ok(Some(line)) = lines.recv() else {
+                flush(&mut pending);
+                return self.died(run);
+            };
+            match parser.feed(&line) {
+                None => {}
+                Some(Event::Stdout(text)) => {
+                    pending.push_str(&text);
+                    pending.push('\n');
+                }
+                Some(event) => {
+                    flush(&mut pending);
+                    run.outcome.note(&event);
+                    if self.apply(event, &mut run) {
+                        return run;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles an event other than stdout; true at the end of the cell.
+    fn apply(&mut self, event: Event, run: &mut Run) -> bool {
+        match event {
+            Event::Complete => true,
+            Event::Content { mime, text } => {
+                run.contents.insert(mime, Value::String(text));
+                false
+            }
+            Event::Input { .. } => {
+                let _ = self.send("");
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn died(&mut self, mut run: Run) -> Run {
+        run.outcome.died = true;
+        run.death = Some(self.death().words);
+        if let Err(e) = self.restart() {
+            tracing::error!("could not restart the evaluation process: {e}");
+        }
+        run
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn spawn(
+    command: &mut Command,
+    sink: &Arc<Mutex<StreamSink>>,
+    stderr_tail: &Arc<Mutex<VecDeque<String>>>,
+) -> std::io::Result<(Child, ChildStdin, StoreLines)> {
+    let mut child = command.spawn()?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdout"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stderr"))?;
+    let (lines_tx, lines) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("store-stdout".into())
+        .spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(Some(line)).is_err() {
+                    return;
+                }
+            }
+            let _ = lines_tx.send(None);
+        })?;
+    let sink = sink.clone();
+    let tail = stderr_tail.clone();
+    std::thread::Builder::new()
+        .name("store-stderr".into())
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                {
+                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    if tail.len() == STDERR_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.clone());
+                }
+                let sink = sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                sink("stderr", &format!("{line}\n"));
+            }
+        })?;
+    Ok((child, stdin, lines))
+}
