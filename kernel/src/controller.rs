@@ -170,9 +170,9 @@ impl Registry {
         let mut groups: BTreeMap<(String, StateKey), Vec<u32>> = BTreeMap::new();
         for &engine in targets {
             let key = match self.engines.get(&engine) {
-                Some(e) => (e.host.clone(), e.state_key),
-                // Unknown here: it will not get the cell anyway; alone, it waits for no one.
-                None => (String::new(), StateKey::After(u64::MAX - engine as u64)),
+                Some(e) if !is_dead(e) => (e.host.clone(), e.state_key),
+                // Dead or unknown: it will not run the cell; alone, no one waits for it.
+                _ => (String::new(), StateKey::After(u64::MAX - engine as u64)),
             };
             groups.entry(key).or_default().push(engine);
         }

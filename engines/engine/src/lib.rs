@@ -148,6 +148,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     let core = Core::new(engine, outbound.clone(), &private_base())
         .context("starting the engine's evaluation process")?;
     let interrupter = core.interrupter.clone();
+    let cancelled = core.cancelled.clone();
     let maps = core.maps.clone();
     let inbox = core.inbox.clone();
     let running = Arc::new(AtomicU64::new(NO_TASK));
@@ -228,6 +229,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                                 }
                             });
                         } else if running.load(Ordering::SeqCst) == task {
+                            cancelled.store(task, Ordering::SeqCst);
                             interrupter.interrupt();
                         }
                     }

@@ -20,6 +20,7 @@ use parallax_eval::{
     result_of_run, CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
 };
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -119,6 +120,10 @@ pub struct Core {
     /// Why this engine's state left the one it shared, most recent first.
     note: Option<String>,
     pub maps: SharedMaps,
+    /// The task an interrupt came for: one that is still building its compiling context
+    /// (nothing an interrupt can stop without losing the work) ends as soon as it is built.
+    pub cancelled: Arc<AtomicU64>,
+    line_running: Arc<AtomicBool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -137,9 +142,11 @@ impl Core {
         ])?;
         let store = Arc::new(Mutex::new(store));
         let history = Arc::new(Mutex::new(History::default()));
-        let gateway = Gateway::open(base, store.clone(), history.clone())?;
+        let line_running = Arc::new(AtomicBool::new(false));
+        let gateway = Gateway::open(base, store.clone(), history.clone(), line_running.clone())?;
         let interrupter = Interrupter::default();
         interrupter.set_runtime(Some(lock(&store).handle()));
+        interrupter.set_line_flag(line_running.clone());
         Ok(Core {
             engine,
             store,
@@ -152,6 +159,8 @@ impl Core {
             outbound,
             note: None,
             maps: Arc::new(Mutex::new(Maps::default())),
+            cancelled: Arc::new(AtomicU64::new(u64::MAX)),
+            line_running,
         })
     }
 
@@ -180,12 +189,21 @@ impl Core {
     ) -> Ended {
         lock(&self.store).set_sink(sink.clone());
         match &share.role {
-            Role::Lead { followers } => self.lead(share.cell, followers, work, sink).await,
+            Role::Lead { followers } => {
+                self.lead(task, share.cell, followers, work, sink).await
+            }
             Role::Follow { leader } => self.follow(task, share.cell, *leader, work, sink).await,
         }
     }
 
-    async fn lead(&mut self, cell: u64, followers: &[u32], work: &Work, sink: StreamSink) -> Ended {
+    async fn lead(
+        &mut self,
+        task: u64,
+        cell: u64,
+        followers: &[u32],
+        work: &Work,
+        sink: StreamSink,
+    ) -> Ended {
         let to = followers.to_vec();
         let outbound = self.outbound.clone();
         let tell = move |step: Step| {
@@ -234,7 +252,9 @@ impl Core {
         }
         let before = compiler.variables().await;
         let entries_before = lock(&self.history).len();
-        let result = if work.code.trim().is_empty() {
+        let result = if self.cancelled.load(Ordering::SeqCst) == task {
+            Err(parallax_eval::diagnostics::interrupted_while_compiling())
+        } else if work.code.trim().is_empty() {
             Ok(CellOutput::default())
         } else {
             compiler.execute(work.code.clone(), sink, None).await
@@ -377,12 +397,13 @@ impl Core {
                 self.note = Some(format!(
                     "its state was not engine {leader}'s when cell {cell} came"
                 ));
-                return self.lead(cell, &[], work, sink).await;
+                return self.lead(task, cell, &[], work, sink).await;
             }
         }
         // It runs another context's compiled cells now: its own context falls behind.
         self.compiler = None;
         let mut current: Option<Entry> = None;
+        let mut entries: Vec<Entry> = Vec::new();
         let mut last_run: Option<(Run, bool)> = None;
         loop {
             let Some((_, step)) = steps.recv().await else {
@@ -402,9 +423,7 @@ impl Core {
                     last_run = Some((run, interrupted));
                 }
                 Step::EntryEnd { ok } => {
-                    if let Some(entry) = current.take().filter(|e| e.counts(ok)) {
-                        lock(&self.history).push(entry);
-                    }
+                    entries.extend(current.take().filter(|e| e.counts(ok)));
                 }
                 Step::Done {
                     outcome,
@@ -424,6 +443,7 @@ impl Core {
                         }
                         _ => outcome,
                     };
+                    self.settle(entries, fingerprint, after.is_subset(&before));
                     if self.fingerprint() != fingerprint {
                         tracing::info!(
                             "engine {}: cell {cell} left it in another state than engine {leader}",
@@ -441,18 +461,30 @@ impl Core {
                 }
                 Step::Abort { reason } => {
                     self.inbox.close(cell);
-                    if let Some(entry) = current.take().filter(|e| !e.lines.is_empty()) {
-                        lock(&self.history).push(entry);
-                    }
+                    entries.extend(current.take().filter(|e| !e.lines.is_empty()));
+                    let mut history = lock(&self.history);
+                    entries.into_iter().for_each(|entry| history.push(entry));
+                    drop(history);
                     self.note = Some(format!("engine {leader} stopped during cell {cell}"));
-                    return Ended {
-                        outcome: outcome_of(Err(CellError::plain(
+                    // What ran here still counts; only what the leader would have said is lost.
+                    let outcome = match &last_run {
+                        Some((run, interrupted)) => outcome_of(result_of_run(
+                            run,
+                            &BTreeSet::new(),
+                            &BTreeSet::new(),
+                            *interrupted,
+                        )),
+                        None => outcome_of(Err(CellError::plain(
                             "EngineDied",
                             format!(
-                                "engine {leader}, which compiled this cell for engine {}, {reason}",
+                                "engine {leader}, which compiled this cell for engine {}, {reason}; \
+                                 the cell did not run here",
                                 self.engine
                             ),
                         ))),
+                    };
+                    return Ended {
+                        outcome,
                         sent_type: None,
                     };
                 }
@@ -464,14 +496,40 @@ impl Core {
         }
     }
 
+    /// Adds a followed cell's entries to the history. A cell that defined no new variable
+    /// leaves evcxr's state the same whether it panicked (or a `?` failed) or not: a follower
+    /// for which only that differs from its leader records the leader's outcome, and so stays
+    /// in its leader's state (`no_new_variables`: the leader's context has none after it).
+    fn settle(&self, mut entries: Vec<Entry>, leader: u64, no_new_variables: bool) {
+        let mut history = lock(&self.history);
+        if history.fingerprint_with(&entries) != leader && no_new_variables {
+            let mut unharmed = entries.clone();
+            for line in unharmed.iter_mut().flat_map(|e| e.lines.iter_mut()) {
+                if !line.died && line.changed_type.is_empty() {
+                    line.panicked = false;
+                    line.user_error = false;
+                }
+            }
+            if history.fingerprint_with(&unharmed) == leader {
+                entries = unharmed;
+            }
+        }
+        entries.into_iter().for_each(|entry| history.push(entry));
+    }
+
     /// Runs one compiled cell in the store; true with it if an interrupt stopped it.
     async fn run_line(&self, line: String, sink: StreamSink) -> (Run, bool) {
         let store = self.store.clone();
         let interrupter = self.interrupter.clone();
+        let line_running = self.line_running.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let run = {
+                let mut store = lock(&store);
                 let _running = interrupter.begin_cell();
-                lock(&store).run(&line, &sink)
+                line_running.store(true, Ordering::SeqCst);
+                let run = store.run(&line, &sink);
+                line_running.store(false, Ordering::SeqCst);
+                run
             };
             (run, interrupter.take_interruption().is_some())
         })

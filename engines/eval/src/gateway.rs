@@ -17,6 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Set (with `EVCXR_IS_RUNTIME`) in a relay's environment: the gateway's socket.
@@ -55,6 +56,8 @@ pub struct Gateway {
 
 struct Inner {
     store: Arc<Mutex<Store>>,
+    /// Set while a compiled cell runs in the store.
+    line_running: Arc<AtomicBool>,
     history: Arc<Mutex<History>>,
     socket: PathBuf,
     dir: PathBuf,
@@ -91,6 +94,7 @@ impl Gateway {
         base: &Path,
         store: Arc<Mutex<Store>>,
         history: Arc<Mutex<History>>,
+        line_running: Arc<AtomicBool>,
     ) -> std::io::Result<Gateway> {
         let dir = base.join(format!("parallax-gateway-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -100,6 +104,7 @@ impl Gateway {
         let listener = UnixListener::bind(&socket)?;
         let inner = Arc::new(Inner {
             store,
+            line_running,
             history,
             socket,
             dir,
@@ -267,6 +272,7 @@ fn run_live(
         forward(Shared::Run(line.to_owned()));
     }
     let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+    inner.line_running.store(true, Ordering::SeqCst);
     let mut outcome = LineOutcome::default();
     let mut parser = Parser::default();
     let mut alive = store.send(line).is_ok();
@@ -301,6 +307,7 @@ fn run_live(
             },
         }
     }
+    inner.line_running.store(false, Ordering::SeqCst);
     let mut death = None;
     if !alive {
         outcome.died = true;

@@ -56,17 +56,26 @@ impl History {
     }
 
     pub fn push(&mut self, entry: Entry) {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.fingerprint.hash(&mut hasher);
-        entry.hash(&mut hasher);
-        self.fingerprint = hasher.finish();
+        self.fingerprint = chain(self.fingerprint, &entry);
         self.entries.push(entry);
+    }
+
+    /// The fingerprint this history would have with `entries` pushed.
+    pub fn fingerprint_with(&self, entries: &[Entry]) -> u64 {
+        entries.iter().fold(self.fingerprint, chain)
     }
 
     /// Whether `code` was executed and counted.
     pub fn contains(&self, code: &str) -> bool {
         self.entries.iter().any(|e| e.code == code)
     }
+}
+
+fn chain(fingerprint: u64, entry: &Entry) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    fingerprint.hash(&mut hasher);
+    entry.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -95,5 +104,9 @@ mod tests {
         c.push(ran("let y = f();", false));
         c.push(ran("let x = 1;", false));
         assert_ne!(c.fingerprint(), a.fingerprint(), "order matters");
+        let mut d = History::default();
+        let expected = d.fingerprint_with(&[ran("let x = 1;", false)]);
+        d.push(ran("let x = 1;", false));
+        assert_eq!(d.fingerprint(), expected);
     }
 }

@@ -23,6 +23,9 @@ struct State {
     pending: Mutex<Option<Interruption>>,
     /// Tells a stdin prompt in progress to give up.
     cancel_input: AtomicBool,
+    /// When the evaluation process is an engine's store, whether it runs a compiled cell right
+    /// now; otherwise a running cell is compiling.
+    line_running: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 #[derive(Clone, Default)]
@@ -44,6 +47,15 @@ impl Drop for RunningCell<'_> {
 impl Interrupter {
     pub fn set_runtime(&self, runtime: Option<Arc<Mutex<Child>>>) {
         *self.state.runtime.lock().unwrap_or_else(|p| p.into_inner()) = runtime;
+    }
+
+    /// Says where to look for whether a compiled cell is running (rather than compiling).
+    pub fn set_line_flag(&self, flag: Arc<AtomicBool>) {
+        *self
+            .state
+            .line_running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(flag);
     }
 
     pub fn begin_cell(&self) -> RunningCell<'_> {
@@ -94,7 +106,16 @@ impl Interrupter {
         }
         self.state.cancel_input.store(true, Ordering::SeqCst);
         let builds = build_processes();
-        let kind = if builds.is_empty() {
+        let between_builds = self
+            .state
+            .line_running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|flag| !flag.load(Ordering::SeqCst));
+        // Between two builds (evcxr analyses the cell in process) nothing runs yet: stop the
+        // next build rather than the evaluation process.
+        let kind = if builds.is_empty() && !between_builds {
             Interruption::Running
         } else {
             Interruption::Compiling
