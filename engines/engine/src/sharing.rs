@@ -189,9 +189,7 @@ impl Core {
     ) -> Ended {
         lock(&self.store).set_sink(sink.clone());
         match &share.role {
-            Role::Lead { followers } => {
-                self.lead(task, share.cell, followers, work, sink).await
-            }
+            Role::Lead { followers } => self.lead(task, share.cell, followers, work, sink).await,
             Role::Follow { leader } => self.follow(task, share.cell, *leader, work, sink).await,
         }
     }

@@ -470,13 +470,18 @@ mod tests {
             &ToEngine::Execute {
                 task: 1,
                 code: "1 + 1".into(),
+                share: Share {
+                    cell: 4,
+                    role: Role::Follow { leader: 0 },
+                },
             },
             vec![],
         );
         let envelope: Value = serde_json::from_slice(&frames[1]).unwrap();
         assert_eq!(
             envelope,
-            json!({"session": "engine-0", "seq": 0, "body": {"type": "execute", "task": 1, "code": "1 + 1"}})
+            json!({"session": "engine-0", "seq": 0, "body": {"type": "execute", "task": 1, "code": "1 + 1",
+                "share": {"cell": 4, "role": {"role": "follow", "leader": 0}}}})
         );
     }
 
