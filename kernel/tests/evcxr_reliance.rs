@@ -88,3 +88,92 @@ fn compiled_cells_replay_in_a_second_evaluation_process() {
     drop(context);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What sharing compiled cells relies on beyond that: a context whose evaluation process is a
+/// relay to a store runs its cells there, its executions are recorded with their outcomes (a
+/// panic marked by evcxr's generated code), and a second context that replays the record, told
+/// the recorded outcomes instead of running anything, knows the store's variables: the ones that
+/// exist and not the one the panic dropped.
+#[test]
+fn a_context_rebuilt_from_a_history_compiles_for_the_same_store() {
+    use parallax_eval::gateway::Gateway;
+    use parallax_eval::history::History;
+    use parallax_eval::store::Store;
+    use parallax_eval::{Compiling, Evaluator, Interrupter, StreamSink};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    let base = std::env::temp_dir().join(format!("parallax-rebuild-{}", std::process::id()));
+    std::fs::create_dir_all(&base).expect("a scratch directory");
+    let program = std::path::Path::new(PARALLAX);
+    let store = Arc::new(Mutex::new(
+        Store::start_program(program, &[]).expect("a store"),
+    ));
+    let history = Arc::new(Mutex::new(History::default()));
+    let gateway = Gateway::open(
+        &base,
+        store.clone(),
+        history.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .expect("a gateway");
+    let compiler = |gateway: &Gateway| {
+        Evaluator::start_compiling(
+            Compiling {
+                relay: gateway.relay_command_for(program),
+                recorder: Arc::new(gateway.clone()),
+                runtime: store.lock().expect("the store").handle(),
+            },
+            Interrupter::default(),
+        )
+    };
+    let quiet: StreamSink = Arc::new(|_, _| {});
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let text = |result: Result<parallax_eval::CellOutput, parallax_eval::CellError>| {
+        result
+            .map(|out| out.data.get("text/plain").cloned())
+            .map_err(|e| e.evalue)
+    };
+
+    let first = compiler(&gateway);
+    runtime.block_on(async {
+        first.ready().await.expect("the first context");
+        for cell in ["let x = 40u64;", "let y = x + 2;"] {
+            first
+                .execute(cell.into(), quiet.clone(), None)
+                .await
+                .expect("it runs");
+        }
+        let panicked = first
+            .execute(
+                "let z: u8 = if x > 1 { panic!(\"no z\") } else { 1 };".into(),
+                quiet.clone(),
+                None,
+            )
+            .await;
+        assert!(panicked.is_err_and(|e| e.evalue == "no z"));
+    });
+    let entries = history.lock().expect("the history").entries().to_vec();
+    let cells: Vec<&parallax_eval::history::Entry> = entries
+        .iter()
+        .filter(|e| e.code.starts_with("let "))
+        .collect();
+    assert_eq!(cells.len(), 3, "{entries:?}");
+    assert!(cells.iter().all(|e| e.lines.len() == 1), "{entries:?}");
+    assert!(!cells[1].lines[0].panicked && cells[2].lines[0].panicked);
+    drop(first);
+
+    let second = compiler(&gateway);
+    runtime.block_on(async {
+        second.ready().await.expect("the second context");
+        second.replay(entries).await.expect("the history replays");
+        assert_eq!(
+            text(second.execute("x + y".into(), quiet.clone(), None).await),
+            Ok(Some(serde_json::Value::String("82".into())))
+        );
+        let missing = second.execute("z".into(), quiet.clone(), None).await;
+        assert!(missing.is_err_and(|e| e.evalue.contains("z")));
+    });
+    drop(second);
+    let _ = std::fs::remove_dir_all(&base);
+}

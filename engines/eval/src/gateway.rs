@@ -131,9 +131,14 @@ impl Gateway {
 
     /// The evaluation process command to give a compiling context.
     pub fn relay_command(&self) -> std::io::Result<Command> {
-        let mut command = Command::new(std::env::current_exe()?);
+        Ok(self.relay_command_for(&std::env::current_exe()?))
+    }
+
+    /// The same, with `program` (a binary that serves as a relay) as the relay.
+    pub fn relay_command_for(&self, program: &Path) -> Command {
+        let mut command = Command::new(program);
         command.env(RELAY_VAR, &self.inner.socket);
-        Ok(command)
+        command
     }
 
     /// Where the entries and compiled cells of the next executions go (None: nowhere).

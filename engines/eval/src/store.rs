@@ -67,8 +67,15 @@ pub struct Run {
 impl Store {
     /// Starts the store: this binary, with `env` added to its environment.
     pub fn start(env: &[(String, String)]) -> std::io::Result<Store> {
-        let exe = std::env::current_exe()?;
-        let mut command = Command::new(exe);
+        Self::start_program(&std::env::current_exe()?, env)
+    }
+
+    /// Starts the store as `program` (a binary that serves Parallax's runtime).
+    pub fn start_program(
+        program: &std::path::Path,
+        env: &[(String, String)],
+    ) -> std::io::Result<Store> {
+        let mut command = Command::new(program);
         command
             .env("EVCXR_IS_RUNTIME", "1")
             .env(STORE_VAR, "1")
