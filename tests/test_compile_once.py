@@ -171,4 +171,4 @@ def test_a_crash_on_one_engine_is_reported_and_the_others_keep_their_state(clust
     text = status(cluster)
     assert re.search(r"engine 2 on \S+ compiles its own cells: in cell \d+, its evaluation process died here; on engine 0, it ran to the end", text), text
     reply, outputs = cluster.execute("%px id() + 100")
-    assert results(outputs) == {0: "100", 1: "101", 2: "102"}
+    assert results(outputs) == {0: "100", 1: "101", 2: "102"}, engine_errors(outputs)
