@@ -145,8 +145,10 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     };
     send(&mut socket, &mut sender, &register, Vec::new()).await?;
 
+    sweep_stale_dirs(&private_base());
     let core = Core::new(engine, outbound.clone(), &private_base())
         .context("starting the engine's evaluation process")?;
+    let own_dirs = core.dirs();
     let interrupter = core.interrupter.clone();
     let cancelled = core.cancelled.clone();
     let maps = core.maps.clone();
@@ -260,7 +262,32 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     };
     // A cell still running must not outlive the engine.
     interrupter.kill_all();
+    for dir in own_dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     result
+}
+
+/// Removes the private directories engines that were killed left behind (a socket each): those
+/// named after a process that no longer exists.
+fn sweep_stale_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let pid = name
+            .strip_prefix("parallax-gateway-")
+            .or_else(|| name.strip_prefix("parallax-data-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 const NO_TASK: u64 = u64::MAX;

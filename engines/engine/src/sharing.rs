@@ -540,6 +540,11 @@ impl Core {
         })
     }
 
+    /// The private directories this engine made, to remove when it exits.
+    pub fn dirs(&self) -> Vec<std::path::PathBuf> {
+        vec![self.gateway.dir().to_owned(), self.port.dir().to_owned()]
+    }
+
     /// The data cells of this engine name no socket (see `Via::Environment`).
     pub fn via(&self) -> Via<'static> {
         Via::Environment

@@ -141,6 +141,11 @@ impl Gateway {
         command
     }
 
+    /// The private directory the gateway's socket is in (removed when the gateway goes).
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// Where the entries and compiled cells of the next executions go (None: nowhere).
     pub fn set_forward(&self, forward: Option<Forward>) {
         self.inner.state().forward = forward;
