@@ -2,6 +2,7 @@
 in a private Jupyter path, and helpers to start real kernels through jupyter_client."""
 
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -77,6 +78,25 @@ def stream_text(outputs, name="stdout") -> str:
         for m in outputs
         if m["msg_type"] == "stream" and m["content"]["name"] == name
     )
+
+
+def engine_results(outputs):
+    """engine id -> text/plain of its Out[...] display."""
+    found = {}
+    for m in of_type(outputs, "display_data"):
+        meta = m["content"]["metadata"]
+        if "engine" in meta:
+            found[meta["engine"]] = m["content"]["data"]["text/plain"]
+    return found
+
+
+def engine_errors(outputs):
+    """engine id -> the content of its `[N:Name]` error."""
+    return {
+        int(re.match(r"\[(\d+):", m["content"]["ename"]).group(1)): m["content"]
+        for m in of_type(outputs, "error")
+        if re.match(r"\[\d+:", m["content"]["ename"])
+    }
 
 
 def of_type(outputs, msg_type):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, of_type, stream_text
+from conftest import ARTIFACTS, RunningKernel, engine_errors, engine_results, stream_text
 
 ID_FN = 'fn id() -> u32 { std::env::var("PARALLAX_ENGINE_ID").unwrap().parse().unwrap() }'
 
@@ -41,20 +41,8 @@ def cluster(kernelspec):
 
 
 def results(outputs):
-    found = {}
-    for m in of_type(outputs, "display_data"):
-        meta = m["content"]["metadata"]
-        if "engine" in meta:
-            found[meta["engine"]] = m["content"]["data"]["text/plain"].split(": ", 1)[1]
-    return found
-
-
-def engine_errors(outputs):
-    return {
-        int(re.match(r"\[(\d+):", m["content"]["ename"]).group(1)): m["content"]
-        for m in of_type(outputs, "error")
-        if re.match(r"\[\d+:", m["content"]["ename"])
-    }
+    """engine id -> the value of its Out[...] display."""
+    return {engine: text.split(": ", 1)[1] for engine, text in engine_results(outputs).items()}
 
 
 def status(cluster):

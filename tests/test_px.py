@@ -10,7 +10,16 @@ import time
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, interrupt_and_wait, of_type, stream_text, wait_until
+from conftest import (
+    ARTIFACTS,
+    RunningKernel,
+    engine_errors,
+    engine_results,
+    interrupt_and_wait,
+    of_type,
+    stream_text,
+    wait_until,
+)
 
 ID_FN = 'fn id() -> u32 { std::env::var("PARALLAX_ENGINE_ID").unwrap().parse().unwrap() }'
 
@@ -27,27 +36,12 @@ def cluster(kernelspec):
     running.stop()
 
 
-def results(outputs):
-    """engine id -> text/plain of its Out[...] display."""
-    found = {}
-    for m in of_type(outputs, "display_data"):
-        meta = m["content"]["metadata"]
-        if "engine" in meta:
-            found[meta["engine"]] = m["content"]["data"]["text/plain"]
-    return found
+results = engine_results
 
 
 def is_progress(msg):
     """A slow cell's progress block, shown besides the engines' outputs."""
     return msg["content"].get("transient", {}).get("display_id", "").startswith("px-progress-")
-
-
-def engine_errors(outputs):
-    return {
-        int(re.match(r"\[(\d+):", m["content"]["ename"]).group(1)): m["content"]
-        for m in of_type(outputs, "error")
-        if re.match(r"\[\d+:", m["content"]["ename"])
-    }
 
 
 def test_engines_have_their_id_and_count_in_the_environment(cluster):
