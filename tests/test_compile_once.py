@@ -3,12 +3,22 @@ and engines whose state diverged compile for themselves. Observed from outside: 
 library each engine's evaluation process has mapped, the dependency builds in the kernel's log,
 and %cluster status."""
 
+import os
 import re
+import signal
+import threading
 import time
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, engine_errors, engine_results, stream_text
+from conftest import (
+    ARTIFACTS,
+    RunningKernel,
+    engine_errors,
+    engine_results,
+    stream_text,
+    wait_until,
+)
 
 ID_FN = 'fn id() -> u32 { std::env::var("PARALLAX_ENGINE_ID").unwrap().parse().unwrap() }'
 
@@ -160,3 +170,38 @@ def test_a_crash_on_one_engine_is_reported_and_the_others_keep_their_state(clust
     assert re.search(r"engine 2 on \S+ compiles its own cells: in cell \d+, its evaluation process died here; on engine 0, it ran to the end", text), text
     reply, outputs = cluster.execute("%px id() + 100")
     assert results(outputs) == {0: "100", 1: "101", 2: "102"}, engine_errors(outputs)
+
+
+def test_the_engines_following_a_leader_that_dies_keep_what_ran(cluster):
+    restart(cluster)
+    cluster.execute("%px let a = 1u64;")
+    reply, outputs = cluster.execute("%cluster status")
+    text = stream_text(outputs)
+    leader = int(re.search(r"engine (\d) compiles them", text).group(1))
+    pids = {
+        int(row.split()[0]): int(row.split()[1])
+        for row in text.splitlines()[1:]
+        if row[:6].strip().isdigit()
+    }
+    outputs = []
+    worker = threading.Thread(
+        target=lambda: cluster.kc.execute_interactive(
+            '%px println!("going"); std::thread::sleep(std::time::Duration::from_secs(4)); '
+            "let b = a + id() as u64;",
+            timeout=120,
+            output_hook=outputs.append,
+        )
+    )
+    worker.start()
+    assert wait_until(lambda: stream_text(outputs).count("going") == 3, 60), outputs
+    os.kill(pids[leader], signal.SIGKILL)
+    worker.join(60)
+    assert not worker.is_alive()
+    errors = engine_errors(outputs)
+    assert set(errors) == {leader} and "EngineDied" in errors[leader]["ename"], errors
+    others = sorted(set(pids) - {leader})
+    # The others ran the whole cell: its variable is there, and they share a context again.
+    reply, outputs = cluster.execute("%px a + b", timeout=300)
+    assert results(outputs) == {e: str(1 + 1 + e) for e in others}, engine_errors(outputs)
+    text = status(cluster)
+    assert f"engines {others[0]}, {others[1]} on" in text, text
