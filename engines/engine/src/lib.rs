@@ -230,9 +230,13 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                                     interrupter.interrupt();
                                 }
                             });
-                        } else if running.load(Ordering::SeqCst) == task {
+                        } else {
+                            // A task still queued (behind a context being built) ends before
+                            // its cell runs.
                             cancelled.store(task, Ordering::SeqCst);
-                            interrupter.interrupt();
+                            if running.load(Ordering::SeqCst) == task {
+                                interrupter.interrupt();
+                            }
                         }
                     }
                     ToEngine::Ping { nonce } => {
@@ -396,6 +400,9 @@ async fn run_tasks(
             state: Some(report),
         };
         let _ = outbound.send((done, Vec::new()));
+        if tasks.is_empty() {
+            core.prepare_if_diverged().await;
+        }
     }
 }
 
