@@ -230,13 +230,9 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                                     interrupter.interrupt();
                                 }
                             });
-                        } else {
-                            // A task still queued (behind a context being built) ends before
-                            // its cell runs.
+                        } else if running.load(Ordering::SeqCst) == task {
                             cancelled.store(task, Ordering::SeqCst);
-                            if running.load(Ordering::SeqCst) == task {
-                                interrupter.interrupt();
-                            }
+                            interrupter.interrupt();
                         }
                     }
                     ToEngine::Ping { nonce } => {
@@ -400,9 +396,6 @@ async fn run_tasks(
             state: Some(report),
         };
         let _ = outbound.send((done, Vec::new()));
-        if tasks.is_empty() {
-            core.prepare_if_diverged().await;
-        }
     }
 }
 

@@ -124,8 +124,6 @@ pub struct Core {
     /// (nothing an interrupt can stop without losing the work) ends as soon as it is built.
     pub cancelled: Arc<AtomicU64>,
     line_running: Arc<AtomicBool>,
-    /// Its state left its leader's in the last task: it will compile for itself.
-    diverged: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -163,7 +161,6 @@ impl Core {
             maps: Arc::new(Mutex::new(Maps::default())),
             cancelled: Arc::new(AtomicU64::new(u64::MAX)),
             line_running,
-            diverged: false,
         })
     }
 
@@ -302,18 +299,6 @@ impl Core {
             sent_type,
             fingerprint: self.fingerprint(),
             ended: ended.to_owned(),
-        }
-    }
-
-    /// Builds the compiling context an engine whose state left its group's will need for its
-    /// next cell, while it has nothing else to do, so that the user does not wait for it then.
-    pub async fn prepare_if_diverged(&mut self) {
-        if !std::mem::take(&mut self.diverged) || self.compiler.is_some() {
-            return;
-        }
-        let quiet: StreamSink = Arc::new(|_, _| {});
-        if let Err(e) = self.compiler(&quiet).await {
-            tracing::warn!("engine {}: {}", self.engine, e.evalue);
         }
     }
 
@@ -469,7 +454,6 @@ impl Core {
                         self.note = Some(format!(
                             "in cell {cell}, {here} here; on engine {leader}, {ended}"
                         ));
-                        self.diverged = true;
                     }
                     return Ended { outcome, sent_type };
                 }
@@ -480,7 +464,6 @@ impl Core {
                     entries.into_iter().for_each(|entry| history.push(entry));
                     drop(history);
                     self.note = Some(format!("engine {leader} stopped during cell {cell}"));
-                    self.diverged = true;
                     // What ran here still counts; only what the leader would have said is lost.
                     let outcome = match &last_run {
                         Some((run, interrupted)) => outcome_of(result_of_run(
