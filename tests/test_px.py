@@ -179,7 +179,7 @@ def test_interrupt_during_long_px(cluster):
         assert "Interrupted" in content["ename"]
         assert "variables lost" in content["evalue"] or "none were lost" in content["evalue"]
     _, outputs = cluster.execute("%px id()")
-    assert set(results(outputs)) == {0, 1, 2}
+    assert set(results(outputs)) == {0, 1, 2}, engine_errors(outputs)
 
 
 def test_magic_errors_print_usage(cluster):
