@@ -1,22 +1,31 @@
-//! `parallax`: the Parallax Jupyter kernel, and its installer.
+//! `parallax`: the Parallax Jupyter kernel, its engines and its installer, in one binary.
+//!
+//! The parts, from the notebook to the engines and back:
+//! - `jupyter`: the five Jupyter channels; `shell` takes each request in turn;
+//! - `cell`: runs a cell's segments: Rust in the notebook's own evcxr context, magics in `magic`;
+//! - `magic`: one file per family of magics, turning a parsed command into work and output;
+//! - `controller`: the pool of engines, the signed socket to them, the compile-sharing plan,
+//!   the map scheduler; it never speaks Jupyter;
+//! - `dashboard`: the monitor the controller reports to, and its views (the notebook block,
+//!   the browser page);
+//! - `text`: words and markup shared by the views; `install`: the kernelspec.
+//!
+//! The engines' side is in `engines/` (`parallax_engine::run` is `parallax engine`), and the
+//! magics' parser in `magics/`.
+//!
+//! The path of a `%px` cell: `jupyter::shell::Shell::execute` → `cell::CellRunner::run` →
+//! `magic::Magics::run` → `magic::px::Px::px` → `controller::Controller::submit` (plan, one
+//! task per engine, sent over `controller::link`) → engines → `controller::routing` →
+//! `controller::collect` → the cell's `CellOut`. ARCHITECTURE.md walks it step by step, and a
+//! `%pmap` chunk too.
 
-mod completeness;
+mod cell;
 mod controller;
 mod dashboard;
-mod data;
-mod history;
 mod install;
-mod iopub;
-mod monitor;
-mod parallel;
-mod pmap;
-mod server;
-mod shell;
-mod stdin;
-mod timeline;
-mod usage;
-mod web;
-mod wire;
+mod jupyter;
+mod magic;
+mod text;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -122,12 +131,12 @@ fn die_with_parent() {
 }
 
 fn run_kernel(connection_file: &std::path::Path) -> anyhow::Result<()> {
-    let info = server::read_connection_file(connection_file)?;
+    let info = jupyter::server::read_connection_file(connection_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(server::serve(info))?;
+    runtime.block_on(jupyter::server::serve(info))?;
     // Exit without waiting for the evaluator: its process ends when our pipes close.
     std::process::exit(0)
 }

@@ -10,11 +10,11 @@ mod sharing;
 use anyhow::Context;
 use bytes::Bytes;
 use parallax_engine_protocol::{
-    ends_from_bytes, ends_to_bytes, DataMeta, FromEngine, Outcome, Receiver, Sender, Share, Signer,
-    StreamName, ToEngine,
+    FromEngine, Outcome, Payload, Receiver, Sender, Share, Signer, StreamName, ToEngine,
 };
 use parallax_eval::cells;
-use parallax_eval::{private_base, CellError, MapInput, MapOutput, Payload, StreamSink};
+use parallax_eval::ipc::Locked;
+use parallax_eval::{private_base, CellError, MapInput, MapOutput, StreamSink};
 use sharing::{outcome_of, Core, DEPENDENCY_CACHE};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -117,10 +117,6 @@ pub(crate) struct Maps {
 
 pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 
-fn lock(maps: &SharedMaps) -> std::sync::MutexGuard<'_, Maps> {
-    maps.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A cell stopping a map is given this long to finish its chunk before it is interrupted.
 const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -186,7 +182,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     ToEngine::Store { task, name, type_src, value, meta, share } => {
                         // Values that did not arrive intact are dropped, but the engine still
                         // takes part in the shared cell: the others of its group may wait for it.
-                        let payload = payload_from(meta, buffers);
+                        let payload = Payload::from_wire(meta, buffers);
                         if let Err(e) = &payload {
                             tracing::warn!("engine {engine}: dropped a store: {e}");
                         }
@@ -201,8 +197,8 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     }
                     ToEngine::Shared { cell, from, step } => inbox.deliver(cell, from, step),
                     ToEngine::Chunk { task, chunk, start, meta } => {
-                        let feed = lock(&maps).feeds.get(&task).cloned();
-                        match (feed, payload_from(meta, buffers)) {
+                        let feed = maps.locked().feeds.get(&task).cloned();
+                        match (feed, Payload::from_wire(meta, buffers)) {
                             (Some(feed), Ok(items)) => {
                                 let _ = feed.send(MapInput::Chunk { chunk, start, items });
                             }
@@ -217,7 +213,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     ToEngine::MapEnd { task } => end_map(&maps, task),
                     ToEngine::Interrupt { task } => {
                         tracing::info!("engine {engine}: interrupt for task {task}");
-                        let serving = lock(&maps).feeds.contains_key(&task);
+                        let serving = maps.locked().feeds.contains_key(&task);
                         if serving {
                             // A map stops between chunks and keeps the engine's variables; only
                             // an item that runs on and on needs the hard way.
@@ -293,7 +289,7 @@ fn sweep_stale_dirs(base: &Path) {
 const NO_TASK: u64 = u64::MAX;
 
 fn end_map(maps: &SharedMaps, task: u64) {
-    let mut maps = lock(maps);
+    let mut maps = maps.locked();
     match maps.feeds.get(&task) {
         Some(feed) => {
             let _ = feed.send(MapInput::End);
@@ -302,26 +298,6 @@ fn end_map(maps: &SharedMaps, task: u64) {
             maps.ended.insert(task);
         }
     }
-}
-
-/// Values out of a message's buffers (item ends, then bytes), checked against their layout.
-pub fn payload_from(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> {
-    let [ends, data]: [Bytes; 2] = buffers
-        .try_into()
-        .map_err(|b: Vec<Bytes>| format!("{} buffers, expected 2", b.len()))?;
-    let ends = ends_from_bytes(&ends).ok_or("item ends are not 8-byte numbers")?;
-    let payload = Payload {
-        meta: meta.into(),
-        ends,
-        data,
-    };
-    payload.validate()?;
-    Ok(payload)
-}
-
-/// The buffers a message carries values in: item ends, then bytes (shared, not copied).
-pub fn payload_buffers(payload: &Payload) -> Vec<Bytes> {
-    vec![ends_to_bytes(&payload.ends), payload.data.clone()]
 }
 
 /// The commands every engine context executes before its first cell: the dependency cache,
@@ -412,7 +388,8 @@ async fn run_data_work(
 ) -> Outcome {
     let id = share.cell;
     let port = core.port.clone();
-    let via = core.via();
+    // Engine cells name no socket: each store finds its engine's in its environment.
+    let via = cells::Via::Environment;
     match work {
         DataWork::Store {
             name,
@@ -433,13 +410,7 @@ async fn run_data_work(
             } else {
                 cells::receive_items(via, id, &name, &type_src)
             };
-            let work = sharing::Work {
-                code,
-                preludes,
-                wants_sent_type: false,
-            };
-            let ended = core.execute(task, share, &work, sink).await;
-            port.withdraw(id);
+            let ended = run_data_cell(core, task, share, code, preludes, false, sink).await;
             tracing::debug!(
                 "store of `{name}` took {:.3} s",
                 began.elapsed().as_secs_f64()
@@ -460,13 +431,7 @@ async fn run_data_work(
             } else {
                 cells::send_items(via, id, &name, None)
             };
-            let work = sharing::Work {
-                code,
-                preludes,
-                wants_sent_type: true,
-            };
-            let ended = core.execute(task, share, &work, sink).await;
-            port.withdraw(id);
+            let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
             if let Outcome::Error { .. } = ended.outcome {
                 return ended.outcome;
             }
@@ -477,7 +442,7 @@ async fn run_data_work(
                         payload.data.len(),
                         began.elapsed().as_secs_f64()
                     );
-                    let buffers = payload_buffers(&payload);
+                    let buffers = payload.wire_buffers();
                     let fetched = FromEngine::Fetched {
                         task,
                         type_src,
@@ -497,7 +462,7 @@ async fn run_data_work(
         DataWork::Map { func } => {
             let session = port.open_map(id);
             let ended_early = {
-                let mut maps = lock(&core.maps);
+                let mut maps = core.maps.locked();
                 maps.feeds.insert(task, session.input.clone());
                 maps.ended.remove(&task)
             };
@@ -506,14 +471,9 @@ async fn run_data_work(
             }
             let forwarder =
                 tokio::spawn(forward_map_output(task, session.output, outbound.clone()));
-            let work = sharing::Work {
-                code: cells::serve_map(via, id, &func),
-                preludes,
-                wants_sent_type: true,
-            };
-            let ended = core.execute(task, share, &work, sink).await;
-            lock(&core.maps).feeds.remove(&task);
-            port.withdraw(id);
+            let code = cells::serve_map(via, id, &func);
+            let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
+            core.maps.locked().feeds.remove(&task);
             // The cell is over, so its side of the session is closed and the forwarder ends
             // once it has passed on every result.
             let _ = forwarder.await;
@@ -528,6 +488,26 @@ async fn run_data_work(
             }
         }
     }
+}
+
+/// Runs a data task's cell, then forgets its transfer (the shared cell's number).
+async fn run_data_cell(
+    core: &mut Core,
+    task: u64,
+    share: &Share,
+    code: String,
+    preludes: Vec<String>,
+    wants_sent_type: bool,
+    sink: StreamSink,
+) -> sharing::Ended {
+    let work = sharing::Work {
+        code,
+        preludes,
+        wants_sent_type,
+    };
+    let ended = core.execute(task, share, &work, sink).await;
+    core.port.withdraw(share.cell);
+    ended
 }
 
 async fn forward_map_output(
@@ -554,7 +534,7 @@ async fn forward_map_output(
                 results,
                 failures,
             } => {
-                let buffers = payload_buffers(&results);
+                let buffers = results.wire_buffers();
                 (
                     FromEngine::ChunkDone {
                         task,

@@ -12,9 +12,10 @@
 
 use crate::{Maps, Outbound, SharedMaps};
 use parallax_engine_protocol::{FromEngine, Outcome, Role, Share, StateReport, Step};
-use parallax_eval::cells::{self, Via};
+use parallax_eval::cells;
 use parallax_eval::gateway::{Forward, Gateway, Shared};
 use parallax_eval::history::{Entry, History};
+use parallax_eval::ipc::Locked;
 use parallax_eval::store::{Run, Store};
 use parallax_eval::{
     result_of_run, CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
@@ -61,7 +62,7 @@ pub struct Inbox {
 
 impl Inbox {
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        self.slots.locked()
     }
 
     pub fn deliver(&self, cell: u64, from: u32, step: Step) {
@@ -127,7 +128,7 @@ pub struct Core {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+    mutex.locked()
 }
 
 impl Core {
@@ -543,11 +544,6 @@ impl Core {
     /// The private directories this engine made, to remove when it exits.
     pub fn dirs(&self) -> Vec<std::path::PathBuf> {
         vec![self.gateway.dir().to_owned(), self.port.dir().to_owned()]
-    }
-
-    /// The data cells of this engine name no socket (see `Via::Environment`).
-    pub fn via(&self) -> Via<'static> {
-        Via::Environment
     }
 }
 

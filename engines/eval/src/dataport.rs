@@ -3,91 +3,16 @@
 //! chunks. A Unix socket in a private directory (0700), and every connection must open with this
 //! process's random token, so only cells this process generated can use it.
 
+use crate::ipc::{bind_private, same_secret, serve_connections, Locked, PrivateDir};
 use bytes::Bytes;
-use parallax_data::{kind, read_frame, validate, write_frame, Frame, FrameRef, Meta};
+use parallax_data::{kind, read_frame, write_frame, Frame, FrameRef, Meta};
+use parallax_engine_protocol::Payload;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
-
-/// Encoded values in transit: what `parallax_data::Meta` says, the item ends and the bytes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Payload {
-    pub meta: Meta,
-    pub ends: Vec<u64>,
-    pub data: Bytes,
-}
-
-impl Payload {
-    /// Checks the layout of values that came from elsewhere.
-    pub fn validate(&self) -> Result<(), String> {
-        validate(&self.meta, &self.ends, self.data.len() as u64)
-    }
-
-    /// Items `start..end`, sharing the bytes.
-    pub fn slice(&self, start: u64, end: u64) -> Payload {
-        let (from, to) = parallax_data::byte_range(&self.meta, &self.ends, start, end);
-        let ends = if self.meta.width > 0 {
-            Vec::new()
-        } else {
-            self.ends[start as usize..end as usize]
-                .iter()
-                .map(|e| e - from as u64)
-                .collect()
-        };
-        Payload {
-            meta: Meta {
-                count: end - start,
-                ..self.meta.clone()
-            },
-            ends,
-            data: self.data.slice(from..to),
-        }
-    }
-
-    /// The items of every part, in order, as one payload. Parts must hold one type.
-    pub fn concat(type_name: &str, parts: &[Payload]) -> Result<Payload, String> {
-        let mut meta = Meta {
-            type_name: type_name.to_owned(),
-            ..Meta::default()
-        };
-        if let Some(first) = parts.first() {
-            meta.width = first.meta.width;
-            meta.elem_width = first.meta.elem_width;
-        }
-        for part in parts {
-            if part.meta.type_name != type_name
-                || part.meta.width != meta.width
-                || part.meta.elem_width != meta.elem_width
-            {
-                return Err(format!(
-                    "cannot join values of type `{}` with values of type `{}`",
-                    part.meta.type_name, type_name
-                ));
-            }
-        }
-        if parts.len() == 1 {
-            return Ok(parts[0].clone());
-        }
-        let total: usize = parts.iter().map(|p| p.data.len()).sum();
-        let mut data = Vec::with_capacity(total);
-        let mut ends = Vec::new();
-        for part in parts {
-            let base = data.len() as u64;
-            ends.extend(part.ends.iter().map(|e| e + base));
-            data.extend_from_slice(&part.data);
-            meta.count += part.meta.count;
-        }
-        Ok(Payload {
-            meta,
-            ends,
-            data: Bytes::from(data),
-        })
-    }
-}
 
 /// What a map's host side hands the serving cell.
 pub enum MapInput {
@@ -136,16 +61,10 @@ struct Table {
 }
 
 struct Inner {
-    dir: PathBuf,
+    dir: PrivateDir,
     socket: String,
     token: String,
     table: Mutex<Table>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Cheap to clone; the socket and its directory go when the last clone does.
@@ -166,11 +85,7 @@ impl DataPort {
             std::process::id(),
             &token[..8]
         ));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let socket_path = dir.join("data.sock");
-        let listener = UnixListener::bind(&socket_path)?;
-        std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+        let (dir, socket_path, listener) = bind_private(dir, "data.sock")?;
         let port = DataPort {
             inner: Arc::new(Inner {
                 dir,
@@ -179,29 +94,18 @@ impl DataPort {
                 table: Mutex::default(),
             }),
         };
-        let weak = Arc::downgrade(&port.inner);
-        std::thread::Builder::new()
-            .name("data-port".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Some(inner) = weak.upgrade() else { return };
-                    match stream {
-                        Ok(stream) => {
-                            let port = DataPort { inner };
-                            let _ = std::thread::Builder::new()
-                                .name("data-connection".into())
-                                .spawn(move || port.serve(stream));
-                        }
-                        Err(e) => tracing::warn!("data socket: accept failed: {e}"),
-                    }
-                }
-            })?;
+        serve_connections(
+            listener,
+            Arc::downgrade(&port.inner),
+            "data",
+            |inner, stream| DataPort { inner }.serve(stream),
+        )?;
         Ok(port)
     }
 
     /// The directory this port owns (private to this process's user).
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        self.inner.dir.path()
     }
 
     pub fn socket(&self) -> &str {
@@ -213,7 +117,7 @@ impl DataPort {
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.inner.table.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.table.locked()
     }
 
     /// Waits for a cell to hand over transfer `id`. Register before running the cell.
@@ -265,7 +169,7 @@ impl DataPort {
         let mut writer = BufWriter::with_capacity(1 << 16, stream);
         let hello = read_frame(&mut reader, HELLO_LIMIT)
             .map_err(|e| format!("dropped a connection: {e}"))?;
-        if hello.kind != kind::HELLO || !same_token(hello.text.as_bytes(), self.token().as_bytes())
+        if hello.kind != kind::HELLO || !same_secret(hello.text.as_bytes(), self.token().as_bytes())
         {
             return Err("dropped a connection without the token".into());
         }
@@ -422,16 +326,6 @@ fn reply(
     write_frame(writer, &frame).map_err(|e| format!("write failed: {e}"))
 }
 
-/// Compares without stopping at the first difference, so timing says nothing about the token.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 fn random_token() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -441,6 +335,7 @@ fn random_token() -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn numbers(values: &[u64]) -> Payload {
         Payload {

@@ -6,9 +6,11 @@ use crate::diagnostics::{self, CellError};
 use crate::gateway::Recorder;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
+use crate::ipc::Locked;
+pub use crate::outputs::{discard_output, CellOutput, InputAsker, StreamSink};
 use crossbeam_channel::{Receiver, Sender};
 use evcxr::{CommandContext, EvalCallbacks};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -42,22 +44,6 @@ const PANIC_HOOK_CELL: &str = r#"{
         }
     }));
 };"#;
-
-/// What a successful cell produced: the MIME bundle of its final expression and rich output.
-#[derive(Debug, Default)]
-pub struct CellOutput {
-    pub data: Map<String, Value>,
-}
-
-/// How a stdin prompt from a cell reaches the frontend.
-pub type InputAsker = Arc<dyn Fn(&str, bool) -> Option<String> + Send + Sync>;
-
-/// Where a cell's printed output goes: called with "stdout" or "stderr" and a batch of lines.
-pub type StreamSink = Arc<dyn Fn(&'static str, &str) + Send + Sync>;
-
-fn discard_output() -> StreamSink {
-    Arc::new(|_, _| {})
-}
 
 enum Job {
     Execute {
@@ -285,7 +271,7 @@ impl StreamForwarder {
                 const BATCH_WINDOW: Duration = Duration::from_millis(2);
                 const BATCH_BYTES: usize = 64 * 1024;
                 while let Ok(first) = lines.recv() {
-                    let _publishing = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    let _publishing = in_flight.locked();
                     let mut text = first;
                     text.push('\n');
                     let deadline = Instant::now() + BATCH_WINDOW;
@@ -298,7 +284,7 @@ impl StreamForwarder {
                             Err(_) => break,
                         }
                     }
-                    let sink = sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let sink = sink.locked().clone();
                     sink(name, &text);
                 }
             })
@@ -311,7 +297,7 @@ impl StreamForwarder {
         while !self.lines.is_empty() {
             std::thread::sleep(Duration::from_micros(200));
         }
-        drop(self.in_flight.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(self.in_flight.locked());
     }
 }
 
@@ -559,7 +545,7 @@ impl Engine {
                 tracing::warn!("could not reinstall the panic hook: {e}");
             }
         }
-        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+        *self.sink.locked() = sink;
         let before = self.variables();
         let ask = |prompt: &str, password: bool| -> String {
             match &ask_input {

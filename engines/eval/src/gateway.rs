@@ -9,12 +9,12 @@
 
 use crate::evalproto::{Event, LineOutcome, Parser, COMPLETE};
 use crate::history::{Entry, History};
+use crate::ipc::{bind_private, read_lines, serve_connections, Locked, PrivateDir};
 use crate::store::Store;
 use crossbeam_channel::{never, select, Receiver};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufWriter, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,14 +60,8 @@ struct Inner {
     line_running: Arc<AtomicBool>,
     history: Arc<Mutex<History>>,
     socket: PathBuf,
-    dir: PathBuf,
+    dir: PrivateDir,
     state: Mutex<State>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[derive(Default)]
@@ -97,11 +91,7 @@ impl Gateway {
         line_running: Arc<AtomicBool>,
     ) -> std::io::Result<Gateway> {
         let dir = base.join(format!("parallax-gateway-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-        let socket = dir.join("relay.sock");
-        let _ = std::fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket)?;
+        let (dir, socket, listener) = bind_private(dir, "relay.sock")?;
         let inner = Arc::new(Inner {
             store,
             line_running,
@@ -110,22 +100,12 @@ impl Gateway {
             dir,
             state: Mutex::default(),
         });
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("gateway".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Some(inner) = weak.upgrade() else { return };
-                    match stream {
-                        Ok(stream) => {
-                            let _ = std::thread::Builder::new()
-                                .name("gateway-relay".into())
-                                .spawn(move || serve_relay(&inner, stream));
-                        }
-                        Err(e) => tracing::warn!("gateway: accept failed: {e}"),
-                    }
-                }
-            })?;
+        serve_connections(
+            listener,
+            Arc::downgrade(&inner),
+            "gateway",
+            |inner, stream| serve_relay(&inner, stream),
+        )?;
         Ok(Gateway { inner })
     }
 
@@ -143,7 +123,7 @@ impl Gateway {
 
     /// The private directory the gateway's socket is in (removed when the gateway goes).
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        self.inner.dir.path()
     }
 
     /// Where the entries and compiled cells of the next executions go (None: nowhere).
@@ -154,7 +134,7 @@ impl Gateway {
 
 impl Inner {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     fn answer(&self) -> Answer {
@@ -194,11 +174,7 @@ impl Recorder for Gateway {
             forward(Shared::EntryEnd(ok));
         }
         if let Some(entry) = entry.filter(|e| e.counts(ok)) {
-            self.inner
-                .history
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(entry);
+            self.inner.history.locked().push(entry);
         }
     }
 
@@ -227,18 +203,9 @@ fn serve_relay(inner: &Inner, stream: UnixStream) {
     let Ok(reading) = stream.try_clone() else {
         return;
     };
-    let (relay_tx, relay) = crossbeam_channel::unbounded::<Option<String>>();
-    let _ = std::thread::Builder::new()
-        .name("gateway-read".into())
-        .spawn(move || {
-            for line in BufReader::new(reading).lines() {
-                let Ok(line) = line else { break };
-                if relay_tx.send(Some(line)).is_err() {
-                    return;
-                }
-            }
-            let _ = relay_tx.send(None);
-        });
+    let Ok(relay) = read_lines(reading, "gateway-read") else {
+        return;
+    };
     let mut out = BufWriter::new(stream);
     while let Ok(Some(line)) = relay.recv() {
         if !line.starts_with("LOAD_AND_RUN ") {
@@ -281,7 +248,7 @@ fn run_live(
     if let Some(forward) = forward {
         forward(Shared::Run(line.to_owned()));
     }
-    let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+    let mut store = inner.store.locked();
     inner.line_running.store(true, Ordering::SeqCst);
     let mut outcome = LineOutcome::default();
     let mut parser = Parser::default();

@@ -2,6 +2,7 @@
 //! cargo build (nothing is lost); while it runs, kill the evaluation process, which evcxr
 //! restarts without the variables.
 
+use crate::ipc::Locked;
 use std::collections::HashMap;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,31 +47,23 @@ impl Drop for RunningCell<'_> {
 
 impl Interrupter {
     pub fn set_runtime(&self, runtime: Option<Arc<Mutex<Child>>>) {
-        *self.state.runtime.lock().unwrap_or_else(|p| p.into_inner()) = runtime;
+        *self.state.runtime.locked() = runtime;
     }
 
     /// Says where to look for whether a compiled cell is running (rather than compiling).
     pub fn set_line_flag(&self, flag: Arc<AtomicBool>) {
-        *self
-            .state
-            .line_running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(flag);
+        *self.state.line_running.locked() = Some(flag);
     }
 
     pub fn begin_cell(&self) -> RunningCell<'_> {
-        *self.state.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.state.pending.locked() = None;
         self.state.cancel_input.store(false, Ordering::SeqCst);
         self.state.running.store(true, Ordering::SeqCst);
         RunningCell { state: &self.state }
     }
 
     pub fn take_interruption(&self) -> Option<Interruption> {
-        self.state
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.state.pending.locked().take()
     }
 
     pub fn input_cancelled(&self) -> &AtomicBool {
@@ -86,12 +79,7 @@ impl Interrupter {
 
     /// Kills the evaluation process; evcxr starts a fresh one, without the variables.
     fn kill_runtime(&self) {
-        let runtime = self
-            .state
-            .runtime
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let runtime = self.state.runtime.locked().clone();
         if let Some(runtime) = runtime {
             if let Ok(mut child) = runtime.lock() {
                 let _ = child.kill();
@@ -109,8 +97,7 @@ impl Interrupter {
         let between_builds = self
             .state
             .line_running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .as_ref()
             .is_some_and(|flag| !flag.load(Ordering::SeqCst));
         // Between two builds (evcxr analyses the cell in process) nothing runs yet: stop the
@@ -122,7 +109,7 @@ impl Interrupter {
         };
         // Recorded before anything is killed: the evaluator asks what happened as soon as the
         // kill makes evcxr return, and must not take an interrupt for a crash.
-        let mut pending = self.state.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.state.pending.locked();
         let first = pending.is_none();
         // Stopping the run loses the variables, whatever an earlier interrupt stopped.
         if *pending != Some(Interruption::Running) {

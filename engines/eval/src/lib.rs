@@ -10,13 +10,14 @@ mod evaluator;
 pub mod gateway;
 pub mod history;
 pub mod interrupt;
+pub mod ipc;
+mod outputs;
 pub mod relay;
 pub mod runtime;
 pub mod store;
 
-pub use dataport::{DataPort, MapInput, MapOutput, MapSession, Payload};
+pub use dataport::{DataPort, MapInput, MapOutput, MapSession};
 pub use diagnostics::CellError;
-pub use evaluator::{
-    private_base, result_of_run, CellOutput, Compiling, Evaluator, InputAsker, StreamSink,
-};
+pub use evaluator::{private_base, result_of_run, Compiling, Evaluator};
 pub use interrupt::{Interrupter, Interruption};
+pub use outputs::{CellOutput, InputAsker, StreamSink};

@@ -4,8 +4,8 @@
 //! the engine, that dies with it.
 
 use crate::evalproto::{Event, LineOutcome, Parser};
-use crate::evaluator::StreamSink;
-use crossbeam_channel::Receiver;
+use crate::ipc::{read_lines, Lines, Locked};
+use crate::outputs::StreamSink;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -22,7 +22,7 @@ pub const STORE_VAR: &str = "PARALLAX_STORE";
 const STDERR_TAIL: usize = 20;
 
 /// What the engine hears from its store: a stdout line, or its end.
-pub type StoreLines = Receiver<Option<String>>;
+pub type StoreLines = Lines;
 
 pub struct Store {
     command: Arc<Mutex<Command>>,
@@ -104,7 +104,7 @@ impl Store {
 
     /// Where the store's stderr goes from now on.
     pub fn set_sink(&self, sink: StreamSink) {
-        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+        *self.sink.locked() = sink;
     }
 
     pub fn lines(&self) -> StoreLines {
@@ -124,20 +124,17 @@ impl Store {
     /// Replaces a dead (or killed) store with a fresh one, without variables.
     pub fn restart(&mut self) -> std::io::Result<()> {
         {
-            let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            let mut child = self.child.locked();
             if let Ok(None) = child.try_wait() {
                 let _ = child.kill();
             }
             let _ = child.wait();
         }
         self.stdin = None;
-        self.stderr_tail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        let mut command = self.command.lock().unwrap_or_else(|p| p.into_inner());
+        self.stderr_tail.locked().clear();
+        let mut command = self.command.locked();
         let (child, stdin, lines) = spawn(&mut command, &self.sink, &self.stderr_tail)?;
-        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = child;
+        *self.child.locked() = child;
         self.stdin = Some(stdin);
         self.lines = lines;
         Ok(())
@@ -146,18 +143,12 @@ impl Store {
     /// Why the store ended: its exit status and last words. Waits for it to exit.
     pub fn death(&mut self) -> Death {
         let status = {
-            let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            let mut child = self.child.locked();
             child.wait()
         };
         // Its stderr reader may still be passing on the last lines.
         std::thread::sleep(Duration::from_millis(20));
-        let tail: Vec<String> = self
-            .stderr_tail
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let tail: Vec<String> = self.stderr_tail.locked().iter().cloned().collect();
         let (signal, code, status) = match status {
             Ok(status) => (status.signal(), status.code(), status.to_string()),
             Err(e) => (None, None, format!("lost: {e}")),
@@ -245,7 +236,7 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut child = self.child.locked();
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -269,18 +260,7 @@ fn spawn(
         .stderr
         .take()
         .ok_or_else(|| std::io::Error::other("no stderr"))?;
-    let (lines_tx, lines) = crossbeam_channel::unbounded();
-    std::thread::Builder::new()
-        .name("store-stdout".into())
-        .spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines_tx.send(Some(line)).is_err() {
-                    return;
-                }
-            }
-            let _ = lines_tx.send(None);
-        })?;
+    let lines = read_lines(stdout, "store-stdout")?;
     let sink = sink.clone();
     let tail = stderr_tail.clone();
     std::thread::Builder::new()
@@ -289,13 +269,13 @@ fn spawn(
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 {
-                    let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut tail = tail.locked();
                     if tail.len() == STDERR_TAIL {
                         tail.pop_front();
                     }
                     tail.push_back(line.clone());
                 }
-                let sink = sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let sink = sink.locked().clone();
                 sink("stderr", &format!("{line}\n"));
             }
         })?;

@@ -7,7 +7,10 @@
 //! a receiver drops a number it has already seen from that sender, so a captured message cannot
 //! be replayed.
 
+mod payload;
 pub mod signing;
+
+pub use payload::{DataMeta, Payload};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -229,59 +232,6 @@ pub enum FromEngine {
         task: u64,
         type_src: String,
     },
-}
-
-/// How the values in a message's buffers are laid out (see the `parallax_data` crate).
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
-pub struct DataMeta {
-    pub type_name: String,
-    pub count: u64,
-    pub width: u32,
-    pub elem_width: u32,
-}
-
-impl From<parallax_data::Meta> for DataMeta {
-    fn from(meta: parallax_data::Meta) -> Self {
-        DataMeta {
-            type_name: meta.type_name,
-            count: meta.count,
-            width: meta.width,
-            elem_width: meta.elem_width,
-        }
-    }
-}
-
-impl From<DataMeta> for parallax_data::Meta {
-    fn from(meta: DataMeta) -> Self {
-        parallax_data::Meta {
-            type_name: meta.type_name,
-            count: meta.count,
-            width: meta.width,
-            elem_width: meta.elem_width,
-        }
-    }
-}
-
-/// Item ends as the little-endian bytes a buffer carries.
-pub fn ends_to_bytes(ends: &[u64]) -> Bytes {
-    let mut bytes = Vec::with_capacity(ends.len() * 8);
-    for end in ends {
-        bytes.extend_from_slice(&end.to_le_bytes());
-    }
-    Bytes::from(bytes)
-}
-
-/// Item ends from a buffer; `None` if its length is not a multiple of 8.
-pub fn ends_from_bytes(bytes: &[u8]) -> Option<Vec<u64>> {
-    if !bytes.len().is_multiple_of(8) {
-        return None;
-    }
-    Some(
-        bytes
-            .chunks_exact(8)
-            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .collect(),
-    )
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

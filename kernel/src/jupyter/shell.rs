@@ -1,18 +1,15 @@
-//! The shell channel: execute, complete, inspect, is_complete, history, comms. Requests run one
-//! at a time, in arrival order, as Jupyter frontends expect.
+//! The shell channel: each request answered in turn (execute, complete, inspect, is_complete,
+//! history, comms), one at a time, in arrival order, as Jupyter frontends expect. A cell's work
+//! is the `CellRunner`'s; this file speaks the protocol around it.
 
-use crate::completeness::{self, Completeness};
-use crate::data::DataMover;
-use crate::history::History;
-use crate::iopub::{OutputRoute, Publisher, Session};
-use crate::monitor::{Job, JobKind};
-use crate::parallel::Parallel;
-use crate::server::send_logged;
-use crate::stdin::StdinBridge;
-use crate::wire::WireMessage;
+use super::completeness::{self, Completeness};
+use super::history::History;
+use super::iopub::{CellOut, OutputRoute, Publisher, Session};
+use super::stdin::StdinBridge;
+use super::wire::{send_logged, WireMessage};
+use crate::cell::CellRunner;
 use jupyter_protocol::{ExecuteRequest, JupyterMessageContent};
-use parallax_eval::{CellError, CellOutput, Evaluator, InputAsker, StreamSink};
-use parallax_magics::{Command, Movement, Segment, Targets};
+use parallax_eval::{CellError, InputAsker};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,32 +19,22 @@ use zeromq::RouterSendHalf;
 pub struct Shell {
     session: Session,
     publisher: Publisher,
-    evaluator: Evaluator,
+    cells: CellRunner,
     stdin: StdinBridge,
     socket: RouterSendHalf,
     kernel_info: Value,
     shutdown: mpsc::UnboundedSender<()>,
     history: History,
-    parallel: Parallel,
-    data: DataMover,
-    /// The live `%dashboard` block, if one is updating.
-    dashboard: Option<crate::dashboard::LiveDashboard>,
-    /// The browser dashboard's address, once the first `%dashboard` has started its server.
-    web_dashboard: Option<String>,
-    /// CPU and memory of the engines, sampled once for every view.
-    usage: crate::usage::SharedUsage,
     execution_count: i64,
     /// Requests taken off the queue while aborting after an error, to be served next.
     deferred: VecDeque<WireMessage>,
 }
 
 impl Shell {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         session: Session,
         publisher: Publisher,
-        evaluator: Evaluator,
-        controller: crate::controller::Controller,
+        cells: CellRunner,
         stdin: StdinBridge,
         socket: RouterSendHalf,
         kernel_info: Value,
@@ -56,17 +43,12 @@ impl Shell {
         Shell {
             session,
             publisher,
-            evaluator: evaluator.clone(),
+            cells,
             stdin,
             socket,
             kernel_info,
             shutdown,
             history: History::default(),
-            parallel: Parallel::new(controller.clone()),
-            data: DataMover::new(controller, evaluator.clone()),
-            dashboard: None,
-            web_dashboard: None,
-            usage: crate::usage::SharedUsage::new(std::time::Duration::from_millis(500)),
             execution_count: 0,
             deferred: VecDeque::new(),
         }
@@ -214,7 +196,8 @@ impl Shell {
             );
         }
         let ask_input = req.allow_stdin.then(|| self.input_asker(request));
-        let outcome = self.run_cell(&req.code, route, ask_input).await;
+        let out = CellOut::new(self.publisher.clone(), route.clone());
+        let outcome = self.cells.run(&req.code, &out, ask_input).await;
         match outcome {
             Ok(output) => {
                 let plain = output
@@ -223,7 +206,7 @@ impl Shell {
                     .and_then(Value::as_str)
                     .map(str::to_owned);
                 if !req.silent && !output.data.is_empty() {
-                    self.publish_output(route, output.data, Some(count));
+                    self.publish_output(route, output.data, count);
                 }
                 if store_history {
                     self.history.record(count, &req.code, plain);
@@ -255,9 +238,9 @@ impl Shell {
 
     /// A final expression's value (it has `text/plain`) is the cell's `execute_result`; rich
     /// output without one is `display_data`.
-    fn publish_output(&self, route: &OutputRoute, data: Map<String, Value>, count: Option<i64>) {
+    fn publish_output(&self, route: &OutputRoute, data: Map<String, Value>, count: i64) {
         match count {
-            Some(count) if data.contains_key("text/plain") => self.publisher.publish(
+            count if data.contains_key("text/plain") => self.publisher.publish(
                 route,
                 "execute_result",
                 json!({"execution_count": count, "data": data, "metadata": {}}),
@@ -270,25 +253,11 @@ impl Shell {
         }
     }
 
-    /// A sink that publishes a cell's printed output as `stream` messages answering `route`.
-    /// A transfer's entry on the dashboard.
-    fn transfer_job(&self, kind: JobKind, name: &str, targets: &Option<Targets>) -> Job {
-        let engines = self.data.select(targets).unwrap_or_default();
-        let monitor = &self.data.controller.monitor;
-        monitor.job(kind, name, &engines, engines.len() as u64, false)
-    }
-
-    fn stream_to(&self, route: &OutputRoute) -> StreamSink {
-        let publisher = self.publisher.clone();
-        let route = route.clone();
-        Arc::new(move |name, text| publisher.stream(&route, name, text))
-    }
-
     fn input_asker(&self, request: &WireMessage) -> InputAsker {
         let bridge = self.stdin.clone();
         let identities = request.identities.clone();
         let parent = request.header.clone();
-        let interrupter = self.evaluator.interrupter().clone();
+        let interrupter = self.cells.evaluator().interrupter().clone();
         Arc::new(move |prompt: &str, password: bool| {
             bridge.ask(
                 &identities,
@@ -298,156 +267,6 @@ impl Shell {
                 interrupter.input_cancelled(),
             )
         })
-    }
-
-    /// Runs a cell's segments in order: Rust goes to the evaluator, magics to their handlers.
-    /// Stops at the first error. The last segment's value is the cell's result.
-    async fn run_cell(
-        &mut self,
-        code: &str,
-        route: &OutputRoute,
-        ask_input: Option<InputAsker>,
-    ) -> Result<CellOutput, CellError> {
-        // In %autopx mode every cell but `%autopx` itself goes to the engines.
-        if self.parallel.autopx && code.trim() != "%autopx" {
-            let flags = parallax_magics::PxFlags::default();
-            return self.parallel.px(&flags, code, &self.publisher, route).await;
-        }
-        let segments = parallax_magics::split_cell(code);
-        let last = segments.len().saturating_sub(1);
-        let mut result = CellOutput::default();
-        for (index, segment) in segments.into_iter().enumerate() {
-            let output = match segment {
-                Segment::Rust(rust) => {
-                    self.evaluator
-                        .execute(rust, self.stream_to(route), ask_input.clone())
-                        .await?
-                }
-                Segment::LineMagic(line) => self.run_magic(&line, None, route).await?,
-                Segment::CellMagic { line, body } => {
-                    self.run_magic(&line, Some(&body), route).await?
-                }
-            };
-            if index == last {
-                result = output;
-            } else if !output.data.is_empty() {
-                self.publish_output(route, output.data, None);
-            }
-        }
-        Ok(result)
-    }
-
-    async fn run_magic(
-        &mut self,
-        line: &str,
-        body: Option<&str>,
-        route: &OutputRoute,
-    ) -> Result<CellOutput, CellError> {
-        let command = parallax_magics::parse(line, body)
-            .map_err(|e| CellError::plain("UsageError", e.to_string()))?;
-        match command {
-            Command::Lsmagic => self
-                .publisher
-                .stream(route, "stdout", &parallax_magics::listing()),
-            Command::Help { name } => {
-                // The parser only accepts names it knows, so the help exists.
-                let help = parallax_magics::help_for(&name).unwrap_or_default();
-                self.publisher.stream(route, "stdout", &help);
-            }
-            Command::Cluster(command) => {
-                return self.parallel.cluster(command, &self.publisher, route).await;
-            }
-            Command::Px { flags, code } => {
-                let local = flags.over(self.parallel.defaults()).local.unwrap_or(false);
-                let engines = self
-                    .parallel
-                    .px(&flags, &code, &self.publisher, route)
-                    .await;
-                if local {
-                    let mine = self
-                        .evaluator
-                        .execute(code, self.stream_to(route), None)
-                        .await;
-                    engines?;
-                    return mine;
-                }
-                return engines;
-            }
-            Command::PxResult => return self.parallel.px_result(&self.publisher, route).await,
-            Command::Autopx => {
-                self.parallel.autopx = !self.parallel.autopx;
-                let state = if self.parallel.autopx {
-                    "on: every cell now runs on the engines (run %autopx again to stop)"
-                } else {
-                    "off: cells run in the notebook's own context again"
-                };
-                self.publisher
-                    .stream(route, "stdout", &format!("%autopx is {state}\n"));
-            }
-            Command::PxConfig { flags } => {
-                self.parallel.configure(flags, &self.publisher, route);
-            }
-            Command::Pmap(pmap) => {
-                return crate::pmap::pmap(&self.data, pmap, &self.publisher, route).await;
-            }
-            Command::Distribute(command) => {
-                let kind = match command.movement {
-                    Movement::Scatter => JobKind::Scatter,
-                    _ => JobKind::Push,
-                };
-                let job = self.transfer_job(kind, &command.name, &command.targets);
-                let outcome = self.data.distribute(command, &self.publisher, route).await;
-                job.finish_as(&outcome);
-                return outcome;
-            }
-            Command::Collect(command) => {
-                let kind = match command.movement {
-                    Movement::Gather => JobKind::Gather,
-                    _ => JobKind::Pull,
-                };
-                let job = self.transfer_job(kind, &command.name, &command.targets);
-                let outcome = self.data.collect(command, &self.publisher, route).await;
-                job.finish_as(&outcome);
-                return outcome;
-            }
-            Command::Dashboard { stop } => {
-                let previous = self.dashboard.take();
-                let had_one = previous.is_some();
-                if let Some(previous) = previous {
-                    previous.freeze().await;
-                }
-                if stop {
-                    let text = if had_one {
-                        "The dashboard is stopped; its last state stays as a snapshot.\n"
-                    } else {
-                        "No dashboard is live; %dashboard starts one.\n"
-                    };
-                    self.publisher.stream(route, "stdout", text);
-                } else {
-                    if self.web_dashboard.is_none() {
-                        let controller = self.data.controller.clone();
-                        match crate::web::WebDashboard::start(controller, self.usage.clone()).await
-                        {
-                            Ok(web) => self.web_dashboard = Some(web.url),
-                            // The notebook's block still works without the browser page.
-                            Err(e) => self.publisher.stream(
-                                route,
-                                "stderr",
-                                &format!("The browser dashboard could not start: {e:#}\n"),
-                            ),
-                        }
-                    }
-                    self.dashboard = Some(crate::dashboard::LiveDashboard::start(
-                        self.data.controller.clone(),
-                        self.publisher.clone(),
-                        route.clone(),
-                        self.usage.clone(),
-                        self.web_dashboard.clone(),
-                    ));
-                }
-            }
-        }
-        Ok(CellOutput::default())
     }
 
     async fn complete(&self, content: &Value) -> Value {
@@ -468,7 +287,7 @@ impl Shell {
             return completion_reply(code, matches, start, cursor);
         }
         let rust = parallax_magics::blank_non_rust(code);
-        match self.evaluator.complete(rust, cursor).await {
+        match self.cells.evaluator().complete(rust, cursor).await {
             Ok(found) => {
                 let matches = found.completions.into_iter().map(|c| c.code).collect();
                 completion_reply(code, matches, found.start_offset, found.end_offset)
@@ -492,7 +311,7 @@ impl Shell {
                 .find(|c: char| !(c.is_alphanumeric() || c == '_'))
                 .unwrap_or(code.len() - cursor);
         let rust = parallax_magics::blank_non_rust(code);
-        match self.evaluator.inspect(rust, end).await {
+        match self.cells.evaluator().inspect(rust, end).await {
             Ok((plain, html)) if !plain.is_empty() && plain != "No documentation found" => json!({
                 "status": "ok",
                 "found": true,

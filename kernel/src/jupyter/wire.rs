@@ -6,7 +6,7 @@ use jupyter_protocol::Header;
 pub use parallax_engine_protocol::Signer;
 use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
-use zeromq::ZmqMessage;
+use zeromq::{SocketSend, ZmqMessage};
 
 const DELIMITER: &[u8] = b"<IDS|MSG>";
 /// How many recent signatures are remembered to drop replayed messages.
@@ -126,6 +126,14 @@ pub fn decode(
         msg_type,
         content: parse("content", &rest[4])?,
     })
+}
+
+/// Sends on `socket`; a failure is logged under the channel's `name`, not fatal: the client
+/// that should have received it is gone.
+pub async fn send_logged<S: SocketSend>(socket: &mut S, message: ZmqMessage, name: &str) {
+    if let Err(e) = socket.send(message).await {
+        tracing::warn!("{name}: send failed: {e}");
+    }
 }
 
 /// Encodes and signs a message for sending.

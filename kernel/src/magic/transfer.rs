@@ -3,11 +3,13 @@
 //! data socket; they go to the engines as binary buffers of signed messages, and the engines'
 //! generated cells store them. Values never appear in source code.
 
+use super::select_engines;
 use crate::controller::{Controller, TaskEvent};
-use crate::iopub::{OutputRoute, Publisher};
-use parallax_engine::payload_buffers;
+use crate::jupyter::iopub::CellOut;
+use crate::text::{engine_list, human_bytes};
+use parallax_engine_protocol::Payload;
 use parallax_engine_protocol::{Outcome, ToEngine};
-use parallax_eval::{cells, CellError, CellOutput, DataPort, Evaluator, Payload};
+use parallax_eval::{cells, CellError, CellOutput, DataPort, Evaluator};
 use parallax_magics::{Collect, Distribute, Movement, Targets};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +40,7 @@ impl DataMover {
 
     /// The ready engines `targets` selects, or a clear error.
     pub fn select(&self, targets: &Option<Targets>) -> Result<Vec<u32>, CellError> {
-        crate::parallel::select_engines(&self.controller, targets)
+        select_engines(&self.controller, targets)
     }
 
     /// The notebook's data socket; the first call builds the `parallax_data` crate.
@@ -47,21 +49,8 @@ impl DataMover {
     }
 
     /// Runs a generated cell in the notebook's context; what it prints is shown.
-    pub async fn run_local(
-        &self,
-        code: String,
-        publisher: &Publisher,
-        route: &OutputRoute,
-    ) -> Result<CellOutput, CellError> {
-        let publisher = publisher.clone();
-        let route = route.clone();
-        self.evaluator
-            .execute(
-                code,
-                Arc::new(move |name, text| publisher.stream(&route, name, text)),
-                None,
-            )
-            .await
+    pub async fn run_local(&self, code: String, out: &CellOut) -> Result<CellOutput, CellError> {
+        self.evaluator.execute(code, out.sink(), None).await
     }
 
     /// Evaluates `expr` in the notebook and takes its values: its items (`items`) or itself.
@@ -71,8 +60,7 @@ impl DataMover {
         expr: &str,
         items: bool,
         item_type: Option<&str>,
-        publisher: &Publisher,
-        route: &OutputRoute,
+        out: &CellOut,
     ) -> Result<(Payload, String), CellError> {
         let port = self.port().await?;
         let id = self.next_transfer();
@@ -82,7 +70,7 @@ impl DataMover {
         } else {
             cells::send_value(cells::Via::Port(&port), id, expr)
         };
-        let ran = self.run_local(code, publisher, route).await;
+        let ran = self.run_local(code, out).await;
         port.withdraw(id);
         if let Err(error) = ran {
             return Err(explain_input_error(error, expr, items, item_type));
@@ -108,8 +96,7 @@ impl DataMover {
         name: &str,
         item_type: &str,
         payload: Payload,
-        publisher: &Publisher,
-        route: &OutputRoute,
+        out: &CellOut,
     ) -> Result<(), CellError> {
         let port = self.port().await?;
         let id = self.next_transfer();
@@ -117,8 +104,7 @@ impl DataMover {
         let ran = self
             .run_local(
                 cells::receive_items(cells::Via::Port(&port), id, name, item_type),
-                publisher,
-                route,
+                out,
             )
             .await;
         port.withdraw(id);
@@ -129,15 +115,12 @@ impl DataMover {
     pub async fn distribute(
         &self,
         command: Distribute,
-        publisher: &Publisher,
-        route: &OutputRoute,
+        out: &CellOut,
     ) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let scatter = command.movement == Movement::Scatter;
         let began = std::time::Instant::now();
-        let (payload, type_src) = self
-            .take_local(&command.expr, scatter, None, publisher, route)
-            .await?;
+        let (payload, type_src) = self.take_local(&command.expr, scatter, None, out).await?;
         tracing::debug!(
             "{:?}: took {} bytes from the notebook in {:.3} s",
             command.movement,
@@ -166,7 +149,7 @@ impl DataMover {
                     meta: part.meta.clone().into(),
                     share,
                 };
-                (store, payload_buffers(part))
+                (store, part.wire_buffers())
             })
             .await;
         drop(events);
@@ -206,30 +189,25 @@ impl DataMover {
             format!(
                 "{}: Vec<{type_src}> on engines {} ({} items each)",
                 command.name,
-                list(&targets),
+                engine_list(&targets),
                 sizes.join("/")
             )
         } else {
-            format!("{}: {type_src} on engines {}", command.name, list(&targets))
+            format!(
+                "{}: {type_src} on engines {}",
+                command.name,
+                engine_list(&targets)
+            )
         };
-        publisher.stream(
-            route,
-            "stdout",
-            &format!(
-                "Stored {what}, {}.\n",
-                human_bytes(parts.iter().map(|p| p.data.len() as u64).sum())
-            ),
-        );
+        out.stdout(&format!(
+            "Stored {what}, {}.\n",
+            human_bytes(parts.iter().map(|p| p.data.len() as u64).sum())
+        ));
         Ok(CellOutput::default())
     }
 
     /// `%gather` and `%pull`.
-    pub async fn collect(
-        &self,
-        command: Collect,
-        publisher: &Publisher,
-        route: &OutputRoute,
-    ) -> Result<CellOutput, CellError> {
+    pub async fn collect(&self, command: Collect, out: &CellOut) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let gather = command.movement == Movement::Gather;
         let began = std::time::Instant::now();
@@ -317,24 +295,20 @@ impl DataMover {
             began.elapsed().as_secs_f64()
         );
         let began = std::time::Instant::now();
-        self.store_local(&command.local, &item_type, joined, publisher, route)
+        self.store_local(&command.local, &item_type, joined, out)
             .await?;
         tracing::debug!(
             "{:?}: stored in the notebook in {:.3} s",
             command.movement,
             began.elapsed().as_secs_f64()
         );
-        publisher.stream(
-            route,
-            "stdout",
-            &format!(
-                "{}: Vec<{item_type}> with {count} {} from engines {}, {}.\n",
-                command.local,
-                if gather { "items" } else { "values" },
-                list(&targets),
-                human_bytes(bytes)
-            ),
-        );
+        out.stdout(&format!(
+            "{}: Vec<{item_type}> with {count} {} from engines {}, {}.\n",
+            command.local,
+            if gather { "items" } else { "values" },
+            engine_list(&targets),
+            human_bytes(bytes)
+        ));
         Ok(CellOutput::default())
     }
 }
@@ -369,28 +343,6 @@ pub fn split_evenly(count: u64, parts: u64) -> Vec<(u64, u64)> {
             range
         })
         .collect()
-}
-
-pub fn list(engines: &[u32]) -> String {
-    engines
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-pub fn human_bytes(bytes: u64) -> String {
-    const KIB: f64 = 1024.0;
-    let b = bytes as f64;
-    if b < KIB {
-        format!("{bytes} B")
-    } else if b < KIB * KIB {
-        format!("{:.1} KiB", b / KIB)
-    } else if b < KIB * KIB * KIB {
-        format!("{:.1} MiB", b / KIB / KIB)
-    } else {
-        format!("{:.2} GiB", b / KIB / KIB / KIB)
-    }
 }
 
 /// Mentions serde when a type cannot be encoded, and what the input must be when it does not

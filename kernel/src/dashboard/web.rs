@@ -4,10 +4,11 @@
 //! answer is 403. Each event carries only what changed since the last one sent to that page,
 //! so its size follows the engines' activity, never the session's length.
 
+use super::block::engine_counts;
+use super::monitor::{Monitor, Snapshot};
+use super::usage::SharedUsage;
+use super::Watched;
 use crate::controller::{Controller, EngineState};
-use crate::dashboard::engine_counts;
-use crate::monitor::Snapshot;
-use crate::usage::SharedUsage;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -15,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use parallax_eval::ipc::same_secret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -30,11 +32,12 @@ const TIMELINE_EVERY: Duration = Duration::from_secs(2);
 /// Finished jobs in the history.
 const HISTORY_JOBS: usize = 50;
 
-const PAGE: &str = include_str!("dashboard_page.html");
+const PAGE: &str = include_str!("page.html");
 
 #[derive(Clone)]
 struct App {
     controller: Controller,
+    monitor: Monitor,
     token: String,
     usage: SharedUsage,
 }
@@ -48,7 +51,7 @@ pub struct WebDashboard {
 impl WebDashboard {
     /// Binds the server (PARALLAX_DASHBOARD_IP, default 127.0.0.1; PARALLAX_DASHBOARD_PORT,
     /// default a free one) and serves it for the kernel's life.
-    pub async fn start(controller: Controller, usage: SharedUsage) -> anyhow::Result<Self> {
+    pub async fn start(watched: Watched) -> anyhow::Result<Self> {
         let ip: IpAddr = match std::env::var("PARALLAX_DASHBOARD_IP") {
             Ok(ip) => ip
                 .parse()
@@ -65,9 +68,10 @@ impl WebDashboard {
         let bound = listener.local_addr()?;
         let token = uuid::Uuid::new_v4().simple().to_string();
         let app = App {
-            controller,
+            controller: watched.controller,
+            monitor: watched.monitor,
             token: token.clone(),
-            usage,
+            usage: watched.usage,
         };
         let router = Router::new()
             .route("/", get(page))
@@ -100,16 +104,6 @@ impl WebDashboard {
     }
 }
 
-/// Compares without stopping at the first difference, so timing tells nothing of the token.
-fn same_secret(given: &str, token: &str) -> bool {
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
-}
-
 /// The token comes as `?token=` (links, the page's event stream) or as an
 /// `Authorization: token …` (or `Bearer …`) header (scripts).
 async fn require_token(State(app): State<App>, request: Request, next: Next) -> Response {
@@ -131,7 +125,7 @@ async fn require_token(State(app): State<App>, request: Request, next: Next) -> 
     let allowed = [from_query, from_header]
         .into_iter()
         .flatten()
-        .any(|given| same_secret(&given, &app.token));
+        .any(|given| same_secret(given.as_bytes(), app.token.as_bytes()));
     if allowed {
         next.run(request).await
     } else {
@@ -224,7 +218,7 @@ fn state_view(app: &App, snapshot: &Snapshot) -> Value {
         .collect();
     json!({
         "now": snapshot.now,
-        "started_wall_ms": app.controller.monitor.started_wall_ms,
+        "started_wall_ms": app.monitor.started_wall_ms,
         "cluster": {
             "engines": status.len(),
             "alive": alive,
@@ -239,12 +233,12 @@ fn state_view(app: &App, snapshot: &Snapshot) -> Value {
         "engines": engines,
         "jobs_running": snapshot.jobs_running,
         "errors": snapshot.errors,
-        "last_task": app.controller.monitor.last_task(),
+        "last_task": app.monitor.last_task(),
     })
 }
 
 async fn state(State(app): State<App>) -> Json<Value> {
-    let snapshot = app.controller.monitor.summary();
+    let snapshot = app.monitor.summary();
     Json(state_view(&app, &snapshot))
 }
 
@@ -257,17 +251,17 @@ struct Since {
 /// false when some of them have already left it.
 async fn tasks(State(app): State<App>, Query(query): Query<Since>) -> Json<Value> {
     let since = query.since.unwrap_or(0);
-    let (tasks, dropped) = app.controller.monitor.tasks_since(since);
+    let (tasks, dropped) = app.monitor.tasks_since(since);
     Json(json!({
         "tasks": tasks,
-        "last_task": app.controller.monitor.last_task(),
+        "last_task": app.monitor.last_task(),
         "complete": !dropped,
-        "now": app.controller.monitor.now(),
+        "now": app.monitor.now(),
     }))
 }
 
 async fn timeline(State(app): State<App>) -> Json<Value> {
-    Json(json!(app.controller.monitor.timeline()))
+    Json(json!(app.monitor.timeline()))
 }
 
 #[derive(Deserialize)]
@@ -276,7 +270,7 @@ struct Limit {
 }
 
 async fn jobs(State(app): State<App>, Query(query): Query<Limit>) -> Json<Value> {
-    let monitor = &app.controller.monitor;
+    let monitor = &app.monitor;
     Json(json!({
         "running": monitor.summary().jobs_running,
         "done": monitor.jobs_done(query.limit.unwrap_or(HISTORY_JOBS)),
@@ -284,11 +278,14 @@ async fn jobs(State(app): State<App>, Query(query): Query<Limit>) -> Json<Value>
 }
 
 async fn output(State(app): State<App>, Query(query): Query<Since>) -> Json<Value> {
-    Json(json!({"lines": app.controller.monitor.output_since(query.since.unwrap_or(0))}))
+    Json(json!({"lines": app.monitor.output_since(query.since.unwrap_or(0))}))
 }
 
 async fn interrupt_job(State(app): State<App>, Path(id): Path<u64>) -> Response {
-    if app.controller.interrupt_job(id).await {
+    // The job hears it, and its tasks still running are interrupted.
+    let cancelled = app.monitor.cancel_job(id);
+    if let Some(tasks) = cancelled {
+        app.controller.interrupt_running(tasks).await;
         tracing::info!("dashboard: interrupted job {id}");
         Json(json!({"interrupted": id})).into_response()
     } else {
@@ -331,7 +328,7 @@ impl Feed {
             let _ = tokio::time::timeout(HEARTBEAT, self.changes.changed()).await;
         }
         self.changes.borrow_and_update();
-        let monitor = &self.app.controller.monitor;
+        let monitor = &self.app.monitor;
         let snapshot = monitor.summary();
         let mut frame = json!({"state": state_view(&self.app, &snapshot)});
         let (tasks, _) = monitor.tasks_since(self.last_task);
@@ -363,7 +360,7 @@ impl Feed {
 
 async fn events(State(app): State<App>) -> impl IntoResponse {
     let feed = Feed {
-        changes: app.controller.monitor.watch(),
+        changes: app.monitor.watch(),
         app,
         first: true,
         last_task: 0,
@@ -386,10 +383,10 @@ mod tests {
 
     #[test]
     fn tokens_compare_whole() {
-        assert!(same_secret("abc123", "abc123"));
-        assert!(!same_secret("abc124", "abc123"));
-        assert!(!same_secret("abc12", "abc123"));
-        assert!(!same_secret("", "abc123"));
+        assert!(same_secret(b"abc123", b"abc123"));
+        assert!(!same_secret(b"abc124", b"abc123"));
+        assert!(!same_secret(b"abc12", b"abc123"));
+        assert!(!same_secret(b"", b"abc123"));
     }
 
     #[test]

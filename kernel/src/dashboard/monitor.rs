@@ -5,7 +5,11 @@
 //! length: the stream keeps a window of recent tasks, the timeline a fixed number of buckets,
 //! and the jobs, errors and output short lists.
 
-use crate::timeline::Timeline;
+use super::jobs::{JobRecord, RunningJob};
+use super::timeline::Timeline;
+use crate::controller::{Observer, TaskKey};
+use parallax_engine_protocol::ToEngine;
+use parallax_eval::ipc::Locked;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,18 +24,9 @@ const STREAM_LIMIT: usize = 2000;
 const ERRORS_KEPT: usize = 8;
 /// The rate is measured over this window.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
-/// Finished jobs kept for the history.
-const JOBS_KEPT: usize = 100;
 /// Lines of output kept per engine, and the length a line is cut to.
 const OUTPUT_LINES: usize = 200;
 const OUTPUT_LINE_CHARS: usize = 400;
-
-/// A task as the dashboard knows it: a controller task, or one chunk of a map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskKey {
-    Task(u64),
-    Chunk { task: u64, chunk: u64 },
-}
 
 /// One finished task in the stream. Times are seconds since the monitor started.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,35 +45,6 @@ pub struct ErrorRecord {
     pub at: f64,
     pub engine: u32,
     pub message: String,
-}
-
-/// What a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    Px,
-    Pmap,
-    Scatter,
-    Push,
-    Gather,
-    Pull,
-}
-
-/// A user's request to the engines: a %px cell on some engines, a map, a transfer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct JobRecord {
-    pub id: u64,
-    pub kind: JobKind,
-    pub label: String,
-    pub engines: Vec<u32>,
-    pub start: f64,
-    pub end: Option<f64>,
-    /// Units of work done and in all: items of a map, engines of a cell.
-    pub done: u64,
-    pub total: u64,
-    pub error: Option<String>,
-    /// It can be interrupted from the dashboard.
-    pub interruptible: bool,
 }
 
 /// A line an engine printed. `stream` is stdout or stderr of a cell, or `log` for what the
@@ -127,7 +93,7 @@ struct Running {
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     running: HashMap<TaskKey, Running>,
     /// Labels of maps, by their serving task, for their chunks.
     map_labels: HashMap<u64, String>,
@@ -140,20 +106,13 @@ struct State {
     errors: VecDeque<ErrorRecord>,
     next_seq: u64,
     timeline: Timeline,
-    next_job: u64,
-    jobs_running: BTreeMap<u64, RunningJob>,
-    jobs_done: VecDeque<JobRecord>,
+    pub(super) next_job: u64,
+    pub(super) jobs_running: BTreeMap<u64, RunningJob>,
+    pub(super) jobs_done: VecDeque<JobRecord>,
     output: BTreeMap<u32, VecDeque<OutputLine>>,
     next_output: u64,
-    jobs_version: u64,
+    pub(super) jobs_version: u64,
     timeline_version: u64,
-}
-
-struct RunningJob {
-    record: JobRecord,
-    /// Engine tasks of the job, for interrupting it.
-    tasks: Vec<(u32, u64)>,
-    cancel: watch::Sender<bool>,
 }
 
 /// Cheap to clone; every clone sees the same state.
@@ -181,109 +140,12 @@ impl Default for Monitor {
     }
 }
 
-/// A job's entry in the monitor: it ends when finished or dropped.
-pub struct Job {
-    monitor: Monitor,
-    id: u64,
-    ended: bool,
-}
-
-impl Job {
-    #[cfg(test)]
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Engine tasks that belong to the job, for interrupting it.
-    pub fn track(&self, tasks: &[(u32, u64)]) {
-        let mut state = self.monitor.state();
-        if let Some(job) = state.jobs_running.get_mut(&self.id) {
-            job.tasks.extend_from_slice(tasks);
-        }
-    }
-
-    pub fn set_total(&self, total: u64) {
-        self.update(|job| job.total = total);
-    }
-
-    pub fn progress(&self, done: u64) {
-        self.update(|job| job.done = done);
-    }
-
-    pub fn advance(&self, more: u64) {
-        self.update(|job| job.done += more);
-    }
-
-    fn update(&self, change: impl FnOnce(&mut JobRecord)) {
-        {
-            let mut state = self.monitor.state();
-            if let Some(job) = state.jobs_running.get_mut(&self.id) {
-                change(&mut job.record);
-            }
-        }
-        self.monitor.changed();
-    }
-
-    /// Fires when the job is interrupted from the dashboard.
-    pub fn cancelled(&self) -> watch::Receiver<bool> {
-        let state = self.monitor.state();
-        match state.jobs_running.get(&self.id) {
-            Some(job) => job.cancel.subscribe(),
-            None => watch::channel(true).1,
-        }
-    }
-
-    pub fn finish(mut self, error: Option<String>) {
-        self.end(error);
-    }
-
-    /// Ends the job as a cell's outcome says.
-    pub fn finish_as<T>(self, outcome: &Result<T, parallax_eval::CellError>) {
-        let error = outcome
-            .as_ref()
-            .err()
-            .map(|e| format!("{}: {}", e.ename, e.evalue));
-        if error.is_none() {
-            self.update(|job| job.done = job.total);
-        }
-        self.finish(error);
-    }
-
-    fn end(&mut self, error: Option<String>) {
-        if std::mem::replace(&mut self.ended, true) {
-            return;
-        }
-        let end = self.monitor.seconds(Instant::now());
-        {
-            let mut state = self.monitor.state();
-            if let Some(job) = state.jobs_running.remove(&self.id) {
-                let mut record = job.record;
-                record.end = Some(end);
-                record.error = error;
-                record.interruptible = false;
-                state.jobs_done.push_back(record);
-                while state.jobs_done.len() > JOBS_KEPT {
-                    state.jobs_done.pop_front();
-                }
-                state.jobs_version += 1;
-            }
-        }
-        self.monitor.changed();
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        self.end(None);
-    }
-}
-
 impl Monitor {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.locked()
     }
 
-    fn changed(&self) {
+    pub(super) fn changed(&self) {
         self.version.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -295,71 +157,6 @@ impl Monitor {
     /// Seconds since the monitor started.
     pub fn now(&self) -> f64 {
         self.seconds(Instant::now())
-    }
-
-    /// A job starts: `total` units of work (items, engines).
-    pub fn job(
-        &self,
-        kind: JobKind,
-        label: &str,
-        engines: &[u32],
-        total: u64,
-        interruptible: bool,
-    ) -> Job {
-        let start = self.now();
-        let id = {
-            let mut state = self.state();
-            state.next_job += 1;
-            let id = state.next_job;
-            state.jobs_running.insert(
-                id,
-                RunningJob {
-                    record: JobRecord {
-                        id,
-                        kind,
-                        label: label.to_owned(),
-                        engines: engines.to_vec(),
-                        start,
-                        end: None,
-                        done: 0,
-                        total,
-                        error: None,
-                        interruptible,
-                    },
-                    tasks: Vec::new(),
-                    cancel: watch::channel(false).0,
-                },
-            );
-            id
-        };
-        self.changed();
-        Job {
-            monitor: self.clone(),
-            id,
-            ended: false,
-        }
-    }
-
-    /// Marks job `id` interrupted and returns its engine tasks; None if it is not running.
-    pub fn cancel_job(&self, id: u64) -> Option<Vec<(u32, u64)>> {
-        let state = self.state();
-        let job = state.jobs_running.get(&id)?;
-        if !job.record.interruptible {
-            return None;
-        }
-        job.cancel.send_replace(true);
-        Some(job.tasks.clone())
-    }
-
-    /// Finished jobs, newest first.
-    pub fn jobs_done(&self, limit: usize) -> Vec<JobRecord> {
-        self.state()
-            .jobs_done
-            .iter()
-            .rev()
-            .take(limit)
-            .cloned()
-            .collect()
     }
 
     /// Text an engine printed; kept line by line.
@@ -424,7 +221,7 @@ impl Monitor {
         self.state().timeline.clone()
     }
 
-    fn seconds(&self, at: Instant) -> f64 {
+    pub(super) fn seconds(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.started).as_secs_f64()
     }
 
@@ -445,11 +242,11 @@ impl Monitor {
     }
 
     /// Names the chunks of the map served as `task`.
-    pub fn map_label(&self, task: u64, label: &str) {
+    fn name_map(&self, task: u64, label: &str) {
         self.state().map_labels.insert(task, label.to_owned());
     }
 
-    pub fn label_of_map(&self, task: u64) -> String {
+    fn label_of_map(&self, task: u64) -> String {
         self.state()
             .map_labels
             .get(&task)
@@ -588,6 +385,60 @@ impl Monitor {
     }
 }
 
+/// The controller tells the monitor what every engine does.
+impl Observer for Monitor {
+    fn sent(&self, engine: u32, message: &ToEngine) {
+        match message {
+            // A map's chunks are its tasks on the dashboard, under its function's name.
+            ToEngine::Map { task, func, .. } => self.name_map(*task, &map_label(func)),
+            ToEngine::Chunk { task, chunk, .. } => {
+                let label = self.label_of_map(*task);
+                let key = TaskKey::Chunk {
+                    task: *task,
+                    chunk: *chunk,
+                };
+                self.started(key, engine, &label);
+            }
+            ToEngine::Execute { task, code, .. } => {
+                let label = if code.is_empty() { "warm-up" } else { "cell" };
+                self.started(TaskKey::Task(*task), engine, label);
+            }
+            ToEngine::Store { task, name, .. } => {
+                self.started(TaskKey::Task(*task), engine, &format!("store {name}"))
+            }
+            ToEngine::Fetch { task, name, .. } => {
+                self.started(TaskKey::Task(*task), engine, &format!("fetch {name}"))
+            }
+            ToEngine::Interrupt { .. }
+            | ToEngine::Ping { .. }
+            | ToEngine::Shutdown
+            | ToEngine::MapEnd { .. }
+            | ToEngine::Shared { .. } => {}
+        }
+    }
+
+    fn finished(&self, key: TaskKey, error: Option<String>, took: Option<Duration>) {
+        Monitor::finished(self, key, error, took);
+    }
+
+    fn engine_died(&self, engine: u32, cause: &str) {
+        Monitor::engine_died(self, engine, cause);
+    }
+
+    fn output(&self, engine: u32, stream: &'static str, text: &str) {
+        Monitor::output(self, engine, stream, text);
+    }
+}
+
+/// A map's name on the dashboard: its function, or `closure`.
+pub fn map_label(func: &str) -> String {
+    if func.trim_start().starts_with('|') {
+        "map closure".to_owned()
+    } else {
+        format!("map {}", func.trim())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,39 +473,6 @@ mod tests {
         monitor.finished(TaskKey::Task(1), None, None);
         monitor.finished(TaskKey::Task(99), None, None);
         assert_eq!(monitor.snapshot().done, 1);
-    }
-
-    #[test]
-    fn jobs_move_from_running_to_history_and_can_be_cancelled() {
-        let monitor = Monitor::default();
-        let job = monitor.job(JobKind::Pmap, "map f", &[0, 1], 0, true);
-        job.track(&[(0, 5), (1, 6)]);
-        job.set_total(100);
-        job.progress(40);
-        let cancelled = job.cancelled();
-        let snap = monitor.summary();
-        assert_eq!(snap.jobs_running.len(), 1);
-        assert_eq!(
-            (snap.jobs_running[0].done, snap.jobs_running[0].total),
-            (40, 100)
-        );
-        assert_eq!(monitor.cancel_job(job.id()), Some(vec![(0, 5), (1, 6)]));
-        assert!(*cancelled.borrow());
-        job.finish(Some("interrupted".into()));
-        assert_eq!(monitor.cancel_job(1), None);
-        let done = monitor.jobs_done(10);
-        assert_eq!(done[0].error.as_deref(), Some("interrupted"));
-        assert!(done[0].end.is_some());
-        // A job dropped without a word ends without an error; a transfer is not interruptible.
-        let transfer = monitor.job(JobKind::Push, "x", &[0], 1, false);
-        assert_eq!(monitor.cancel_job(transfer.id()), None);
-        drop(transfer);
-        let done = monitor.jobs_done(10);
-        assert_eq!(
-            (done.len(), done[0].kind, done[0].error.clone()),
-            (2, JobKind::Push, None)
-        );
-        assert!(monitor.summary().jobs_running.is_empty());
     }
 
     #[test]

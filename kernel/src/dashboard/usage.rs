@@ -2,6 +2,7 @@
 //! evaluation process and whatever else it started.
 
 use crate::controller::{EngineState, EngineStatus};
+use parallax_eval::ipc::Locked;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,7 +110,7 @@ impl SharedUsage {
     }
 
     pub fn get(&self, engines: &[EngineStatus]) -> HashMap<u32, Usage> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = self.inner.locked();
         if let Some((at, usage)) = &inner.1 {
             if at.elapsed() < self.every {
                 return usage.clone();

@@ -3,10 +3,12 @@
 //! freezes it as a static snapshot that stays in the saved notebook. Its text/plain form is a
 //! compact table, which is what `jupyter console` shows.
 
-use crate::controller::{Controller, EngineState, EngineStatus};
-use crate::iopub::{OutputRoute, Publisher};
-use crate::monitor::Snapshot;
-use crate::usage::{SharedUsage, Usage};
+use super::monitor::Snapshot;
+use super::usage::{SharedUsage, Usage};
+use super::Watched;
+use crate::controller::{EngineState, EngineStatus};
+use crate::jupyter::iopub::CellOut;
+use crate::text::html_escape as escape;
 use serde_json::json;
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -25,37 +27,29 @@ pub struct LiveDashboard {
 }
 
 impl LiveDashboard {
-    /// Publishes a new block answering `route` and keeps it up to date. `link` is the browser
-    /// page's address, shown in the block.
-    pub fn start(
-        controller: Controller,
-        publisher: Publisher,
-        route: OutputRoute,
-        usage: SharedUsage,
-        link: Option<String>,
-    ) -> Self {
+    /// Shows a new block under the cell `out` answers and keeps it up to date. `link` is the
+    /// browser page's address, shown in the block.
+    pub fn start(watched: Watched, out: CellOut, link: Option<String>) -> Self {
         let display_id = format!("dashboard-{}", uuid::Uuid::new_v4());
-        let draw = move |usage: &mut SharedUsage, kind: &str, frozen: bool| {
+        let Watched {
+            controller,
+            monitor,
+            usage,
+        } = watched;
+        let draw = move |usage: &mut SharedUsage, update: bool, frozen: bool| {
             let status = controller.status();
-            let snapshot = controller.monitor.snapshot();
+            let snapshot = monitor.snapshot();
             let usage = usage.get(&status);
             let link = link.as_deref().filter(|_| !frozen);
-            publisher.publish(
-                &route,
-                kind,
-                json!({
-                    "data": {
-                        "text/plain": render_text(&snapshot, &status, &usage, frozen, link),
-                        "text/html": render_html(&snapshot, &status, &usage, frozen, link),
-                    },
-                    "metadata": {},
-                    "transient": {"display_id": display_id},
-                }),
-            );
+            let data = json!({
+                "text/plain": render_text(&snapshot, &status, &usage, frozen, link),
+                "text/html": render_html(&snapshot, &status, &usage, frozen, link),
+            });
+            out.show_in_place(&display_id, update, data);
         };
         let mut usage = usage;
         // The first frame belongs to the %dashboard cell's own output, before it ends.
-        draw(&mut usage, "display_data", false);
+        draw(&mut usage, false, false);
         let (stop, mut stopped) = oneshot::channel();
         let done = tokio::spawn(async move {
             let mut tick = tokio::time::interval(REFRESH);
@@ -65,7 +59,7 @@ impl LiveDashboard {
                     _ = tick.tick() => false,
                     _ = &mut stopped => true,
                 };
-                draw(&mut usage, "update_display_data", frozen);
+                draw(&mut usage, true, frozen);
                 if frozen {
                     return;
                 }
@@ -190,13 +184,6 @@ fn truncate(text: &str, width: usize) -> String {
         let cut: String = first_line.chars().take(width.saturating_sub(1)).collect();
         format!("{cut}…")
     }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A stable colour per label, so that one function keeps its colour.

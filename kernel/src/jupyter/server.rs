@@ -2,15 +2,20 @@
 //! Each socket is owned by one task; the shell handler runs requests one at a time, while
 //! control (interrupt, shutdown) and heartbeat stay responsive during a long cell.
 
-use crate::iopub::{IopubItem, OutputRoute, Publisher, Session};
-use crate::shell::Shell;
-use crate::wire::{self, ReplayGuard, WireMessage};
+use super::iopub::{IopubItem, OutputRoute, Publisher, Session};
+use super::shell::Shell;
+use super::stdin::StdinBridge;
+use super::wire::{self, send_logged, ReplayGuard, WireMessage};
+use crate::cell::CellRunner;
+use crate::controller::Controller;
+use crate::dashboard::monitor::Monitor;
 use anyhow::{bail, Context};
 use jupyter_protocol::ConnectionInfo;
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::Arc;
 use tokio::sync::mpsc;
-use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend};
 
 pub fn read_connection_file(path: &Path) -> anyhow::Result<ConnectionInfo> {
     let text = std::fs::read_to_string(path)
@@ -68,7 +73,8 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     publisher.status(&OutputRoute::default(), "starting");
 
     let evaluator = parallax_eval::Evaluator::start();
-    let controller = crate::controller::Controller::new(&info.key);
+    let monitor = Monitor::default();
+    let controller = Controller::new(&info.key, Arc::new(monitor.clone()));
     let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel::<()>();
 
@@ -97,7 +103,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         shutdown_tx.clone(),
     ));
 
-    let stdin_bridge = crate::stdin::StdinBridge::spawn(stdin, session.clone());
+    let stdin_bridge = StdinBridge::spawn(stdin, session.clone());
     let (shell_send, shell_recv) = shell.split();
     let (shell_queue_tx, shell_queue) = mpsc::unbounded_channel();
     tokio::spawn(read_socket(
@@ -106,11 +112,11 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         session.clone(),
         shell_queue_tx,
     ));
+    let cells = CellRunner::new(evaluator, controller.clone(), monitor);
     let shell = Shell::new(
         session,
         publisher.clone(),
-        evaluator,
-        controller.clone(),
+        cells,
         stdin_bridge,
         shell_send,
         kernel_info,
@@ -122,7 +128,7 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
 
     shutdown_rx.recv().await;
     controller.stop_all().await;
-    crate::controller::remove_key_dir();
+    controller.close().await;
     publisher.flush().await;
     Ok(())
 }
@@ -219,7 +225,7 @@ async fn run_control(
     session: Session,
     publisher: Publisher,
     interrupter: parallax_eval::Interrupter,
-    controller: crate::controller::Controller,
+    controller: Controller,
     kernel_info: Value,
     shutdown: mpsc::UnboundedSender<()>,
 ) {
@@ -268,12 +274,6 @@ async fn run_control(
     }
 }
 
-pub async fn send_logged<S: SocketSend>(socket: &mut S, message: ZmqMessage, name: &str) {
-    if let Err(e) = socket.send(message).await {
-        tracing::warn!("{name}: send failed: {e}");
-    }
-}
-
 fn rustc_version() -> String {
     std::process::Command::new("rustc")
         .arg("--version")
@@ -287,7 +287,7 @@ fn rustc_version() -> String {
 fn kernel_info(rust_version: &str) -> Value {
     json!({
         "status": "ok",
-        "protocol_version": crate::iopub::PROTOCOL_VERSION,
+        "protocol_version": super::iopub::PROTOCOL_VERSION,
         "implementation": "parallax",
         "implementation_version": env!("CARGO_PKG_VERSION"),
         "language_info": {

@@ -1,9 +1,8 @@
 //! The stdin channel: a cell that reads input sends `input_request` to the frontend that ran it
 //! and blocks until the `input_reply` arrives, or until the cell is interrupted.
 
-use crate::iopub::{Outgoing, Session};
-use crate::server::send_logged;
-use crate::wire::{self, ReplayGuard};
+use super::iopub::{Outgoing, Session};
+use super::wire::{self, send_logged, ReplayGuard};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

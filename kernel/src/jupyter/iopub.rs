@@ -1,6 +1,6 @@
 //! Building outgoing messages (headers, parents, signing) and publishing on IOPub.
 
-use crate::wire::{self, Signer, WireMessage};
+use super::wire::{self, Signer, WireMessage};
 use bytes::Bytes;
 use jupyter_protocol::Header;
 use serde_json::{json, Value};
@@ -145,5 +145,54 @@ impl Publisher {
 
     pub fn stream(&self, route: &OutputRoute, name: &str, text: &str) {
         self.publish(route, "stream", json!({ "name": name, "text": text }));
+    }
+}
+
+/// Where one cell's output goes: IOPub, answering the request that ran it.
+#[derive(Clone)]
+pub struct CellOut {
+    publisher: Publisher,
+    route: OutputRoute,
+}
+
+impl CellOut {
+    pub fn new(publisher: Publisher, route: OutputRoute) -> Self {
+        CellOut { publisher, route }
+    }
+
+    pub fn publish(&self, msg_type: &str, content: Value) {
+        self.publisher.publish(&self.route, msg_type, content);
+    }
+
+    /// Text on stdout or stderr.
+    pub fn stream(&self, name: &str, text: &str) {
+        self.publisher.stream(&self.route, name, text);
+    }
+
+    pub fn stdout(&self, text: &str) {
+        self.stream("stdout", text);
+    }
+
+    pub fn stderr(&self, text: &str) {
+        self.stream("stderr", text);
+    }
+
+    /// A block shown under the cell (`update`: redrawn in place) with these MIME `data`.
+    pub fn show_in_place(&self, display_id: &str, update: bool, data: Value) {
+        let kind = if update {
+            "update_display_data"
+        } else {
+            "display_data"
+        };
+        self.publish(
+            kind,
+            json!({"data": data, "metadata": {}, "transient": {"display_id": display_id}}),
+        );
+    }
+
+    /// Where a running cell's printed output goes.
+    pub fn sink(&self) -> parallax_eval::StreamSink {
+        let out = self.clone();
+        std::sync::Arc::new(move |name, text| out.stream(name, text))
     }
 }

@@ -1,0 +1,296 @@
+//! Routing what engines say: each `FromEngine` message has a function here that updates the
+//! pool and passes the news to the job that owns the task (or to a shared cell's followers).
+//! A message from an engine that does not own what it speaks for is dropped and logged.
+
+use super::events::{TaskEvent, TaskKey};
+use super::pool::{EngineState, Registry};
+use super::Controller;
+use bytes::Bytes;
+use parallax_engine_protocol::{
+    DataMeta, FromEngine, Outcome, Payload, StateReport, Step, StreamName, ToEngine,
+};
+use std::time::Duration;
+
+impl Controller {
+    /// Handles one verified message from the engine whose socket identity is `identity`.
+    pub(super) fn route(&self, identity: Bytes, message: FromEngine, buffers: Vec<Bytes>) {
+        let mut registry = self.registry();
+        let sender = registry.engine_at(&identity);
+        match message {
+            FromEngine::Register { engine, pid, host } => {
+                registered(&mut registry, identity, engine, pid, host)
+            }
+            FromEngine::Ready { engine } if sender == Some(engine) => {
+                if let Some(record) = registry.engines.get_mut(&engine) {
+                    if record.state == EngineState::Starting {
+                        record.state = EngineState::Idle;
+                    }
+                }
+                drop(registry);
+                self.notify();
+            }
+            FromEngine::Stream { task, name, text } => {
+                self.streamed(&registry, sender, task, name, text)
+            }
+            FromEngine::Done {
+                task,
+                outcome,
+                state,
+            } => self.done(&mut registry, sender, task, outcome, state),
+            FromEngine::Share { cell, to, step } => self.share(&registry, sender, cell, to, step),
+            FromEngine::Pong { nonce } => {
+                if let Some(engine) = sender {
+                    self.answered(engine, nonce);
+                }
+            }
+            FromEngine::Fetched {
+                task,
+                type_src,
+                meta,
+            } => {
+                let event = Payload::from_wire(meta, buffers).map(|payload| {
+                    move |engine| TaskEvent::Fetched {
+                        engine,
+                        type_src,
+                        payload,
+                    }
+                });
+                forward(&registry, sender, task, event);
+            }
+            FromEngine::MapReady {
+                task,
+                arg_type,
+                result_type,
+            } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::MapReady {
+                    engine,
+                    arg_type,
+                    result_type,
+                }),
+            ),
+            FromEngine::ChunkDone {
+                task,
+                chunk,
+                elapsed_ns,
+                failures,
+                meta,
+            } => {
+                let done = ChunkDone {
+                    task,
+                    chunk,
+                    elapsed_ns,
+                    failures,
+                };
+                self.chunk_done(&registry, sender, done, meta, buffers)
+            }
+            FromEngine::ChunkRefused {
+                task,
+                chunk,
+                message,
+            } => {
+                self.observer
+                    .finished(TaskKey::Chunk { task, chunk }, Some(message.clone()), None);
+                forward(
+                    &registry,
+                    sender,
+                    task,
+                    Ok(|engine| TaskEvent::ChunkRefused {
+                        engine,
+                        chunk,
+                        message,
+                    }),
+                );
+            }
+            FromEngine::ResultType { task, type_src } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|_| TaskEvent::ResultType { type_src }),
+            ),
+            other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
+        }
+    }
+
+    fn streamed(
+        &self,
+        registry: &Registry,
+        sender: Option<u32>,
+        task: u64,
+        name: StreamName,
+        text: String,
+    ) {
+        let Some((engine, events)) = registry.tasks.get(&task) else {
+            return;
+        };
+        if sender != Some(*engine) {
+            return;
+        }
+        let stream = match name {
+            StreamName::Stdout => "stdout",
+            StreamName::Stderr => "stderr",
+        };
+        self.observer.output(*engine, stream, &text);
+        let _ = events.send(TaskEvent::Stream {
+            engine: *engine,
+            name,
+            text,
+        });
+    }
+
+    /// A task ended: the engine's record follows (idle, counted, the state it reports) and
+    /// the job hears the outcome.
+    fn done(
+        &self,
+        registry: &mut Registry,
+        sender: Option<u32>,
+        task: u64,
+        outcome: Outcome,
+        state: Option<StateReport>,
+    ) {
+        let owned = registry
+            .tasks
+            .get(&task)
+            .is_some_and(|(e, _)| sender == Some(*e));
+        if !owned {
+            return;
+        }
+        let error = match &outcome {
+            Outcome::Error { ename, evalue, .. } => Some(format!("{ename}: {evalue}")),
+            Outcome::Ok { .. } => None,
+        };
+        self.observer.finished(TaskKey::Task(task), error, None);
+        let Some(closed) = registry.close_task(task) else {
+            return;
+        };
+        let mut count = 0;
+        if let Some(record) = registry.engines.get_mut(&closed.engine) {
+            record.task_ended(task, closed.counted, state);
+            count = record.executed;
+        }
+        let _ = closed.events.send(TaskEvent::Done {
+            engine: closed.engine,
+            execution_count: count,
+            outcome,
+        });
+    }
+
+    /// A leader's step of a shared cell goes on to the followers it names.
+    fn share(&self, registry: &Registry, sender: Option<u32>, cell: u64, to: Vec<u32>, step: Step) {
+        let Some(shared) = registry.cells.get(&cell) else {
+            return;
+        };
+        if sender != Some(shared.leader) {
+            tracing::warn!(
+                "engines: engine {sender:?} spoke for cell {cell} of engine {}",
+                shared.leader
+            );
+            return;
+        }
+        for follower in to {
+            if shared.followers.contains(&follower) {
+                let message = ToEngine::Shared {
+                    cell,
+                    from: shared.leader,
+                    step: step.clone(),
+                };
+                self.pass_on(follower, message);
+            }
+        }
+    }
+
+    /// A map's chunk is done; results that do not decode are a refused chunk, which the map
+    /// runs again elsewhere.
+    fn chunk_done(
+        &self,
+        registry: &Registry,
+        sender: Option<u32>,
+        done: ChunkDone,
+        meta: DataMeta,
+        buffers: Vec<Bytes>,
+    ) {
+        let ChunkDone {
+            task,
+            chunk,
+            elapsed_ns,
+            failures,
+        } = done;
+        let failed = failures
+            .first()
+            .map(|(index, message)| format!("item {index}: {message}"));
+        self.observer.finished(
+            TaskKey::Chunk { task, chunk },
+            failed,
+            Some(Duration::from_nanos(elapsed_ns)),
+        );
+        match Payload::from_wire(meta, buffers) {
+            Ok(results) => forward(
+                registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::ChunkDone {
+                    engine,
+                    chunk,
+                    elapsed_ns,
+                    failures,
+                    results,
+                }),
+            ),
+            Err(message) => forward(
+                registry,
+                sender,
+                task,
+                Ok(|engine| TaskEvent::ChunkRefused {
+                    engine,
+                    chunk,
+                    message: format!("malformed results: {message}"),
+                }),
+            ),
+        }
+    }
+}
+
+struct ChunkDone {
+    task: u64,
+    chunk: u64,
+    elapsed_ns: u64,
+    failures: Vec<(u64, String)>,
+}
+
+/// An engine says who it is: the process we launched as `engine`, at socket `identity`.
+fn registered(registry: &mut Registry, identity: Bytes, engine: u32, pid: u32, host: String) {
+    match registry.engines.get_mut(&engine) {
+        Some(record) if record.pid == pid && record.identity.is_none() => {
+            record.identity = Some(identity);
+            record.host = host;
+        }
+        // It says it again until it hears from us.
+        Some(record) if record.pid == pid && record.identity.as_ref() == Some(&identity) => {}
+        _ => tracing::warn!("engines: unexpected registration as engine {engine} (pid {pid})"),
+    }
+}
+
+/// Passes an event to the job that owns `task`, if `sender` is the engine running it; a
+/// malformed message is dropped and logged.
+fn forward<F: FnOnce(u32) -> TaskEvent>(
+    registry: &Registry,
+    sender: Option<u32>,
+    task: u64,
+    event: Result<F, String>,
+) {
+    let Some((engine, events)) = registry.tasks.get(&task) else {
+        return;
+    };
+    if sender != Some(*engine) {
+        tracing::warn!("engines: engine {sender:?} spoke for task {task} of engine {engine}");
+        return;
+    }
+    match event {
+        Ok(make) => {
+            let _ = events.send(make(*engine));
+        }
+        Err(e) => tracing::warn!("engines: dropped malformed values of task {task}: {e}"),
+    }
+}
