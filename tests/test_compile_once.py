@@ -172,6 +172,20 @@ def test_a_crash_on_one_engine_is_reported_and_the_others_keep_their_state(clust
     assert results(outputs) == {0: "100", 1: "101", 2: "102"}, engine_errors(outputs)
 
 
+def test_a_store_restarted_after_a_crash_outlives_the_thread_that_restarted_it(cluster):
+    """A follower restarts its crashed store from a worker thread that tokio retires after ten
+    idle seconds; the store, and what is defined in it, must outlive that thread."""
+    reply, outputs = cluster.execute(
+        "%px if id() == 1 { unsafe { std::ptr::null_mut::<u64>().write_volatile(1); } }"
+    )
+    assert set(engine_errors(outputs)) == {1}, engine_errors(outputs)
+    reply, outputs = cluster.execute("%px let after_crash = id() + 200;")
+    assert reply["content"]["status"] == "ok", engine_errors(outputs)
+    time.sleep(12)
+    reply, outputs = cluster.execute("%px after_crash")
+    assert results(outputs) == {0: "200", 1: "201", 2: "202"}, engine_errors(outputs)
+
+
 def test_the_engines_following_a_leader_that_dies_keep_what_ran(cluster):
     restart(cluster)
     cluster.execute("%px let a = 1u64;")

@@ -119,14 +119,32 @@ fn main() -> ExitCode {
 }
 
 /// An evaluation process runs user code that may loop forever; it must not outlive the kernel
-/// or engine that started it, even when that one is killed with SIGKILL.
+/// or engine that started it, even when that one is killed with SIGKILL. PR_SET_PDEATHSIG
+/// would not do: it fires when the *thread* that forked the process ends, and an engine's store
+/// is restarted (after a crash or an interrupt) from whichever thread ran the cell, such as one
+/// of tokio's blocking threads, which tokio retires after ten idle seconds, killing the store
+/// with it. So a thread of ours watches for the parent process itself to go.
 fn die_with_parent() {
-    // SAFETY: prctl and getppid take plain integers and touch no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        if libc::getppid() == 1 {
-            libc::_exit(1);
-        }
+    /// How often the parent is looked for: the most an orphan outlives it.
+    const PARENT_WATCH: std::time::Duration = std::time::Duration::from_millis(100);
+    // SAFETY: getppid takes nothing and cannot fail; _exit takes a plain integer.
+    let parent = unsafe { libc::getppid() };
+    if parent == 1 {
+        unsafe { libc::_exit(1) };
+    }
+    let watch = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(PARENT_WATCH);
+            // SAFETY: as above. Once orphaned, a process is re-parented: its parent id changes.
+            if unsafe { libc::getppid() } != parent {
+                unsafe { libc::_exit(1) };
+            }
+        });
+    if watch.is_err() {
+        // Without a watch, the thread-bound signal is better than nothing.
+        // SAFETY: prctl takes plain integers.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     }
 }
 

@@ -390,35 +390,7 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
         "cluster" => px::parse_cluster(&words)
             .map(Command::Cluster)
             .map_err(|e| MagicError::new(e, Some(spec.usage))),
-        "px" => {
-            let (flags, code) =
-                px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
-            let code = match (kind, body) {
-                (MagicKind::Cell, Some(body)) => {
-                    if !code.trim().is_empty() {
-                        return Err(MagicError::new(
-                            format!(
-                                "%%px takes only flags on its first line, not `{}`",
-                                code.trim()
-                            ),
-                            Some(spec.usage),
-                        ));
-                    }
-                    body
-                }
-                _ => code,
-            };
-            if code.trim().is_empty() {
-                return Err(MagicError::new(
-                    "no code to run on the engines",
-                    Some(spec.usage),
-                ));
-            }
-            Ok(Command::Px {
-                flags,
-                code: code.to_owned(),
-            })
-        }
+        "px" => px_command(spec, kind, args, body),
         "pxresult" => {
             no_arguments(spec, &words)?;
             Ok(Command::PxResult)
@@ -427,17 +399,7 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
             no_arguments(spec, &words)?;
             Ok(Command::Autopx)
         }
-        "pxconfig" => {
-            let (flags, rest) =
-                px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
-            if !rest.trim().is_empty() {
-                return Err(MagicError::new(
-                    format!("%pxconfig takes only flags, not `{}`", rest.trim()),
-                    Some(spec.usage),
-                ));
-            }
-            Ok(Command::PxConfig { flags })
-        }
+        "pxconfig" => pxconfig_command(spec, args),
         "pmap" => {
             let body = if kind == MagicKind::Cell {
                 Some(body.unwrap_or(""))
@@ -476,22 +438,75 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
                 Some(spec.usage),
             )),
         },
-        "magic" => match words.as_slice() {
-            [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
-            [name] => Err(MagicError::new(
-                format!("no magic named `{name}`; `%lsmagic` lists them"),
-                Some(spec.usage),
-            )),
-            [] => Err(MagicError::new(
-                "%magic needs the name of a magic",
-                Some(spec.usage),
-            )),
-            _ => Err(MagicError::new(
-                "%magic takes exactly one name",
-                Some(spec.usage),
-            )),
-        },
+        "magic" => help_command(spec, &words),
         other => unreachable!("magic `{other}` is registered but has no parser"),
+    }
+}
+
+/// `%px CODE` or `%%px` with the code in the cell's body.
+fn px_command(
+    spec: &MagicSpec,
+    kind: MagicKind,
+    args: &str,
+    body: Option<&str>,
+) -> Result<Command, MagicError> {
+    let (flags, code) =
+        px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
+    let code = match (kind, body) {
+        (MagicKind::Cell, Some(body)) => {
+            if !code.trim().is_empty() {
+                return Err(MagicError::new(
+                    format!(
+                        "%%px takes only flags on its first line, not `{}`",
+                        code.trim()
+                    ),
+                    Some(spec.usage),
+                ));
+            }
+            body
+        }
+        _ => code,
+    };
+    if code.trim().is_empty() {
+        return Err(MagicError::new(
+            "no code to run on the engines",
+            Some(spec.usage),
+        ));
+    }
+    Ok(Command::Px {
+        flags,
+        code: code.to_owned(),
+    })
+}
+
+fn pxconfig_command(spec: &MagicSpec, args: &str) -> Result<Command, MagicError> {
+    let (flags, rest) =
+        px::parse_px_flags(args).map_err(|e| MagicError::new(e, Some(spec.usage)))?;
+    if !rest.trim().is_empty() {
+        return Err(MagicError::new(
+            format!("%pxconfig takes only flags, not `{}`", rest.trim()),
+            Some(spec.usage),
+        ));
+    }
+    Ok(Command::PxConfig { flags })
+}
+
+/// `%magic NAME`: one magic's help.
+fn help_command(spec: &MagicSpec, words: &[String]) -> Result<Command, MagicError> {
+    match words {
+        [name] if lookup_any(name).is_some() => Ok(Command::Help { name: name.clone() }),
+        [name] => Err(MagicError::new(
+            format!("no magic named `{name}`; `%lsmagic` lists them"),
+            Some(spec.usage),
+        )),
+        [] => Err(MagicError::new(
+            "%magic needs the name of a magic",
+            Some(spec.usage),
+        )),
+        _ => Err(MagicError::new(
+            "%magic takes exactly one name",
+            Some(spec.usage),
+        )),
     }
 }
 

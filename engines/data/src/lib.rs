@@ -4,6 +4,9 @@
 //! of this file; the host reads and writes the same frames on a Unix socket in a private
 //! directory. Values are encoded compactly: numbers and vectors of numbers as their
 //! little-endian bytes, everything else with postcard through serde. Never as source code.
+//!
+//! Longer than one sitting: the parallax binary carries this crate as one source string, which
+//! it writes out as the lib.rs of every evcxr context that moves data.
 
 use serde::{de::DeserializeOwned, Serialize};
 use std::any::{type_name, Any, TypeId};

@@ -5,10 +5,12 @@
 //! follow it, or by the leader's when it follows. It exits when told to, or when it has heard
 //! nothing from the controller for a while (the kernel is gone).
 
+mod handler;
 mod sharing;
 
 use anyhow::Context;
 use bytes::Bytes;
+use handler::Handler;
 use parallax_engine_protocol::{
     FromEngine, Outcome, Payload, Receiver, Sender, Share, Signer, StreamName, ToEngine,
 };
@@ -84,13 +86,13 @@ pub fn run(config: EngineConfig) -> anyhow::Result<()> {
 }
 
 /// What the engine's task runner is asked to do, one task at a time, in arrival order.
-enum Work {
+pub(crate) enum Work {
     Code(String),
     Data(DataWork),
 }
 
 /// Work that moves values through the engine's data socket.
-enum DataWork {
+pub(crate) enum DataWork {
     Store {
         name: String,
         type_src: String,
@@ -111,14 +113,14 @@ pub(crate) type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
 /// The maps this engine serves: their chunk feeds, and maps ended before their cell began.
 #[derive(Default)]
 pub(crate) struct Maps {
-    feeds: HashMap<u64, std_mpsc::Sender<MapInput>>,
+    pub(crate) feeds: HashMap<u64, std_mpsc::Sender<MapInput>>,
     ended: HashSet<u64>,
 }
 
 pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 
 /// A cell stopping a map is given this long to finish its chunk before it is interrupted.
-const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
 async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     let mut socket = DealerSocket::new();
@@ -146,12 +148,19 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         .context("starting the engine's evaluation process")?;
     let own_dirs = core.dirs();
     let interrupter = core.interrupter.clone();
-    let cancelled = core.cancelled.clone();
-    let maps = core.maps.clone();
-    let inbox = core.inbox.clone();
     let running = Arc::new(AtomicU64::new(NO_TASK));
     let (tasks, task_rx) = mpsc::unbounded_channel::<(u64, Share, Work)>();
-    tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running.clone()));
+    let handler = Handler {
+        engine,
+        tasks,
+        interrupter: interrupter.clone(),
+        cancelled: core.cancelled.clone(),
+        maps: core.maps.clone(),
+        inbox: core.inbox.clone(),
+        running: running.clone(),
+        outbound: outbound.clone(),
+    };
+    tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running));
     let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
 
     let mut last_heard = Instant::now();
@@ -175,66 +184,8 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                 };
                 last_heard = Instant::now();
                 heard_from_controller = true;
-                match message {
-                    ToEngine::Execute { task, code, share } => {
-                        let _ = tasks.send((task, share, Work::Code(code)));
-                    }
-                    ToEngine::Store { task, name, type_src, value, meta, share } => {
-                        // Values that did not arrive intact are dropped, but the engine still
-                        // takes part in the shared cell: the others of its group may wait for it.
-                        let payload = Payload::from_wire(meta, buffers);
-                        if let Err(e) = &payload {
-                            tracing::warn!("engine {engine}: dropped a store: {e}");
-                        }
-                        let work = Work::Data(DataWork::Store { name, type_src, value, payload });
-                        let _ = tasks.send((task, share, work));
-                    }
-                    ToEngine::Fetch { task, name, value, share } => {
-                        let _ = tasks.send((task, share, Work::Data(DataWork::Fetch { name, value })));
-                    }
-                    ToEngine::Map { task, func, share } => {
-                        let _ = tasks.send((task, share, Work::Data(DataWork::Map { func })));
-                    }
-                    ToEngine::Shared { cell, from, step } => inbox.deliver(cell, from, step),
-                    ToEngine::Chunk { task, chunk, start, meta } => {
-                        let feed = maps.locked().feeds.get(&task).cloned();
-                        match (feed, Payload::from_wire(meta, buffers)) {
-                            (Some(feed), Ok(items)) => {
-                                let _ = feed.send(MapInput::Chunk { chunk, start, items });
-                            }
-                            (None, _) => tracing::warn!("engine {engine}: a chunk for map {task}, which is not serving"),
-                            (_, Err(e)) => {
-                                tracing::warn!("engine {engine}: dropped a chunk: {e}");
-                                let refused = FromEngine::ChunkRefused { task, chunk, message: e };
-                                let _ = outbound.send((refused, Vec::new()));
-                            }
-                        }
-                    }
-                    ToEngine::MapEnd { task } => end_map(&maps, task),
-                    ToEngine::Interrupt { task } => {
-                        tracing::info!("engine {engine}: interrupt for task {task}");
-                        let serving = maps.locked().feeds.contains_key(&task);
-                        if serving {
-                            // A map stops between chunks and keeps the engine's variables; only
-                            // an item that runs on and on needs the hard way.
-                            end_map(&maps, task);
-                            let interrupter = interrupter.clone();
-                            let running = running.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(MAP_STOP_GRACE).await;
-                                if running.load(Ordering::SeqCst) == task {
-                                    interrupter.interrupt();
-                                }
-                            });
-                        } else if running.load(Ordering::SeqCst) == task {
-                            cancelled.store(task, Ordering::SeqCst);
-                            interrupter.interrupt();
-                        }
-                    }
-                    ToEngine::Ping { nonce } => {
-                        let _ = outbound.send((FromEngine::Pong { nonce }, Vec::new()));
-                    }
-                    ToEngine::Shutdown => break Ok(()),
+                if handler.handle(message, buffers).is_break() {
+                    break Ok(());
                 }
             }
             Some((message, buffers)) = outbound_rx.recv() => {
@@ -288,7 +239,7 @@ fn sweep_stale_dirs(base: &Path) {
 
 const NO_TASK: u64 = u64::MAX;
 
-fn end_map(maps: &SharedMaps, task: u64) {
+pub(crate) fn end_map(maps: &SharedMaps, task: u64) {
     let mut maps = maps.locked();
     match maps.feeds.get(&task) {
         Some(feed) => {

@@ -127,10 +127,6 @@ pub struct Core {
     line_running: Arc<AtomicBool>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.locked()
-}
-
 impl Core {
     pub fn new(engine: u32, outbound: Outbound, base: &std::path::Path) -> std::io::Result<Core> {
         let port = DataPort::open(base)?;
@@ -146,7 +142,7 @@ impl Core {
         let line_running = Arc::new(AtomicBool::new(false));
         let gateway = Gateway::open(base, store.clone(), history.clone(), line_running.clone())?;
         let interrupter = Interrupter::default();
-        interrupter.set_runtime(Some(lock(&store).handle()));
+        interrupter.set_runtime(Some(store.locked().handle()));
         interrupter.set_line_flag(line_running.clone());
         Ok(Core {
             engine,
@@ -166,12 +162,12 @@ impl Core {
     }
 
     fn fingerprint(&self) -> u64 {
-        lock(&self.history).fingerprint()
+        self.history.locked().fingerprint()
     }
 
     /// Where this engine's state stands, for the controller.
     pub fn report(&self) -> StateReport {
-        let history = lock(&self.history);
+        let history = self.history.locked();
         StateReport {
             fingerprint: history.fingerprint(),
             entries: history.len() as u64,
@@ -188,7 +184,7 @@ impl Core {
         work: &Work,
         sink: StreamSink,
     ) -> Ended {
-        lock(&self.store).set_sink(sink.clone());
+        self.store.locked().set_sink(sink.clone());
         match &share.role {
             Role::Lead { followers } => self.lead(task, share.cell, followers, work, sink).await,
             Role::Follow { leader } => self.follow(task, share.cell, *leader, work, sink).await,
@@ -242,7 +238,7 @@ impl Core {
         self.gateway.set_forward(forward);
         let quiet: StreamSink = Arc::new(|_, _| {});
         for prelude in &work.preludes {
-            if lock(&self.history).contains(prelude) {
+            if self.history.locked().contains(prelude) {
                 continue;
             }
             if let Err(e) = compiler.execute(prelude.clone(), quiet.clone(), None).await {
@@ -250,7 +246,7 @@ impl Core {
             }
         }
         let before = compiler.variables().await;
-        let entries_before = lock(&self.history).len();
+        let entries_before = self.history.locked().len();
         let result = if self.cancelled.load(Ordering::SeqCst) == task {
             Err(parallax_eval::diagnostics::interrupted_while_compiling())
         } else if work.code.trim().is_empty() {
@@ -270,7 +266,7 @@ impl Core {
         };
         self.gateway.set_forward(None);
         let (ran, ended) = {
-            let history = lock(&self.history);
+            let history = self.history.locked();
             match history.entries().last() {
                 Some(last) if history.len() > entries_before && last.code == work.code => (
                     !last.lines.is_empty(),
@@ -312,7 +308,7 @@ impl Core {
         }
         let started = Instant::now();
         let compiler = self.start_compiler().await?;
-        let entries: Vec<Entry> = lock(&self.history).entries().to_vec();
+        let entries: Vec<Entry> = self.history.locked().entries().to_vec();
         if !entries.is_empty() {
             match compiler.replay(entries.clone()).await {
                 Ok(()) => tracing::info!(
@@ -331,12 +327,12 @@ impl Core {
                     );
                     tracing::warn!("{}", reason.trim_end());
                     sink("stderr", &reason);
-                    if let Err(e) = lock(&self.store).restart() {
+                    if let Err(e) = self.store.locked().restart() {
                         return Err(CellError::internal(&format!(
                             "restarting the evaluation process: {e}"
                         )));
                     }
-                    *lock(&self.history) = History::default();
+                    *self.history.locked() = History::default();
                     self.note = Some("its state could not be rebuilt; it was reset".into());
                     let fresh = self.start_compiler().await?;
                     self.compiler = Some(fresh.clone());
@@ -357,7 +353,7 @@ impl Core {
             Compiling {
                 relay,
                 recorder: Arc::new(self.gateway.clone()),
-                runtime: lock(&self.store).handle(),
+                runtime: self.store.locked().handle(),
             },
             self.interrupter.clone(),
         );
@@ -404,6 +400,7 @@ impl Core {
         let mut current: Option<Entry> = None;
         let mut entries: Vec<Entry> = Vec::new();
         let mut last_run: Option<(Run, bool)> = None;
+        let mut skipped = false;
         loop {
             let Some((_, step)) = steps.recv().await else {
                 break;
@@ -415,7 +412,12 @@ impl Core {
                     last_run = None;
                 }
                 Step::Run { line } => {
-                    let (run, interrupted) = self.run_line(line, sink.clone()).await;
+                    let Some((run, interrupted)) = self.run_line(task, line, sink.clone()).await
+                    else {
+                        // Interrupted before the compiled cell started here: it never will.
+                        skipped = true;
+                        continue;
+                    };
                     if let Some(entry) = current.as_mut() {
                         entry.lines.push(run.outcome.clone());
                     }
@@ -437,6 +439,9 @@ impl Core {
                     let before: BTreeSet<String> = before.into_iter().collect();
                     let after: BTreeSet<String> = after.into_iter().collect();
                     let outcome = match (&last_run, ran) {
+                        _ if skipped => outcome_of(Err(
+                            parallax_eval::diagnostics::interrupted_before_running(),
+                        )),
                         (Some((run, interrupted)), true) => {
                             outcome_of(result_of_run(run, &before, &after, *interrupted))
                         }
@@ -459,33 +464,8 @@ impl Core {
                     return Ended { outcome, sent_type };
                 }
                 Step::Abort { reason } => {
-                    self.inbox.close(cell);
                     entries.extend(current.take().filter(|e| !e.lines.is_empty()));
-                    let mut history = lock(&self.history);
-                    entries.into_iter().for_each(|entry| history.push(entry));
-                    drop(history);
-                    self.note = Some(format!("engine {leader} stopped during cell {cell}"));
-                    // What ran here still counts; only what the leader would have said is lost.
-                    let outcome = match &last_run {
-                        Some((run, interrupted)) => outcome_of(result_of_run(
-                            run,
-                            &BTreeSet::new(),
-                            &BTreeSet::new(),
-                            *interrupted,
-                        )),
-                        None => outcome_of(Err(CellError::plain(
-                            "EngineDied",
-                            format!(
-                                "engine {leader}, which compiled this cell for engine {}, {reason}; \
-                                 the cell did not run here",
-                                self.engine
-                            ),
-                        ))),
-                    };
-                    return Ended {
-                        outcome,
-                        sent_type: None,
-                    };
+                    return self.leader_stopped(cell, leader, &reason, entries, last_run);
                 }
             }
         }
@@ -495,12 +475,49 @@ impl Core {
         }
     }
 
+    /// The leader of `cell` stopped mid-cell: what ran here still counts (its entries go in the
+    /// history); only what the leader would have said is lost.
+    fn leader_stopped(
+        &mut self,
+        cell: u64,
+        leader: u32,
+        reason: &str,
+        entries: Vec<Entry>,
+        last_run: Option<(Run, bool)>,
+    ) -> Ended {
+        self.inbox.close(cell);
+        let mut history = self.history.locked();
+        entries.into_iter().for_each(|entry| history.push(entry));
+        drop(history);
+        self.note = Some(format!("engine {leader} stopped during cell {cell}"));
+        let outcome = match &last_run {
+            Some((run, interrupted)) => outcome_of(result_of_run(
+                run,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                *interrupted,
+            )),
+            None => outcome_of(Err(CellError::plain(
+                "EngineDied",
+                format!(
+                    "engine {leader}, which compiled this cell for engine {}, {reason}; \
+                     the cell did not run here",
+                    self.engine
+                ),
+            ))),
+        };
+        Ended {
+            outcome,
+            sent_type: None,
+        }
+    }
+
     /// Adds a followed cell's entries to the history. A cell that defined no new variable
     /// leaves evcxr's state the same whether it panicked (or a `?` failed) or not: a follower
     /// for which only that differs from its leader records the leader's outcome, and so stays
     /// in its leader's state (`no_new_variables`: the leader's context has none after it).
     fn settle(&self, mut entries: Vec<Entry>, leader: u64, no_new_variables: bool) {
-        let mut history = lock(&self.history);
+        let mut history = self.history.locked();
         if history.fingerprint_with(&entries) != leader && no_new_variables {
             let mut unharmed = entries.clone();
             for line in unharmed.iter_mut().flat_map(|e| e.lines.iter_mut()) {
@@ -516,28 +533,35 @@ impl Core {
         entries.into_iter().for_each(|entry| history.push(entry));
     }
 
-    /// Runs one compiled cell in the store; true with it if an interrupt stopped it.
-    async fn run_line(&self, line: String, sink: StreamSink) -> (Run, bool) {
+    /// Runs one compiled cell of `task` in the store; true with it if an interrupt stopped it.
+    /// None when an interrupt for `task` came before the cell started: it does not run.
+    async fn run_line(&self, task: u64, line: String, sink: StreamSink) -> Option<(Run, bool)> {
         let store = self.store.clone();
         let interrupter = self.interrupter.clone();
         let line_running = self.line_running.clone();
+        let cancelled = self.cancelled.clone();
         let ran = tokio::task::spawn_blocking(move || {
             let run = {
-                let mut store = lock(&store);
+                let mut store = store.locked();
                 let _running = interrupter.begin_cell();
+                // An interrupt sets `cancelled` before it looks for a running cell: either it
+                // saw this one begin, or this sees its mark.
+                if cancelled.load(Ordering::SeqCst) == task {
+                    return None;
+                }
                 line_running.store(true, Ordering::SeqCst);
                 let run = store.run(&line, &sink);
                 line_running.store(false, Ordering::SeqCst);
                 run
             };
-            (run, interrupter.take_interruption().is_some())
+            Some((run, interrupter.take_interruption().is_some()))
         })
         .await;
         ran.unwrap_or_else(|_| {
             let mut run = Run::default();
             run.outcome.died = true;
             run.death = Some("the runner panicked".into());
-            (run, false)
+            Some((run, false))
         })
     }
 

@@ -64,6 +64,15 @@ pub fn interrupted_while_compiling() -> CellError {
     )
 }
 
+/// A shared cell was stopped after its leader compiled it but before it started on this
+/// engine: it did not run here.
+pub fn interrupted_before_running() -> CellError {
+    CellError::plain(
+        "Interrupted",
+        "the cell was stopped before it ran on this engine; nothing was lost",
+    )
+}
+
 /// The running cell was stopped by restarting the evaluation process, which takes every
 /// variable with it.
 pub fn interrupted_while_running(before: &BTreeSet<String>) -> CellError {

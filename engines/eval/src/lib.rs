@@ -3,6 +3,7 @@
 //! panics reported with the variables that survived, and interrupts that work.
 
 pub mod cells;
+mod context;
 pub mod dataport;
 pub mod diagnostics;
 pub mod evalproto;
@@ -16,8 +17,9 @@ pub mod relay;
 pub mod runtime;
 pub mod store;
 
+pub use context::{result_of_run, Compiling};
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession};
 pub use diagnostics::CellError;
-pub use evaluator::{private_base, result_of_run, Compiling, Evaluator};
+pub use evaluator::{private_base, Evaluator};
 pub use interrupt::{Interrupter, Interruption};
 pub use outputs::{CellOutput, InputAsker, StreamSink};

@@ -105,6 +105,24 @@ impl Payload {
         vec![ends_to_bytes(&self.ends), self.data.clone()]
     }
 
+    /// Numbers as `usize` items (indices, as a cell reads them).
+    pub fn usizes(values: &[u64]) -> Payload {
+        let mut data = Vec::with_capacity(values.len() * 8);
+        for value in values {
+            data.extend_from_slice(&value.to_le_bytes());
+        }
+        Payload {
+            meta: Meta {
+                type_name: "usize".into(),
+                count: values.len() as u64,
+                width: 8,
+                elem_width: 0,
+            },
+            ends: Vec::new(),
+            data: Bytes::from(data),
+        }
+    }
+
     /// The layout as a message states it.
     pub fn wire_meta(&self) -> DataMeta {
         self.meta.clone().into()

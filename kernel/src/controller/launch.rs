@@ -31,7 +31,9 @@ impl Controller {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: prctl in the child between fork and exec touches no memory of ours; it
-        // ties the engine's life to this kernel's, even when the kernel is SIGKILLed.
+        // ties the engine's life to this kernel's, even when the kernel is SIGKILLed. The signal
+        // follows the forking thread, here one of tokio's workers, which live as long as the
+        // kernel's runtime.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

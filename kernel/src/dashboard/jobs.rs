@@ -1,10 +1,10 @@
 //! Jobs on the dashboard: a user's request to the engines (a `%px` cell, a map, a transfer)
 //! from start to end, its progress, its engine tasks (to interrupt it from the page), and the
-//! history of finished ones.
+//! history of finished ones. The book is plain data; the monitor holds it and hands out `Job`
+//! handles.
 
-use super::monitor::Monitor;
 use serde::Serialize;
-use std::time::Instant;
+use std::collections::{BTreeMap, VecDeque};
 use tokio::sync::watch;
 
 /// Finished jobs kept for the history.
@@ -39,158 +39,83 @@ pub struct JobRecord {
     pub interruptible: bool,
 }
 
-pub(super) struct RunningJob {
-    pub(super) record: JobRecord,
+struct RunningJob {
+    record: JobRecord,
     /// Engine tasks of the job, for interrupting it.
-    pub(super) tasks: Vec<(u32, u64)>,
-    pub(super) cancel: watch::Sender<bool>,
+    tasks: Vec<(u32, u64)>,
+    cancel: watch::Sender<bool>,
 }
 
-/// A job's entry in the monitor: it ends when finished or dropped.
-pub struct Job {
-    monitor: Monitor,
-    id: u64,
-    ended: bool,
+/// What a new job is: its kind, its name, its engines, and how many units of work it has.
+pub struct NewJob<'a> {
+    pub kind: JobKind,
+    pub label: &'a str,
+    pub engines: &'a [u32],
+    pub total: u64,
+    pub interruptible: bool,
 }
 
-impl Job {
-    #[cfg(test)]
-    pub fn id(&self) -> u64 {
-        self.id
+/// The running jobs and the recent history.
+#[derive(Default)]
+pub struct JobBook {
+    next: u64,
+    running: BTreeMap<u64, RunningJob>,
+    done: VecDeque<JobRecord>,
+    /// Bumped whenever a job ends.
+    pub version: u64,
+}
+
+impl JobBook {
+    /// Opens a job started at `start` (seconds); returns its id.
+    pub fn open(&mut self, job: NewJob, start: f64) -> u64 {
+        self.next += 1;
+        let id = self.next;
+        let record = JobRecord {
+            id,
+            kind: job.kind,
+            label: job.label.to_owned(),
+            engines: job.engines.to_vec(),
+            start,
+            end: None,
+            done: 0,
+            total: job.total,
+            error: None,
+            interruptible: job.interruptible,
+        };
+        let running = RunningJob {
+            record,
+            tasks: Vec::new(),
+            cancel: watch::channel(false).0,
+        };
+        self.running.insert(id, running);
+        id
     }
 
-    /// Engine tasks that belong to the job, for interrupting it.
-    pub fn track(&self, tasks: &[(u32, u64)]) {
-        let mut state = self.monitor.state();
-        if let Some(job) = state.jobs_running.get_mut(&self.id) {
+    /// Engine tasks that belong to job `id`, for interrupting it.
+    pub fn track(&mut self, id: u64, tasks: &[(u32, u64)]) {
+        if let Some(job) = self.running.get_mut(&id) {
             job.tasks.extend_from_slice(tasks);
         }
     }
 
-    pub fn set_total(&self, total: u64) {
-        self.update(|job| job.total = total);
-    }
-
-    pub fn progress(&self, done: u64) {
-        self.update(|job| job.done = done);
-    }
-
-    pub fn advance(&self, more: u64) {
-        self.update(|job| job.done += more);
-    }
-
-    fn update(&self, change: impl FnOnce(&mut JobRecord)) {
-        {
-            let mut state = self.monitor.state();
-            if let Some(job) = state.jobs_running.get_mut(&self.id) {
-                change(&mut job.record);
-            }
+    pub fn update(&mut self, id: u64, change: impl FnOnce(&mut JobRecord)) {
+        if let Some(job) = self.running.get_mut(&id) {
+            change(&mut job.record);
         }
-        self.monitor.changed();
     }
 
-    /// Fires when the job is interrupted from the dashboard.
-    pub fn cancelled(&self) -> watch::Receiver<bool> {
-        let state = self.monitor.state();
-        match state.jobs_running.get(&self.id) {
+    /// Fires when job `id` is interrupted from the dashboard (at once if it is not running).
+    pub fn cancelled(&self, id: u64) -> watch::Receiver<bool> {
+        match self.running.get(&id) {
             Some(job) => job.cancel.subscribe(),
             None => watch::channel(true).1,
         }
     }
 
-    pub fn finish(mut self, error: Option<String>) {
-        self.end(error);
-    }
-
-    /// Ends the job as a cell's outcome says.
-    pub fn finish_as<T>(self, outcome: &Result<T, parallax_eval::CellError>) {
-        let error = outcome
-            .as_ref()
-            .err()
-            .map(|e| format!("{}: {}", e.ename, e.evalue));
-        if error.is_none() {
-            self.update(|job| job.done = job.total);
-        }
-        self.finish(error);
-    }
-
-    fn end(&mut self, error: Option<String>) {
-        if std::mem::replace(&mut self.ended, true) {
-            return;
-        }
-        let end = self.monitor.seconds(Instant::now());
-        {
-            let mut state = self.monitor.state();
-            if let Some(job) = state.jobs_running.remove(&self.id) {
-                let mut record = job.record;
-                record.end = Some(end);
-                record.error = error;
-                record.interruptible = false;
-                state.jobs_done.push_back(record);
-                while state.jobs_done.len() > JOBS_KEPT {
-                    state.jobs_done.pop_front();
-                }
-                state.jobs_version += 1;
-            }
-        }
-        self.monitor.changed();
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        self.end(None);
-    }
-}
-
-impl Monitor {
-    /// A job starts: `total` units of work (items, engines).
-    pub fn job(
-        &self,
-        kind: JobKind,
-        label: &str,
-        engines: &[u32],
-        total: u64,
-        interruptible: bool,
-    ) -> Job {
-        let start = self.now();
-        let id = {
-            let mut state = self.state();
-            state.next_job += 1;
-            let id = state.next_job;
-            state.jobs_running.insert(
-                id,
-                RunningJob {
-                    record: JobRecord {
-                        id,
-                        kind,
-                        label: label.to_owned(),
-                        engines: engines.to_vec(),
-                        start,
-                        end: None,
-                        done: 0,
-                        total,
-                        error: None,
-                        interruptible,
-                    },
-                    tasks: Vec::new(),
-                    cancel: watch::channel(false).0,
-                },
-            );
-            id
-        };
-        self.changed();
-        Job {
-            monitor: self.clone(),
-            id,
-            ended: false,
-        }
-    }
-
-    /// Marks job `id` interrupted and returns its engine tasks; None if it is not running.
-    pub fn cancel_job(&self, id: u64) -> Option<Vec<(u32, u64)>> {
-        let state = self.state();
-        let job = state.jobs_running.get(&id)?;
+    /// Marks job `id` interrupted and returns its engine tasks; None if it is not running or
+    /// cannot be interrupted.
+    pub fn cancel(&self, id: u64) -> Option<Vec<(u32, u64)>> {
+        let job = self.running.get(&id)?;
         if !job.record.interruptible {
             return None;
         }
@@ -198,21 +123,36 @@ impl Monitor {
         Some(job.tasks.clone())
     }
 
+    /// Job `id` ended at `end` (seconds); `error` says why it failed. It moves to the history.
+    pub fn end(&mut self, id: u64, end: f64, error: Option<String>) {
+        let Some(job) = self.running.remove(&id) else {
+            return;
+        };
+        let mut record = job.record;
+        record.end = Some(end);
+        record.error = error;
+        record.interruptible = false;
+        self.done.push_back(record);
+        while self.done.len() > JOBS_KEPT {
+            self.done.pop_front();
+        }
+        self.version += 1;
+    }
+
+    pub fn running(&self) -> Vec<JobRecord> {
+        self.running.values().map(|j| j.record.clone()).collect()
+    }
+
     /// Finished jobs, newest first.
-    pub fn jobs_done(&self, limit: usize) -> Vec<JobRecord> {
-        self.state()
-            .jobs_done
-            .iter()
-            .rev()
-            .take(limit)
-            .cloned()
-            .collect()
+    pub fn done(&self, limit: usize) -> Vec<JobRecord> {
+        self.done.iter().rev().take(limit).cloned().collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dashboard::monitor::Monitor;
 
     #[test]
     fn jobs_move_from_running_to_history_and_can_be_cancelled() {
@@ -245,5 +185,28 @@ mod tests {
             (2, JobKind::Push, None)
         );
         assert!(monitor.summary().jobs_running.is_empty());
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_jobs() {
+        let mut book = JobBook::default();
+        for i in 0..(JOBS_KEPT as u64 + 5) {
+            let job = NewJob {
+                kind: JobKind::Px,
+                label: "cell",
+                engines: &[0],
+                total: 1,
+                interruptible: true,
+            };
+            let id = book.open(job, i as f64);
+            book.end(id, i as f64 + 0.5, None);
+        }
+        let done = book.done(usize::MAX);
+        assert_eq!(done.len(), JOBS_KEPT);
+        assert_eq!(done[0].id, JOBS_KEPT as u64 + 5, "newest first");
+        assert_eq!(book.version, JOBS_KEPT as u64 + 5);
+        // Ending what is not running changes nothing.
+        book.end(1, 0.0, Some("late".into()));
+        assert_eq!(book.version, JOBS_KEPT as u64 + 5);
     }
 }

@@ -5,7 +5,7 @@
 //! length: the stream keeps a window of recent tasks, the timeline a fixed number of buckets,
 //! and the jobs, errors and output short lists.
 
-use super::jobs::{JobRecord, RunningJob};
+use super::jobs::{JobBook, JobKind, JobRecord, NewJob};
 use super::timeline::Timeline;
 use crate::controller::{Observer, TaskKey};
 use parallax_engine_protocol::ToEngine;
@@ -93,7 +93,7 @@ struct Running {
 }
 
 #[derive(Default)]
-pub(super) struct State {
+struct State {
     running: HashMap<TaskKey, Running>,
     /// Labels of maps, by their serving task, for their chunks.
     map_labels: HashMap<u64, String>,
@@ -106,12 +106,9 @@ pub(super) struct State {
     errors: VecDeque<ErrorRecord>,
     next_seq: u64,
     timeline: Timeline,
-    pub(super) next_job: u64,
-    pub(super) jobs_running: BTreeMap<u64, RunningJob>,
-    pub(super) jobs_done: VecDeque<JobRecord>,
+    jobs: JobBook,
     output: BTreeMap<u32, VecDeque<OutputLine>>,
     next_output: u64,
-    pub(super) jobs_version: u64,
     timeline_version: u64,
 }
 
@@ -140,12 +137,84 @@ impl Default for Monitor {
     }
 }
 
+/// A job's entry in the monitor: it ends when finished or dropped.
+pub struct Job {
+    monitor: Monitor,
+    id: u64,
+    ended: bool,
+}
+
+impl Job {
+    #[cfg(test)]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Engine tasks that belong to the job, for interrupting it.
+    pub fn track(&self, tasks: &[(u32, u64)]) {
+        self.monitor.state().jobs.track(self.id, tasks);
+    }
+
+    pub fn set_total(&self, total: u64) {
+        self.update(|job| job.total = total);
+    }
+
+    pub fn progress(&self, done: u64) {
+        self.update(|job| job.done = done);
+    }
+
+    pub fn advance(&self, more: u64) {
+        self.update(|job| job.done += more);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut JobRecord)) {
+        self.monitor.state().jobs.update(self.id, change);
+        self.monitor.changed();
+    }
+
+    /// Fires when the job is interrupted from the dashboard.
+    pub fn cancelled(&self) -> watch::Receiver<bool> {
+        self.monitor.state().jobs.cancelled(self.id)
+    }
+
+    pub fn finish(mut self, error: Option<String>) {
+        self.end(error);
+    }
+
+    /// Ends the job as a cell's outcome says.
+    pub fn finish_as<T>(self, outcome: &Result<T, parallax_eval::CellError>) {
+        let error = outcome
+            .as_ref()
+            .err()
+            .map(|e| format!("{}: {}", e.ename, e.evalue));
+        if error.is_none() {
+            self.update(|job| job.done = job.total);
+        }
+        self.finish(error);
+    }
+
+    fn end(&mut self, error: Option<String>) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let end = self.monitor.now();
+        self.monitor.state().jobs.end(self.id, end, error);
+        self.monitor.changed();
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.end(None);
+    }
+}
+
 impl Monitor {
-    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.locked()
     }
 
-    pub(super) fn changed(&self) {
+    fn changed(&self) {
         self.version.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -157,6 +226,42 @@ impl Monitor {
     /// Seconds since the monitor started.
     pub fn now(&self) -> f64 {
         self.seconds(Instant::now())
+    }
+
+    /// A job starts: `total` units of work (items, engines).
+    pub fn job(
+        &self,
+        kind: JobKind,
+        label: &str,
+        engines: &[u32],
+        total: u64,
+        interruptible: bool,
+    ) -> Job {
+        let start = self.now();
+        let job = NewJob {
+            kind,
+            label,
+            engines,
+            total,
+            interruptible,
+        };
+        let id = self.state().jobs.open(job, start);
+        self.changed();
+        Job {
+            monitor: self.clone(),
+            id,
+            ended: false,
+        }
+    }
+
+    /// Marks job `id` interrupted and returns its engine tasks; None if it is not running.
+    pub fn cancel_job(&self, id: u64) -> Option<Vec<(u32, u64)>> {
+        self.state().jobs.cancel(id)
+    }
+
+    /// Finished jobs, newest first.
+    pub fn jobs_done(&self, limit: usize) -> Vec<JobRecord> {
+        self.state().jobs.done(limit)
     }
 
     /// Text an engine printed; kept line by line.
@@ -221,7 +326,7 @@ impl Monitor {
         self.state().timeline.clone()
     }
 
-    pub(super) fn seconds(&self, at: Instant) -> f64 {
+    fn seconds(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.started).as_secs_f64()
     }
 
@@ -374,12 +479,8 @@ impl Monitor {
                 Vec::new()
             },
             errors: state.errors.iter().cloned().collect(),
-            jobs_running: state
-                .jobs_running
-                .values()
-                .map(|j| j.record.clone())
-                .collect(),
-            jobs_version: state.jobs_version,
+            jobs_running: state.jobs.running(),
+            jobs_version: state.jobs.version,
             timeline_version: state.timeline_version,
         }
     }

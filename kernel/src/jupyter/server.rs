@@ -176,6 +176,7 @@ async fn read_socket<S: SocketRecv>(
         };
         match wire::decode(raw, session.signer(), &mut replay) {
             Ok(message) => {
+                tracing::debug!("{name}: received a {}", message.msg_type());
                 if queue.send(message).is_err() {
                     return;
                 }

@@ -6,12 +6,14 @@
 mod cluster;
 mod dashboard;
 mod pmap;
+mod pmap_report;
 mod progress;
 mod px;
 mod transfer;
 
 use crate::controller::Controller;
-use crate::dashboard::jobs::{Job, JobKind};
+use crate::dashboard::jobs::JobKind;
+use crate::dashboard::monitor::Job;
 use crate::dashboard::monitor::Monitor;
 use crate::jupyter::iopub::CellOut;
 use parallax_engine_protocol::StreamName;

@@ -3,16 +3,17 @@
 //! `Scheduler` says which chunk of items goes where; results land in the notebook as one
 //! `Vec<R>`, in input order unless `--unordered`.
 
-use super::progress::{self, ProgressBlock};
+use super::pmap_report::{failures_line, map_error, serve_failure, MapProgress};
+use super::progress;
 use super::publish_engine_stream;
 use super::transfer::{explain_input_error, DataMover};
 use crate::controller::scheduler::{Assignment, Scheduler};
 use crate::controller::TaskEvent;
-use crate::dashboard::jobs::{Job, JobKind};
+use crate::dashboard::jobs::JobKind;
+use crate::dashboard::monitor::Job;
 use crate::dashboard::monitor::{map_label, Monitor};
 use crate::jupyter::iopub::CellOut;
-use crate::text::{engine_list, html_escape, human_bytes, rate};
-use bytes::Bytes;
+use crate::text::{engine_list, human_bytes, rate};
 use parallax_engine_protocol::{Outcome, Payload, ToEngine};
 use parallax_eval::{cells, CellError, CellOutput};
 use parallax_magics::Pmap;
@@ -23,8 +24,6 @@ use tokio::task::JoinHandle;
 
 /// How long engines get to end a stopped map before they are interrupted.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Failed items named in the cell's last line, at most.
-const FAILURES_SHOWN: usize = 20;
 
 /// Runs a map as a job on the dashboard.
 pub async fn pmap(
@@ -565,110 +564,9 @@ impl<'a> MapRun<'a> {
         let indices: Vec<u64> = failed.iter().map(|(index, ..)| *index).collect();
         let first = failed.first().cloned();
         self.mover
-            .store_local(&name, "usize", usize_payload(&indices), self.out)
+            .store_local(&name, "usize", Payload::usizes(&indices), self.out)
             .await?;
-        let Some((index, engine, message)) = first else {
-            return Ok(String::new());
-        };
-        let shown: Vec<String> = indices
-            .iter()
-            .take(FAILURES_SHOWN)
-            .map(u64::to_string)
-            .collect();
-        let more = if indices.len() > FAILURES_SHOWN {
-            ", …"
-        } else {
-            ""
-        };
-        Ok(format!(
-            "{} items failed and were skipped (indices in {name}): {}{more}\n\
-             first failure: item {index} on engine {engine}: {message}\n",
-            indices.len(),
-            shown.join(", ")
-        ))
-    }
-}
-
-/// The map's progress block: items done, rate, ETA, and a bar per engine.
-struct MapProgress {
-    block: ProgressBlock,
-    out_name: String,
-}
-
-impl MapProgress {
-    fn new(out: &CellOut, out_name: &str) -> Self {
-        MapProgress {
-            block: ProgressBlock::new(out.clone(), "pmap", Some(progress::MAP_AFTER)),
-            out_name: out_name.to_owned(),
-        }
-    }
-
-    fn update(&mut self, map: &Scheduler) {
-        if self.block.due() {
-            let (text, html) = self.render(map, false);
-            self.block.draw(&text, &html);
-        }
-    }
-
-    fn finish(&mut self, map: &Scheduler, stopped: bool) {
-        let (text, html) = self.render(map, stopped);
-        self.block.finish(&text, &html);
-    }
-
-    fn render(&self, map: &Scheduler, stopped: bool) -> (String, String) {
-        let (done, total) = (map.finished(), map.total());
-        let elapsed = self.block.elapsed();
-        let per_second = done as f64 / elapsed.as_secs_f64().max(1e-9);
-        let eta = if done > 0 && done < total {
-            format!(", ETA {:.1} s", (total - done) as f64 / per_second)
-        } else {
-            String::new()
-        };
-        let engines: Vec<String> = map
-            .workers()
-            .iter()
-            .map(|(id, w)| {
-                let gone = if w.ended && done < total {
-                    " (gone)"
-                } else {
-                    ""
-                };
-                format!("{id}: {}{gone}", w.items_done)
-            })
-            .collect();
-        let status = if stopped {
-            "stopped"
-        } else if done == total {
-            "done"
-        } else {
-            "running"
-        };
-        let percent = 100.0 * done as f64 / total.max(1) as f64;
-        let text = format!(
-            "%pmap -> {} {status}: {done}/{total} items ({percent:.0}%), {} items/s, {:.1} s{eta}; per engine {}",
-            self.out_name,
-            rate(done, elapsed),
-            elapsed.as_secs_f64(),
-            engines.join(", ")
-        );
-        let rows: String = map
-            .workers()
-            .iter()
-            .map(|(id, w)| {
-                let share = 100.0 * w.items_done as f64 / total.max(1) as f64;
-                format!(
-                    "<div style=\"display:flex;align-items:center;gap:6px\"><span style=\"width:5em\">engine {id}</span>{}<span style=\"width:7em;text-align:right\">{}</span></div>",
-                    progress::bar(share, 6, "#69c"),
-                    w.items_done
-                )
-            })
-            .collect();
-        let html = format!(
-            "<div style=\"font-family:monospace;font-size:12px;max-width:40em\"><div>{}</div>{}{rows}</div>",
-            html_escape(&text),
-            progress::bar(percent, 10, "#3a7"),
-        );
-        (text, html)
+        Ok(first.map_or(String::new(), |first| failures_line(&name, &indices, first)))
     }
 }
 
@@ -676,52 +574,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-fn serve_failure(engine: u32, outcome: &Outcome, func_label: &str) -> String {
-    match outcome {
-        Outcome::Error { ename, evalue, .. } => format!("engine {engine}: [{ename}] {evalue}"),
-        Outcome::Ok { .. } => format!("engine {engine}: ended before serving {func_label}"),
-    }
-}
-
-/// Why no engine could serve the map, with a hint for the usual causes.
-fn map_error(failures: &[String], func_label: &str) -> CellError {
-    let all = failures.join("\n");
-    let hint = if all.contains("cannot find") {
-        format!("{func_label} is not defined on the engines; define it there first, with %%px")
-    } else if all.contains("Serialize") || all.contains("Deserialize") {
-        format!(
-            "the argument and result of {func_label} must implement serde's Serialize and \
-             Deserialize; derive them with #[derive(serde::Serialize, serde::Deserialize)]"
-        )
-    } else if all.contains("type annotations needed") {
-        "give the closure's argument a type, as in |x: u64| x * x".to_owned()
-    } else {
-        format!("no engine could run {func_label} as a map")
-    };
-    CellError::new(
-        "MapError",
-        format!("{hint}\n{all}"),
-        vec![format!("MapError: {hint}\n"), all],
-    )
-}
-
-fn usize_payload(values: &[u64]) -> Payload {
-    let mut data = Vec::with_capacity(values.len() * 8);
-    for value in values {
-        data.extend_from_slice(&value.to_le_bytes());
-    }
-    Payload {
-        meta: parallax_data::Meta {
-            type_name: "usize".into(),
-            count: values.len() as u64,
-            width: 8,
-            elem_width: 0,
-        },
-        ends: Vec::new(),
-        data: Bytes::from(data),
     }
 }
 
@@ -738,22 +590,5 @@ async fn cancel_requested(cancelled: &mut watch::Receiver<bool>) {
     if ended {
         // The job has ended, so nobody can cancel it any more.
         std::future::pending::<()>().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_functions_are_named() {
-        let error = map_error(
-            &["engine 0: [CompileError] cannot find value `nope` in this scope".into()],
-            "`nope`",
-        );
-        assert!(error
-            .evalue
-            .contains("`nope` is not defined on the engines"));
-        assert!(error.evalue.contains("engine 0"));
     }
 }

@@ -5,7 +5,8 @@
 use super::progress::{self, ProgressBlock};
 use super::{publish_engine_stream, select_engines};
 use crate::controller::{collect, Controller, JobView, Piece, Report};
-use crate::dashboard::jobs::{Job, JobKind};
+use crate::dashboard::jobs::JobKind;
+use crate::dashboard::monitor::Job;
 use crate::dashboard::monitor::Monitor;
 use crate::jupyter::iopub::CellOut;
 use crate::text::engine_list;

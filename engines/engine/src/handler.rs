@@ -1,0 +1,137 @@
+//! What an engine does with each message from the controller: queue a task, pass a shared
+//! cell's step on, feed a map its chunks, interrupt, answer a ping.
+
+use crate::sharing::Inbox;
+use crate::{end_map, DataWork, Outbound, SharedMaps, Work, MAP_STOP_GRACE};
+use bytes::Bytes;
+use parallax_engine_protocol::{FromEngine, Payload, Share, ToEngine};
+use parallax_eval::ipc::Locked;
+use parallax_eval::{Interrupter, MapInput};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// What the engine does with each message from the controller: queue a task, pass a shared
+/// cell's step to it, feed a map, interrupt, answer a ping.
+pub(crate) struct Handler {
+    pub engine: u32,
+    pub tasks: mpsc::UnboundedSender<(u64, Share, Work)>,
+    pub interrupter: Interrupter,
+    pub cancelled: Arc<AtomicU64>,
+    pub maps: SharedMaps,
+    pub inbox: Inbox,
+    /// The task running now.
+    pub running: Arc<AtomicU64>,
+    pub outbound: Outbound,
+}
+
+impl Handler {
+    /// Breaks when the controller says to shut down.
+    pub fn handle(&self, message: ToEngine, buffers: Vec<Bytes>) -> ControlFlow<()> {
+        let engine = self.engine;
+        match message {
+            ToEngine::Execute { task, code, share } => {
+                let _ = self.tasks.send((task, share, Work::Code(code)));
+            }
+            ToEngine::Store {
+                task,
+                name,
+                type_src,
+                value,
+                meta,
+                share,
+            } => {
+                // Values that did not arrive intact are dropped, but the engine still takes
+                // part in the shared cell: the others of its group may wait for it.
+                let payload = Payload::from_wire(meta, buffers);
+                if let Err(e) = &payload {
+                    tracing::warn!("engine {engine}: dropped a store: {e}");
+                }
+                let work = Work::Data(DataWork::Store {
+                    name,
+                    type_src,
+                    value,
+                    payload,
+                });
+                let _ = self.tasks.send((task, share, work));
+            }
+            ToEngine::Fetch {
+                task,
+                name,
+                value,
+                share,
+            } => {
+                let work = Work::Data(DataWork::Fetch { name, value });
+                let _ = self.tasks.send((task, share, work));
+            }
+            ToEngine::Map { task, func, share } => {
+                let _ = self
+                    .tasks
+                    .send((task, share, Work::Data(DataWork::Map { func })));
+            }
+            ToEngine::Shared { cell, from, step } => self.inbox.deliver(cell, from, step),
+            ToEngine::Chunk {
+                task,
+                chunk,
+                start,
+                meta,
+            } => self.chunk(task, chunk, start, Payload::from_wire(meta, buffers)),
+            ToEngine::MapEnd { task } => end_map(&self.maps, task),
+            ToEngine::Interrupt { task } => self.interrupt(task),
+            ToEngine::Ping { nonce } => {
+                let _ = self.outbound.send((FromEngine::Pong { nonce }, Vec::new()));
+            }
+            ToEngine::Shutdown => return ControlFlow::Break(()),
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A map's chunk goes to its serving cell; items that did not arrive intact are refused.
+    fn chunk(&self, task: u64, chunk: u64, start: u64, items: Result<Payload, String>) {
+        let engine = self.engine;
+        let feed = self.maps.locked().feeds.get(&task).cloned();
+        match (feed, items) {
+            (Some(feed), Ok(items)) => {
+                let _ = feed.send(MapInput::Chunk {
+                    chunk,
+                    start,
+                    items,
+                });
+            }
+            (None, _) => {
+                tracing::warn!("engine {engine}: a chunk for map {task}, which is not serving")
+            }
+            (_, Err(e)) => {
+                tracing::warn!("engine {engine}: dropped a chunk: {e}");
+                let refused = FromEngine::ChunkRefused {
+                    task,
+                    chunk,
+                    message: e,
+                };
+                let _ = self.outbound.send((refused, Vec::new()));
+            }
+        }
+    }
+
+    fn interrupt(&self, task: u64) {
+        tracing::info!("engine {}: interrupt for task {task}", self.engine);
+        let serving = self.maps.locked().feeds.contains_key(&task);
+        if serving {
+            // A map stops between chunks and keeps the engine's variables; only an item that
+            // runs on and on needs the hard way.
+            end_map(&self.maps, task);
+            let interrupter = self.interrupter.clone();
+            let running = self.running.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MAP_STOP_GRACE).await;
+                if running.load(Ordering::SeqCst) == task {
+                    interrupter.interrupt();
+                }
+            });
+        } else if self.running.load(Ordering::SeqCst) == task {
+            self.cancelled.store(task, Ordering::SeqCst);
+            self.interrupter.interrupt();
+        }
+    }
+}

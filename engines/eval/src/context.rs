@@ -1,0 +1,498 @@
+//! The evaluation context's thread: one evcxr `CommandContext`, fed jobs over a channel, with
+//! its stdout and stderr streamed to the running cell's sink, and the panic hook that reports a
+//! cell's panic as structured data.
+
+use crate::diagnostics::{self, CellError};
+use crate::gateway::Recorder;
+use crate::history::Entry;
+use crate::interrupt::Interrupter;
+use crate::ipc::Locked;
+use crate::outputs::{discard_output, CellOutput, InputAsker, StreamSink};
+use crossbeam_channel::Receiver;
+use evcxr::{CommandContext, EvalCallbacks};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// MIME type of the panic report that our panic hook prints through evcxr's content markers.
+const PANIC_MIME: &str = "application/vnd.parallax.panic";
+
+/// Installed in the evaluation process so that a panic in a cell reaches us as structured data
+/// rather than as free text on stderr. Panics on other threads keep the usual stderr report.
+/// A statement, not an expression, so that evcxr does not try to display a value.
+const PANIC_HOOK_CELL: &str = r#"{
+    let cell_thread = std::thread::current().id();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            s.to_string()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            String::from("Box<dyn Any>")
+        };
+        if std::thread::current().id() == cell_thread {
+            println!("EVCXR_BEGIN_CONTENT application/vnd.parallax.panic");
+            println!("{}", message.replace('\\', "\\\\").replace('\n', "\\n"));
+            println!("EVCXR_END_CONTENT");
+        } else {
+            let name = std::thread::current().name().unwrap_or("<unnamed>").to_string();
+            eprintln!("thread '{name}' panicked: {message}");
+        }
+    }));
+};"#;
+
+pub(crate) enum Job {
+    Execute {
+        code: String,
+        sink: StreamSink,
+        ask_input: Option<InputAsker>,
+        done: oneshot::Sender<Result<CellOutput, CellError>>,
+    },
+    Complete {
+        code: String,
+        cursor: usize,
+        done: oneshot::Sender<Result<evcxr::Completions, String>>,
+    },
+    Inspect {
+        code: String,
+        cursor: usize,
+        done: oneshot::Sender<Result<(String, String), String>>,
+    },
+    /// Answered once the evcxr context is built (or failed to build).
+    Ready {
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// The type of a variable, as evcxr spells it in the cells it generates.
+    VariableType {
+        name: String,
+        done: oneshot::Sender<Option<String>>,
+    },
+    /// Executes recorded entries again, told their recorded outcomes instead of running them.
+    Replay {
+        entries: Vec<Entry>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// The names of the context's variables.
+    Variables {
+        done: oneshot::Sender<BTreeSet<String>>,
+    },
+}
+
+/// How a compiling evaluator reaches the evaluation process it compiles for: its context's own
+/// process is a relay to a gateway (`crate::gateway`), which runs what it compiles in an
+/// engine's store and records each execution.
+pub struct Compiling {
+    pub relay: std::process::Command,
+    pub recorder: Arc<dyn Recorder>,
+    /// The store's process, which an interrupt of a running cell kills.
+    pub runtime: Arc<Mutex<std::process::Child>>,
+}
+
+/// Forwards one of evcxr's output channels to IOPub as `stream` messages, batching lines that
+/// arrive within a couple of milliseconds of each other.
+struct StreamForwarder {
+    lines: Receiver<String>,
+    in_flight: Arc<Mutex<()>>,
+}
+
+impl StreamForwarder {
+    fn spawn(name: &'static str, lines: Receiver<String>, sink: Arc<Mutex<StreamSink>>) -> Self {
+        let in_flight = Arc::new(Mutex::new(()));
+        let forwarder = StreamForwarder {
+            lines: lines.clone(),
+            in_flight: in_flight.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("forward-{name}"))
+            .spawn(move || {
+                const BATCH_WINDOW: Duration = Duration::from_millis(2);
+                const BATCH_BYTES: usize = 64 * 1024;
+                while let Ok(first) = lines.recv() {
+                    let _publishing = in_flight.locked();
+                    let mut text = first;
+                    text.push('\n');
+                    let deadline = Instant::now() + BATCH_WINDOW;
+                    while text.len() < BATCH_BYTES {
+                        match lines.recv_deadline(deadline) {
+                            Ok(line) => {
+                                text.push_str(&line);
+                                text.push('\n');
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let sink = sink.locked().clone();
+                    sink(name, &text);
+                }
+            })
+            .expect("spawning an output forwarder");
+        forwarder
+    }
+
+    /// Returns once every line received so far has been published.
+    fn flush(&self) {
+        while !self.lines.is_empty() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        drop(self.in_flight.locked());
+    }
+}
+
+struct Engine {
+    ctx: CommandContext,
+    stdout: StreamForwarder,
+    stderr: StreamForwarder,
+    /// The current cell's sink; output printed between cells goes to the last cell's.
+    sink: Arc<Mutex<StreamSink>>,
+    /// The pid of the evaluation process our panic hook was installed in.
+    hooked_pid: Option<u32>,
+    recorder: Option<Arc<dyn Recorder>>,
+}
+
+pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Option<Compiling>) {
+    let sink = Arc::new(Mutex::new(discard_output()));
+    let started = Instant::now();
+    let (context, recorder, runtime) = match compiling {
+        None => (CommandContext::new(), None, None),
+        Some(compiling) => (
+            evcxr::EvalContext::with_subprocess_command(compiling.relay)
+                .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
+            Some(compiling.recorder),
+            Some(compiling.runtime),
+        ),
+    };
+    let mut engine = match context {
+        Ok((ctx, outputs)) => {
+            let stdout = StreamForwarder::spawn("stdout", outputs.stdout, sink.clone());
+            let stderr = StreamForwarder::spawn("stderr", outputs.stderr, sink.clone());
+            let mut engine = Engine {
+                ctx,
+                stdout,
+                stderr,
+                sink,
+                hooked_pid: None,
+                recorder: recorder.clone(),
+            };
+            let context_built = started.elapsed();
+            // A compiling evaluator installs it in its first cell, so that the engines that
+            // share its compiled cells install it too.
+            if recorder.is_none() {
+                if let Err(e) = engine.install_panic_hook() {
+                    tracing::warn!("could not install the panic hook: {e}");
+                }
+            }
+            tracing::info!(
+                "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
+                started.elapsed()
+            );
+            Ok(engine)
+        }
+        Err(e) => Err(format!("could not start the Rust evaluator (evcxr): {e}")),
+    };
+    if let Err(e) = &engine {
+        tracing::error!("{e}");
+    }
+    interrupter
+        .set_runtime(runtime.or_else(|| engine.as_ref().ok().map(|e| e.ctx.process_handle())));
+
+    for job in jobs {
+        let engine = match &mut engine {
+            Ok(engine) => engine,
+            Err(message) => {
+                fail_job(job, message);
+                continue;
+            }
+        };
+        match job {
+            Job::Execute {
+                code,
+                sink,
+                ask_input,
+                done,
+            } => {
+                let result = engine.execute(&code, sink, ask_input, &interrupter);
+                let _ = done.send(result);
+            }
+            Job::Complete { code, cursor, done } => {
+                let result = guarded(|| {
+                    engine
+                        .ctx
+                        .completions(&code, cursor)
+                        .map_err(|e| e.to_string())
+                });
+                let _ = done.send(result.unwrap_or_else(Err));
+            }
+            Job::Inspect { code, cursor, done } => {
+                let result = guarded(|| {
+                    engine
+                        .ctx
+                        .hover_at(&code, cursor)
+                        .map_err(|e| e.to_string())
+                });
+                let _ = done.send(result.unwrap_or_else(Err));
+            }
+            Job::Ready { done } => {
+                let _ = done.send(Ok(()));
+            }
+            Job::Replay { entries, done } => {
+                let _ = done.send(engine.replay(entries));
+            }
+            Job::Variables { done } => {
+                let _ = done.send(engine.variables());
+            }
+            Job::VariableType { name, done } => {
+                let found = engine
+                    .ctx
+                    .variables_and_types()
+                    .find(|(variable, _)| *variable == name)
+                    .map(|(_, ty)| ty.to_owned());
+                let _ = done.send(found);
+            }
+        }
+    }
+}
+
+fn fail_job(job: Job, message: &str) {
+    match job {
+        Job::Execute { done, .. } => {
+            let _ = done.send(Err(CellError::internal(message)));
+        }
+        Job::Complete { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Inspect { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Ready { done } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::VariableType { done, .. } => {
+            let _ = done.send(None);
+        }
+        Job::Replay { done, .. } => {
+            let _ = done.send(Err(message.to_owned()));
+        }
+        Job::Variables { done } => {
+            let _ = done.send(BTreeSet::new());
+        }
+    }
+}
+
+/// Runs evcxr code, turning a panic inside evcxr itself into an error for the user.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("internal error in the evaluator: {message}")
+    })
+}
+
+impl Engine {
+    fn runtime_pid(&self) -> Option<u32> {
+        self.ctx
+            .process_handle()
+            .lock()
+            .ok()
+            .map(|child| child.id())
+    }
+
+    fn install_panic_hook(&mut self) -> Result<(), String> {
+        self.begin_entry(PANIC_HOOK_CELL);
+        let result = self.ctx.execute(PANIC_HOOK_CELL);
+        self.end_entry(result.is_ok());
+        result.map_err(|e| e.to_string())?;
+        self.hooked_pid = self.runtime_pid();
+        Ok(())
+    }
+
+    fn begin_entry(&self, code: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.begin_entry(code);
+        }
+    }
+
+    fn end_entry(&self, ok: bool) {
+        if let Some(recorder) = &self.recorder {
+            recorder.end_entry(ok);
+        }
+    }
+
+    /// See `Evaluator::replay`.
+    fn replay(&mut self, entries: Vec<Entry>) -> Result<(), String> {
+        let Some(recorder) = self.recorder.clone() else {
+            return Err("only a compiling evaluator replays".into());
+        };
+        for (index, entry) in entries.into_iter().enumerate() {
+            let ran = !entry.lines.is_empty();
+            recorder.begin_replay(entry.lines);
+            let result = guarded(|| self.ctx.execute(&entry.code));
+            let asked = recorder.end_replay();
+            let failed = match result {
+                Ok(Ok(_)) => None,
+                // A recorded death or type change ends the execution with an error after it ran.
+                Ok(Err(_)) if ran => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(internal) => Some(internal),
+            };
+            if let Some(error) = failed {
+                return Err(format!("entry {index} did not execute again: {error}"));
+            }
+            asked.map_err(|e| format!("entry {index}: {e}"))?;
+        }
+        // The relay may have been restarted by a recorded death; the hook goes in again then.
+        Ok(())
+    }
+
+    fn variables(&self) -> BTreeSet<String> {
+        self.ctx
+            .variables_and_types()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    }
+
+    fn execute(
+        &mut self,
+        code: &str,
+        sink: StreamSink,
+        ask_input: Option<InputAsker>,
+        interrupter: &Interrupter,
+    ) -> Result<CellOutput, CellError> {
+        // A restarted evaluation process (after an interrupt or a crash) lost the hook.
+        if self.hooked_pid != self.runtime_pid() {
+            if let Err(e) = self.install_panic_hook() {
+                tracing::warn!("could not reinstall the panic hook: {e}");
+            }
+        }
+        *self.sink.locked() = sink;
+        let before = self.variables();
+        let ask = |prompt: &str, password: bool| -> String {
+            match &ask_input {
+                Some(ask) => ask(prompt, password).unwrap_or_default(),
+                None => {
+                    tracing::info!("a cell asked for input, but its frontend does not allow stdin");
+                    String::new()
+                }
+            }
+        };
+        let _running = interrupter.begin_cell();
+        self.begin_entry(code);
+        let result = guarded(|| {
+            self.ctx.execute_with_callbacks(
+                code,
+                // evcxr does not export its request type; the closure's argument is inferred.
+                &mut EvalCallbacks {
+                    input_reader: &|request| ask(&request.prompt, request.is_password),
+                },
+            )
+        });
+        self.end_entry(matches!(result, Ok(Ok(_))));
+        let interruption = interrupter.take_interruption();
+        // stderr arrives through its own pipe; give a line written just before the cell ended
+        // the moment it needs to reach its channel, so it is published before the result.
+        std::thread::sleep(Duration::from_millis(2));
+        self.stdout.flush();
+        self.stderr.flush();
+        let after = self.variables();
+
+        let result = match result {
+            Ok(result) => result,
+            Err(internal) => return Err(CellError::internal(&internal)),
+        };
+        match result {
+            Ok(mut outputs) => {
+                if let Some(message) = outputs.content_by_mime_type.remove(PANIC_MIME) {
+                    return Err(diagnostics::panic_error(
+                        &unescape(&message),
+                        &before,
+                        &after,
+                    ));
+                }
+                let data = outputs
+                    .content_by_mime_type
+                    .into_iter()
+                    .map(|(mime, text)| (mime, Value::String(text)))
+                    .collect();
+                Ok(CellOutput { data })
+            }
+            Err(evcxr::Error::CompilationErrors(errors)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_compiling()),
+                None => Err(diagnostics::compile_error(code, &errors)),
+            },
+            Err(evcxr::Error::SubprocessTerminated(message)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_running(&before)),
+                None => Err(diagnostics::process_died(&message, &before)),
+            },
+            Err(evcxr::Error::TypeRedefinedVariablesLost(lost)) => {
+                Err(diagnostics::type_redefined(&lost))
+            }
+            Err(evcxr::Error::Message(message)) => match interruption {
+                Some(_) => Err(diagnostics::interrupted_while_compiling()),
+                None => Err(diagnostics::evaluator_message(&message)),
+            },
+        }
+    }
+}
+
+/// The result of a cell for an engine that ran the compiled cell another engine's context
+/// built: from its own run (its output, its panic, its death), with the variables the
+/// compiling context had before and after the cell. `interrupted`: the death was an interrupt.
+pub fn result_of_run(
+    run: &crate::store::Run,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+    interrupted: bool,
+) -> Result<CellOutput, CellError> {
+    if run.outcome.died {
+        return Err(if interrupted {
+            diagnostics::interrupted_while_running(before)
+        } else {
+            diagnostics::process_died(run.death.as_deref().unwrap_or("it ended"), before)
+        });
+    }
+    let mut contents = run.contents.clone();
+    if let Some(message) = contents.remove(PANIC_MIME) {
+        let message = message.as_str().map(unescape).unwrap_or_default();
+        // New variables were dropped here, whatever happened on the compiling engine.
+        let survived: BTreeSet<String> = before.intersection(after).cloned().collect();
+        return Err(diagnostics::panic_error(&message, before, &survived));
+    }
+    if !run.outcome.changed_type.is_empty() {
+        return Err(diagnostics::type_redefined(&run.outcome.changed_type));
+    }
+    Ok(CellOutput { data: contents })
+}
+
+fn unescape(escaped: &str) -> String {
+    let mut out = String::with_capacity(escaped.len());
+    let mut chars = escaped.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn unescape_reverses_the_hook_encoding() {
+        assert_eq!(unescape(r"line one\nline \\two"), "line one\nline \\two");
+        assert_eq!(unescape(r"trailing\"), "trailing\\");
+    }
+}
