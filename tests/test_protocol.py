@@ -3,9 +3,11 @@ errors, panics and magics."""
 
 import json
 import os
+import queue
 import random
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -310,3 +312,38 @@ def test_shutdown_request_is_answered_and_the_process_exits(kernel):
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"] == {"status": "ok", "restart": True}
     assert wait_until(lambda: not kernel.km.is_alive(), 10)
+
+
+def test_shutdown_replies_are_sent_before_the_kernel_exits_on_a_busy_machine(kernelspec):
+    """The kernel used to exit before its socket's writer sent the shutdown reply: about one
+    shutdown in 25 lost it while the CPUs were busy. Busy CPUs, many shutdowns, every reply."""
+    from jupyter_client.manager import KernelManager
+
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\nwhile time.time() < end: pass"])
+        for _ in range(3)
+    ]
+    lost = []
+    try:
+        for attempt in range(40):
+            km = KernelManager(kernel_name="parallax")
+            km.start_kernel(stderr=subprocess.DEVNULL)
+            kc = km.client()
+            kc.start_channels()
+            try:
+                kc.wait_for_ready(timeout=60)
+                msg_id = kc.shutdown()
+                try:
+                    reply = kc.control_channel.get_msg(timeout=10)
+                    if reply["parent_header"]["msg_id"] != msg_id:
+                        lost.append(attempt)
+                except queue.Empty:
+                    lost.append(attempt)
+            finally:
+                kc.stop_channels()
+                km.shutdown_kernel(now=True)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert not lost, f"no shutdown reply in attempts {lost} of 40"

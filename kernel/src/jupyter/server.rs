@@ -130,8 +130,15 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     controller.stop_all().await;
     controller.close().await;
     publisher.flush().await;
+    // zeromq.rs has no ZMQ_LINGER: a message sent on a socket is only queued, and a task of the
+    // socket's writes it out. The shutdown reply was lost about once in 25 shutdowns under load
+    // when the process exited first; this gives those tasks time to write what is queued.
+    tokio::time::sleep(LINGER).await;
     Ok(())
 }
+
+/// How long the kernel keeps running after its last reply is queued, so that it is sent.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// A kernel whose launcher dies without shutting it down would keep its engines forever. When
 /// jupyter_client launched it (it sets JPY_PARENT_PID), the kernel shuts down once its parent
