@@ -185,3 +185,17 @@ def test_files_and_functions_stay_readable_in_one_sitting():
                 if count > FUNCTION_LINES:
                     long.append(f"{file.relative_to(ROOT)}: fn {name} has {count} lines")
     assert not long, "\n".join(long)
+
+
+def test_the_architecture_walk_names_functions_that_exist():
+    """Every `path: function` step of ARCHITECTURE.md is a file with that function in it."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    steps = re.findall(r"`([\w/]+\.rs):\s+([\w:]+)`", re.sub(r"\n\s+", " ", text))
+    assert len(steps) > 20, steps
+    missing = []
+    for path, name in steps:
+        file = ROOT / path
+        function = name.split("::")[-1]
+        if not file.exists() or not re.search(rf"\bfn\s+{function}\b", file.read_text()):
+            missing.append(f"{path}: {name}")
+    assert not missing, missing

@@ -40,10 +40,16 @@ impl LiveDashboard {
             let status = controller.status();
             let snapshot = monitor.snapshot();
             let usage = usage.get(&status);
-            let link = link.as_deref().filter(|_| !frozen);
+            let frame = Frame {
+                snapshot: &snapshot,
+                status: &status,
+                usage: &usage,
+                frozen,
+                link: link.as_deref().filter(|_| !frozen),
+            };
             let data = json!({
-                "text/plain": render_text(&snapshot, &status, &usage, frozen, link),
-                "text/html": render_html(&snapshot, &status, &usage, frozen, link),
+                "text/plain": render_text(&frame),
+                "text/html": render_html(&frame),
             });
             out.show_in_place(&display_id, update, data);
         };
@@ -123,14 +129,26 @@ fn cpu(usage: Option<&Usage>) -> String {
         .map_or("-".to_owned(), |c| format!("{c:.0}%"))
 }
 
-/// The compact table `jupyter console` shows.
-fn render_text(
-    snapshot: &Snapshot,
-    status: &[EngineStatus],
-    usage: &HashMap<u32, Usage>,
+/// One drawing of the block: what it shows, as text and as HTML.
+struct Frame<'a> {
+    snapshot: &'a Snapshot,
+    status: &'a [EngineStatus],
+    usage: &'a HashMap<u32, Usage>,
+    /// The last frame, a snapshot that stays in the notebook.
     frozen: bool,
-    link: Option<&str>,
-) -> String {
+    /// The browser page's address.
+    link: Option<&'a str>,
+}
+
+/// The compact table `jupyter console` shows.
+fn render_text(frame: &Frame) -> String {
+    let Frame {
+        snapshot,
+        status,
+        usage,
+        frozen,
+        link,
+    } = *frame;
     let mut text = header(snapshot, status, frozen);
     text.push('\n');
     if let Some(link) = link {
@@ -256,13 +274,14 @@ fn stream_svg(snapshot: &Snapshot, status: &[EngineStatus]) -> String {
     svg
 }
 
-fn render_html(
-    snapshot: &Snapshot,
-    status: &[EngineStatus],
-    usage: &HashMap<u32, Usage>,
-    frozen: bool,
-    link: Option<&str>,
-) -> String {
+fn render_html(frame: &Frame) -> String {
+    let Frame {
+        snapshot,
+        status,
+        usage,
+        frozen,
+        link,
+    } = *frame;
     let link = link.map_or(String::new(), |link| {
         format!(
             " <a href=\"{0}\" target=\"_blank\" rel=\"noopener\">open in a browser</a>",
