@@ -161,11 +161,13 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         outbound: outbound.clone(),
     };
     tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running));
-    let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
+    let ready = FromEngine::Ready { engine };
+    let _ = outbound.send((ready.clone(), Vec::new()));
 
     let mut last_heard = Instant::now();
     // Until the controller speaks, it may not have our registration (it can arrive before the
-    // controller has recorded the process it started): say it again each second.
+    // controller has recorded the process it started), nor the Ready that followed it, which it
+    // drops from an engine it does not know: say both again each second.
     let mut heard_from_controller = false;
     let mut silence_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
@@ -196,6 +198,9 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
             _ = silence_check.tick() => {
                 if !heard_from_controller {
                     if let Err(e) = send(&mut socket, &mut sender, &register, Vec::new()).await {
+                        break Err(e);
+                    }
+                    if let Err(e) = send(&mut socket, &mut sender, &ready, Vec::new()).await {
                         break Err(e);
                     }
                 }

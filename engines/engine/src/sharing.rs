@@ -424,7 +424,10 @@ impl Core {
                     last_run = Some((run, interrupted));
                 }
                 Step::EntryEnd { ok } => {
-                    entries.extend(current.take().filter(|e| e.counts(ok)));
+                    // An entry whose cell was skipped here is not part of this engine's state,
+                    // whatever it did on the leader.
+                    let entry = current.take().filter(|e| e.counts(ok) && !skipped);
+                    entries.extend(entry);
                 }
                 Step::Done {
                     outcome,
