@@ -3,6 +3,7 @@ in a private Jupyter path, and helpers to start real kernels through jupyter_cli
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -36,7 +37,8 @@ def kernelspec():
     os.environ["JUPYTER_RUNTIME_DIR"] = str(prefix / "runtime")
     os.environ["JUPYTER_CONFIG_DIR"] = str(prefix / "config")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return prefix
+    yield prefix
+    shutil.rmtree(prefix, ignore_errors=True)
 
 
 class RunningKernel:

@@ -220,8 +220,8 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     result
 }
 
-/// Removes the private directories engines that were killed left behind (a socket each): those
-/// named after a process that no longer exists.
+/// Removes the private directories killed engines and kernels left behind (a socket or a key
+/// file each): those named after a process that no longer exists.
 fn sweep_stale_dirs(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
@@ -229,9 +229,12 @@ fn sweep_stale_dirs(base: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
+        // An engine's gateway and data directories, and a kernel's key directory
+        // (`parallax-PID`), each named after the process that made it.
         let pid = name
             .strip_prefix("parallax-gateway-")
             .or_else(|| name.strip_prefix("parallax-data-"))
+            .or_else(|| name.strip_prefix("parallax-"))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok());
         if let Some(pid) = pid {
