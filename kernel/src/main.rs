@@ -28,7 +28,7 @@ mod magic;
 mod text;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -52,18 +52,52 @@ enum Cmd {
     },
     /// Install the `parallax` kernelspec so that Jupyter can start this kernel.
     Install(install::InstallArgs),
-    /// Run an engine (the kernel starts these for `%cluster start`).
+    /// Run an engine: launchers start these for `%cluster start`; on a machine without one,
+    /// start them by hand with the file `%cluster connection-file` writes.
     Engine {
-        /// The controller's endpoint, tcp://HOST:PORT.
+        /// The connection file (address and key, mode 0600), or `-` to read it from stdin.
         #[arg(long)]
-        controller: String,
-        /// This engine's id in the pool.
-        #[arg(long)]
-        id: u32,
-        /// A file (mode 0600) holding the key that signs every message.
-        #[arg(long)]
-        key_file: PathBuf,
+        connect: PathBuf,
+        /// This engine's id in the pool (default: the controller numbers it).
+        #[arg(long, conflicts_with = "rank_offset")]
+        id: Option<u32>,
+        /// Take the id OFFSET + the rank that mpiexec or srun gives this process.
+        #[arg(long, value_name = "OFFSET")]
+        rank_offset: Option<u32>,
     },
+}
+
+fn run_engine(connect: &Path, id: Option<u32>, rank_offset: Option<u32>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = if connect == Path::new("-") {
+        // One JSON document; the launcher closes our stdin after it, or (ssh) keeps it open.
+        let mut text = String::new();
+        let stdin = std::io::stdin();
+        let mut line = String::new();
+        while stdin
+            .read_line(&mut line)
+            .context("reading the connection on stdin")?
+            > 0
+        {
+            text.push_str(&line);
+            line.clear();
+            if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
+                break;
+            }
+        }
+        text
+    } else {
+        std::fs::read_to_string(connect)
+            .with_context(|| format!("reading the connection file {}", connect.display()))?
+    };
+    let connection = parallax_engine_protocol::Connection::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", connect.display()))?;
+    let id = match (id, rank_offset) {
+        (Some(id), _) => parallax_engine::EngineId::Given(id),
+        (None, Some(offset)) => parallax_engine::EngineId::RankOffset(offset),
+        (None, None) => parallax_engine::EngineId::Assigned,
+    };
+    parallax_engine::run(parallax_engine::EngineConfig { connection, id })
 }
 
 fn main() -> ExitCode {
@@ -100,14 +134,10 @@ fn main() -> ExitCode {
         Cmd::Kernel { connection_file } => run_kernel(&connection_file),
         Cmd::Install(args) => install::install(&args),
         Cmd::Engine {
-            controller,
+            connect,
             id,
-            key_file,
-        } => parallax_engine::run(parallax_engine::EngineConfig {
-            controller,
-            engine_id: id,
-            key_file,
-        }),
+            rank_offset,
+        } => run_engine(&connect, id, rank_offset),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Parallax magics: splitting a cell into Rust code and magic lines, parsing each magic into a
 //! typed [`Command`], and the help text for every magic. Pure: no I/O.
 
+mod cluster;
 pub mod data;
 pub mod px;
 pub mod scan;
@@ -8,8 +9,9 @@ mod words;
 
 use std::fmt;
 
+pub use cluster::{host_counts, profile_options, ClusterCommand, LaunchOptions, LauncherKind};
 pub use data::{Collect, Distribute, Movement, Pmap, PmapFlags};
-pub use px::{ClusterCommand, GroupOutputs, PxFlags, Targets};
+pub use px::{GroupOutputs, PxFlags, Targets};
 pub use words::split_words;
 
 /// A parsed magic, ready for the kernel to run.
@@ -95,13 +97,9 @@ pub const MAGICS: &[MagicSpec] = &[
     MagicSpec {
         name: "cluster",
         kind: MagicKind::Line,
-        usage: "%cluster start [-n N] | status | stop | restart | add -n K | ping [-n COUNT]",
-        summary: "Start, inspect, stop, restart, grow or time the pool of local engines.",
-        details: "start: start N engines (default: the number of cores) and wait until they can run a cell.\n\
-status: one row per engine: id, pid, host, state, uptime.\n\
-stop: stop every engine. restart: stop them and start as many again. add -n K: start K more.\n\
-ping: time COUNT (default 100) round trips of a no-op message to every ready engine and back.\n\
-Every engine has PARALLAX_ENGINE_ID (0..N-1) and PARALLAX_ENGINES (N) in its environment.",
+        usage: "%cluster start [-n N] [--launcher local|ssh|mpi|slurm] [OPTIONS] | add -n K [OPTIONS] | status | stop | restart | ping [-n COUNT] | connection-file [PATH] [--ip ADDRESS]",
+        summary: "Start, grow, inspect, stop, restart or time the pool of engines, here or on other hosts.",
+        details: cluster::CLUSTER_HELP,
     },
     MagicSpec {
         name: "px",
@@ -387,7 +385,7 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
             no_arguments(spec, &words)?;
             Ok(Command::Lsmagic)
         }
-        "cluster" => px::parse_cluster(&words)
+        "cluster" => cluster::parse_cluster(args)
             .map(Command::Cluster)
             .map_err(|e| MagicError::new(e, Some(spec.usage))),
         "px" => px_command(spec, kind, args, body),
@@ -668,7 +666,10 @@ mod tests {
         assert_eq!(parse("%autopx", None), Ok(Command::Autopx));
         assert_eq!(
             parse("%cluster start -n 2", None),
-            Ok(Command::Cluster(ClusterCommand::Start { engines: Some(2) }))
+            Ok(Command::Cluster(ClusterCommand::Start(LaunchOptions {
+                engines: Some(2),
+                ..LaunchOptions::default()
+            })))
         );
         assert_eq!(
             parse("%pxconfig --noblock", None),

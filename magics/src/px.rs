@@ -1,4 +1,4 @@
-//! The parallel magics' arguments: engine targets, `%px` flags, `%cluster` subcommands.
+//! The parallel magics' arguments: engine targets and `%px` flags.
 
 use crate::words::leading_flags;
 use std::fmt;
@@ -216,67 +216,6 @@ pub fn parse_px_flags(args: &str) -> Result<(PxFlags, &str), String> {
     Ok((flags, rest))
 }
 
-/// `%cluster` subcommands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClusterCommand {
-    /// Start N engines (default: the number of cores).
-    Start {
-        engines: Option<u32>,
-    },
-    Status,
-    Stop,
-    Restart,
-    Add {
-        engines: u32,
-    },
-    /// Time `count` round trips of a no-op message to every ready engine.
-    Ping {
-        count: u32,
-    },
-}
-
-pub fn parse_cluster(words: &[String]) -> Result<ClusterCommand, String> {
-    let count = |rest: &[String], required: bool| -> Result<Option<u32>, String> {
-        match rest {
-            [] if required => Err("-n K is required".to_owned()),
-            [] => Ok(None),
-            [flag, n] if flag == "-n" || flag == "--engines" => match n.parse::<u32>() {
-                Ok(0) | Err(_) => Err(format!("-n takes a positive number, not `{n}`")),
-                Ok(n) => Ok(Some(n)),
-            },
-            [flag] if flag == "-n" || flag == "--engines" => Err("-n needs a number".to_owned()),
-            other => Err(format!("unexpected `{}`", other.join(" "))),
-        }
-    };
-    let no_more = |rest: &[String], command: ClusterCommand| {
-        if rest.is_empty() {
-            Ok(command)
-        } else {
-            Err(format!("unexpected `{}`", rest.join(" ")))
-        }
-    };
-    match words {
-        [] => {
-            Err("%cluster needs a subcommand: start, status, stop, restart, add or ping".to_owned())
-        }
-        [sub, rest @ ..] => match sub.as_str() {
-            "start" => Ok(ClusterCommand::Start {
-                engines: count(rest, false)?,
-            }),
-            "add" => Ok(ClusterCommand::Add {
-                engines: count(rest, true)?.unwrap_or(1),
-            }),
-            "status" => no_more(rest, ClusterCommand::Status),
-            "ping" => Ok(ClusterCommand::Ping {
-                count: count(rest, false)?.unwrap_or(100),
-            }),
-            "stop" => no_more(rest, ClusterCommand::Stop),
-            "restart" => no_more(rest, ClusterCommand::Restart),
-            other => Err(format!("unknown %cluster subcommand `{other}`")),
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,57 +334,5 @@ mod tests {
         assert!(parse_px_flags("--progress-after soon x")
             .unwrap_err()
             .contains("--progress-after takes seconds"));
-    }
-
-    #[test]
-    fn cluster_subcommands() {
-        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-        assert_eq!(
-            parse_cluster(&words("start")),
-            Ok(ClusterCommand::Start { engines: None })
-        );
-        assert_eq!(
-            parse_cluster(&words("start -n 3")),
-            Ok(ClusterCommand::Start { engines: Some(3) })
-        );
-        assert_eq!(
-            parse_cluster(&words("add -n 2")),
-            Ok(ClusterCommand::Add { engines: 2 })
-        );
-        assert_eq!(parse_cluster(&words("status")), Ok(ClusterCommand::Status));
-        assert_eq!(
-            parse_cluster(&words("ping")),
-            Ok(ClusterCommand::Ping { count: 100 })
-        );
-        assert_eq!(
-            parse_cluster(&words("ping -n 7")),
-            Ok(ClusterCommand::Ping { count: 7 })
-        );
-        assert_eq!(parse_cluster(&words("stop")), Ok(ClusterCommand::Stop));
-        assert_eq!(
-            parse_cluster(&words("restart")),
-            Ok(ClusterCommand::Restart)
-        );
-        assert!(parse_cluster(&words(""))
-            .unwrap_err()
-            .contains("needs a subcommand"));
-        assert!(parse_cluster(&words("start -n 0"))
-            .unwrap_err()
-            .contains("positive"));
-        assert!(parse_cluster(&words("start -n x"))
-            .unwrap_err()
-            .contains("positive"));
-        assert!(parse_cluster(&words("start -n"))
-            .unwrap_err()
-            .contains("needs a number"));
-        assert!(parse_cluster(&words("add"))
-            .unwrap_err()
-            .contains("required"));
-        assert!(parse_cluster(&words("status now"))
-            .unwrap_err()
-            .contains("unexpected"));
-        assert!(parse_cluster(&words("launch"))
-            .unwrap_err()
-            .contains("unknown"));
     }
 }

@@ -83,6 +83,12 @@ impl Handler {
                 let _ = self.outbound.send((FromEngine::Pong { nonce }, Vec::new()));
             }
             ToEngine::Shutdown => return ControlFlow::Break(()),
+            // Answers to a registration said again, after the first.
+            ToEngine::Welcome { .. } => {}
+            ToEngine::Refused { reason } => {
+                tracing::warn!("engine {engine}: the controller refused it: {reason}");
+                return ControlFlow::Break(());
+            }
         }
         ControlFlow::Continue(())
     }

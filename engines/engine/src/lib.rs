@@ -12,7 +12,8 @@ use anyhow::Context;
 use bytes::Bytes;
 use handler::Handler;
 use parallax_engine_protocol::{
-    FromEngine, Outcome, Payload, Receiver, Sender, Share, Signer, StreamName, ToEngine,
+    Connection, FromEngine, Outcome, Payload, Receiver, Sender, Share, Signer, StreamName,
+    ToEngine, RANK_VARIABLES,
 };
 use parallax_eval::cells;
 use parallax_eval::ipc::Locked;
@@ -63,26 +64,67 @@ fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result
     Ok(format!(":dep {name} = {{ path = \"{path}\" }}"))
 }
 
-/// The controller pings every second; this long without any message means it is gone.
-const CONTROLLER_SILENCE_LIMIT: Duration = Duration::from_secs(10);
+/// How an engine learns its id in the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineId {
+    /// Its launcher numbered it.
+    Given(u32),
+    /// MPI or Slurm started it: its id is this offset plus its rank.
+    RankOffset(u32),
+    /// Started by hand: the controller numbers it.
+    Assigned,
+}
 
 pub struct EngineConfig {
-    /// The controller's ROUTER endpoint, `tcp://HOST:PORT`.
-    pub controller: String,
-    pub engine_id: u32,
-    /// A file holding the connection key (mode 0600).
-    pub key_file: PathBuf,
+    pub connection: Connection,
+    pub id: EngineId,
 }
 
 pub fn run(config: EngineConfig) -> anyhow::Result<()> {
-    let key = std::fs::read_to_string(&config.key_file)
-        .with_context(|| format!("reading the key file {}", config.key_file.display()))?;
-    let signer = Signer::new(key.trim());
+    let signer = Signer::new(config.connection.key.trim());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     runtime.block_on(serve(config, signer))
+}
+
+/// The id this engine asks for: the one it was given, or its offset plus the rank MPI or Slurm
+/// put in its environment.
+fn requested_id(id: EngineId) -> anyhow::Result<Option<u32>> {
+    match id {
+        EngineId::Given(id) => Ok(Some(id)),
+        EngineId::Assigned => Ok(None),
+        EngineId::RankOffset(offset) => {
+            for name in RANK_VARIABLES {
+                if let Ok(rank) = std::env::var(name) {
+                    let rank: u32 = rank
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("{name}={rank} is not a rank"))?;
+                    return Ok(Some(offset + rank));
+                }
+            }
+            anyhow::bail!(
+                "--rank-offset needs a rank in the environment ({}), as mpiexec or srun set it",
+                RANK_VARIABLES.join(", ")
+            )
+        }
+    }
+}
+
+/// Says why an engine cannot reach its controller before trying, when it can tell: a loopback
+/// address is only the controller's own host.
+fn unreachable_by_address(connection: &Connection, host: &str) -> Option<String> {
+    let address = connection.loopback_address()?;
+    (host != connection.controller_host).then(|| {
+        format!(
+            "the controller on host {} listens on {address}, a loopback address that this host \
+             ({host}) cannot reach; start the cluster with --ip ADDRESS, an address of {} that \
+             the engines' hosts can reach",
+            connection.controller_host, connection.controller_host
+        )
+    })
 }
 
 /// What the engine's task runner is asked to do, one task at a time, in arrival order.
@@ -123,28 +165,53 @@ pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 pub(crate) const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
 async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
-    let mut socket = DealerSocket::new();
-    socket
-        .connect(&config.controller)
-        .await
-        .with_context(|| format!("connecting to the controller at {}", config.controller))?;
-    let engine = config.engine_id;
+    let connection = &config.connection;
+    let host = hostname();
+    if let Some(why) = unreachable_by_address(connection, &host) {
+        anyhow::bail!(why);
+    }
+    let requested = requested_id(config.id)?;
     let mut sender = Sender::new(
         signer.clone(),
-        format!("engine-{engine}-{}", std::process::id()),
+        format!("engine-{}@{host}", std::process::id()),
     );
     let mut receiver = Receiver::new(signer);
-    let (outbound, mut outbound_rx) = mpsc::unbounded_channel::<(FromEngine, Vec<Bytes>)>();
-
-    let register = FromEngine::Register {
-        engine,
+    let mut socket = DealerSocket::new();
+    let registration_message = FromEngine::Register {
+        engine: requested,
         pid: std::process::id(),
-        host: hostname(),
+        host: host.clone(),
     };
-    send(&mut socket, &mut sender, &register, Vec::new()).await?;
-
+    let within = connection.register_timeout();
+    let registration = async {
+        socket
+            .connect(&connection.url)
+            .await
+            .with_context(|| format!("connecting to the controller at {}", connection.url))?;
+        register(
+            &mut socket,
+            &mut sender,
+            &mut receiver,
+            &registration_message,
+        )
+        .await
+    };
+    let (engine, engines) = match tokio::time::timeout(within, registration).await {
+        Ok(answer) => answer?,
+        Err(_) => anyhow::bail!(
+            "no answer from the controller at {} within {within:?}: it is unreachable from \
+             {host}, or this engine's key is not the controller's",
+            connection.url
+        ),
+    };
+    let (outbound, mut outbound_rx) = mpsc::unbounded_channel::<(FromEngine, Vec<Bytes>)>();
+    let environment = [
+        ("PARALLAX_ENGINE_ID", engine.to_string()),
+        ("PARALLAX_ENGINES", engines.to_string()),
+        ("PARALLAX_HOST", host),
+    ];
     sweep_stale_dirs(&private_base());
-    let core = Core::new(engine, outbound.clone(), &private_base())
+    let core = Core::new(engine, outbound.clone(), &private_base(), &environment)
         .context("starting the engine's evaluation process")?;
     let own_dirs = core.dirs();
     let interrupter = core.interrupter.clone();
@@ -161,14 +228,10 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         outbound: outbound.clone(),
     };
     tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running));
-    let ready = FromEngine::Ready { engine };
-    let _ = outbound.send((ready.clone(), Vec::new()));
+    let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));
 
+    let silence_limit = connection.heartbeat_timeout();
     let mut last_heard = Instant::now();
-    // Until the controller speaks, it may not have our registration (it can arrive before the
-    // controller has recorded the process it started), nor the Ready that followed it, which it
-    // drops from an engine it does not know: say both again each second.
-    let mut heard_from_controller = false;
     let mut silence_check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         tokio::select! {
@@ -185,7 +248,6 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     }
                 };
                 last_heard = Instant::now();
-                heard_from_controller = true;
                 if handler.handle(message, buffers).is_break() {
                     break Ok(());
                 }
@@ -196,17 +258,9 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                 }
             }
             _ = silence_check.tick() => {
-                if !heard_from_controller {
-                    if let Err(e) = send(&mut socket, &mut sender, &register, Vec::new()).await {
-                        break Err(e);
-                    }
-                    if let Err(e) = send(&mut socket, &mut sender, &ready, Vec::new()).await {
-                        break Err(e);
-                    }
-                }
-                if last_heard.elapsed() > CONTROLLER_SILENCE_LIMIT {
+                if last_heard.elapsed() > silence_limit {
                     break Err(anyhow::anyhow!(
-                        "no word from the controller for {CONTROLLER_SILENCE_LIMIT:?}; exiting"
+                        "no word from the controller for {silence_limit:?}; exiting"
                     ));
                 }
             }
@@ -218,6 +272,36 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(dir);
     }
     result
+}
+
+/// Says `register` until the controller answers, once a second: the first may go out before
+/// the controller has recorded the process it launched. Returns the id it gave and the pool's
+/// size.
+async fn register(
+    socket: &mut DealerSocket,
+    sender: &mut Sender,
+    receiver: &mut Receiver,
+    register: &FromEngine,
+) -> anyhow::Result<(u32, u32)> {
+    let mut again = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = again.tick() => send(socket, sender, register, Vec::new()).await?,
+            raw = socket.recv() => {
+                let raw = raw.map_err(|e| anyhow::anyhow!("controller connection failed: {e}"))?;
+                match receiver.decode::<ToEngine>(raw.into_vec()) {
+                    Ok(envelope) => match envelope.body {
+                        ToEngine::Welcome { engine, engines } => return Ok((engine, engines)),
+                        ToEngine::Refused { reason } => {
+                            anyhow::bail!("the controller refused this engine: {reason}")
+                        }
+                        other => tracing::debug!("before registration, ignored {other:?}"),
+                    },
+                    Err(e) => tracing::warn!("engine: dropped a message: {e}"),
+                }
+            }
+        }
+    }
 }
 
 /// Removes the private directories killed engines and kernels left behind (a socket or a key

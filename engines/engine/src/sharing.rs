@@ -128,15 +128,23 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(engine: u32, outbound: Outbound, base: &std::path::Path) -> std::io::Result<Core> {
+    /// `environment` is what the engine's cells see of it (`parallax_env`).
+    pub fn new(
+        engine: u32,
+        outbound: Outbound,
+        base: &std::path::Path,
+        environment: &[(&str, String)],
+    ) -> std::io::Result<Core> {
         let port = DataPort::open(base)?;
-        let store = Store::start(&[
+        let mut variables = vec![
             (
                 parallax_data::SOCKET_VAR.to_owned(),
                 port.socket().to_owned(),
             ),
             (parallax_data::TOKEN_VAR.to_owned(), port.token().to_owned()),
-        ])?;
+        ];
+        variables.extend(environment.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let store = Store::start(&variables)?;
         let store = Arc::new(Mutex::new(store));
         let history = Arc::new(Mutex::new(History::default()));
         let line_running = Arc::new(AtomicBool::new(false));

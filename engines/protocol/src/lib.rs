@@ -7,9 +7,11 @@
 //! a receiver drops a number it has already seen from that sender, so a captured message cannot
 //! be replayed.
 
+mod connection;
 mod payload;
 pub mod signing;
 
+pub use connection::{Connection, RANK_VARIABLES};
 pub use payload::{DataMeta, Payload};
 
 use bytes::Bytes;
@@ -78,6 +80,15 @@ pub enum ToEngine {
         cell: u64,
         from: u32,
         step: Step,
+    },
+    /// The answer to `Register`: the engine's id in the pool, and the pool's size with it.
+    Welcome {
+        engine: u32,
+        engines: u32,
+    },
+    /// The answer to a `Register` the controller cannot take; the engine exits with `reason`.
+    Refused {
+        reason: String,
     },
 }
 
@@ -163,9 +174,11 @@ pub struct StateReport {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromEngine {
-    /// The first message of an engine process: who it is and where it runs.
+    /// The first message of an engine process, said again each second until the controller
+    /// answers (`Welcome` or `Refused`): the id it was launched as (none for an engine started
+    /// by hand, which the controller numbers), its process id and host.
     Register {
-        engine: u32,
+        engine: Option<u32>,
         pid: u32,
         host: String,
     },

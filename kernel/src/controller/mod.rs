@@ -1,12 +1,12 @@
 //! The controller: owns the pool of engines and everything sent to them. Engines reach it over
-//! TCP only, so nothing here assumes that they share this host's file system, except for
-//! launching local ones. It never speaks Jupyter: a job hears its tasks' events on a channel it
+//! TCP only, so nothing here assumes that they share this host's file system. It never speaks Jupyter: a job hears its tasks' events on a channel it
 //! is given, and an `Observer` (the dashboard) hears every task, death and line of output.
 //!
 //! - `pool`: what is known of each engine, task and shared cell;
 //! - `plan`: which engines share a compiled cell, and who compiles it (pure);
-//! - `launch`: starting engine processes and noticing their exit;
-//! - `link`: the signed socket, sending, receiving, keep-alive;
+//! - `launch`: starting engines here or on other hosts (ssh, mpiexec, Slurm), stopping them;
+//! - `link`: the signed socket, where it listens, sending, receiving;
+//! - `liveness`: heartbeats, and engines declared dead;
 //! - `routing`: what each message from an engine does;
 //! - `collect`: a job's events gathered until its tasks are done;
 //! - `scheduler`: a map's chunks handed out, measured and run again (pure);
@@ -16,6 +16,7 @@ mod collect;
 mod events;
 mod launch;
 mod link;
+mod liveness;
 mod plan;
 mod pool;
 mod routing;
@@ -23,7 +24,10 @@ pub mod scheduler;
 
 pub use collect::{collect, JobView, Piece, Report};
 pub use events::{Events, Observer, TaskEvent, TaskKey};
-pub use pool::{EngineState, EngineStatus};
+pub use launch::{LaunchPlan, Launcher, Mpi, Slurm, Ssh, REGISTER_TIMEOUT};
+pub use link::{default_ip, Settings};
+pub use liveness::HEARTBEAT_TIMEOUT;
+pub use pool::{BatchJob, EngineState, EngineStatus};
 
 use bytes::Bytes;
 use link::{Link, Outgoing};
@@ -56,7 +60,12 @@ pub struct Controller {
     /// Timed round trips in flight: nonce -> engines yet to answer, and who waits.
     round_trips: Arc<Mutex<RoundTrips>>,
     /// The dispatcher's queue, for passing on steps from where no await is allowed.
-    commands: Arc<std::sync::OnceLock<mpsc::UnboundedSender<Outgoing>>>,
+    commands: Arc<Mutex<Option<mpsc::UnboundedSender<Outgoing>>>>,
+    /// The link's reading, sending and pinging tasks, ended when it closes.
+    link_tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    settings: Arc<Mutex<Settings>>,
+    /// The launches of this pool, for `%cluster restart`.
+    plans: Arc<Mutex<Vec<LaunchPlan>>>,
     /// Held while a shared cell is sent to its engines, so that every engine receives shared
     /// cells in the same order (a follower waits for its leader, never the other way round).
     dispatching: Arc<tokio::sync::Mutex<()>>,
@@ -85,6 +94,14 @@ impl Controller {
             observer,
             round_trips: Arc::default(),
             commands: Arc::default(),
+            link_tasks: Arc::default(),
+            plans: Arc::default(),
+            settings: Arc::new(Mutex::new(Settings {
+                ip: default_ip(),
+                heartbeat_timeout: HEARTBEAT_TIMEOUT,
+                register_timeout: REGISTER_TIMEOUT,
+                url: String::new(),
+            })),
             dispatching: Arc::default(),
         }
     }
@@ -95,89 +112,6 @@ impl Controller {
 
     fn notify(&self) {
         self.changed.send_modify(|n| *n += 1);
-    }
-
-    /// Starts `count` engines and waits until each is ready or dead. Returns the new ids.
-    pub async fn start_engines(&self, count: u32) -> anyhow::Result<Vec<u32>> {
-        let (ids, total) = {
-            let mut registry = self.registry();
-            let first = registry.next_engine;
-            registry.next_engine += count;
-            (
-                (first..first + count).collect::<Vec<u32>>(),
-                registry.live_count() + count,
-            )
-        };
-        for &id in &ids {
-            self.spawn_engine(id, total).await?;
-        }
-        self.wait_until_started(&ids).await?;
-        let live: Vec<u32> = {
-            let registry = self.registry();
-            ids.iter()
-                .copied()
-                .filter(|id| registry.engines.get(id).is_some_and(|e| !e.is_dead()))
-                .collect()
-        };
-        self.warm_up(&live).await?;
-        Ok(ids)
-    }
-
-    /// Starts a new process in the place of dead engine `id`, with the same id, and waits until
-    /// it is ready. Its variables are gone: it starts from an empty context.
-    pub async fn restart_engine(&self, id: u32) -> anyhow::Result<()> {
-        let total = {
-            let registry = self.registry();
-            match registry.engines.get(&id) {
-                None => anyhow::bail!("there is no engine {id}"),
-                Some(engine) if !engine.is_dead() => {
-                    anyhow::bail!(
-                        "engine {id} is {}; only a dead engine is restarted",
-                        engine.state
-                    )
-                }
-                Some(_) => registry.live_count() + 1,
-            }
-        };
-        tracing::info!("restarting engine {id}");
-        self.spawn_engine(id, total).await?;
-        if let Some(engine) = self.registry().engines.get_mut(&id) {
-            engine.divergence = Some("it was restarted, with none of the others' state".into());
-        }
-        self.wait_until_started(&[id]).await?;
-        self.warm_up(&[id]).await?;
-        match self.registry().engines.get(&id).map(|e| e.state.clone()) {
-            Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
-            _ => Ok(()),
-        }
-    }
-
-    /// Waits until none of `ids` is still starting.
-    async fn wait_until_started(&self, ids: &[u32]) -> anyhow::Result<()> {
-        let mut changed = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            let starting = {
-                let registry = self.registry();
-                ids.iter()
-                    .filter(|id| {
-                        registry
-                            .engines
-                            .get(id)
-                            .is_some_and(|e| e.state == EngineState::Starting)
-                    })
-                    .count()
-            };
-            if starting == 0 {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                anyhow::bail!("{starting} engines were not ready after {START_TIMEOUT:?}");
-            }
-        }
     }
 
     /// Has new engines build what every cell needs first (their compiling context, the
@@ -294,46 +228,6 @@ impl Controller {
         self.interrupt(&running).await;
     }
 
-    /// Stops every engine: asks politely, then kills what is left.
-    pub async fn stop_all(&self) -> usize {
-        let live = self.live_engines();
-        for engine in self.registry().engines.values_mut() {
-            engine.stopping = true;
-        }
-        for &id in &live {
-            self.send(id, ToEngine::Shutdown).await;
-        }
-        self.wait_for_no_live_engines(Duration::from_secs(3)).await;
-        for id in self.live_engines() {
-            let pid = self.registry().engines.get(&id).map(|e| e.pid);
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) takes plain integers.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-        }
-        self.wait_for_no_live_engines(Duration::from_secs(3)).await;
-        // A new pool numbers its engines from 0 again, so PARALLAX_ENGINE_ID stays 0..N-1.
-        let mut registry = self.registry();
-        registry.engines.clear();
-        registry.next_engine = 0;
-        live.len()
-    }
-
-    async fn wait_for_no_live_engines(&self, within: Duration) {
-        let mut changed = self.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + within;
-        while !self.live_engines().is_empty() {
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    }
-
     /// Sends a no-op message to each of `engines` and waits for all their answers: the time
     /// from the first send to the last answer, or None if one did not answer `within`.
     pub async fn round_trip(&self, engines: &[u32], within: Duration) -> Option<Duration> {
@@ -381,6 +275,15 @@ impl Controller {
     /// Ids of the engines that are not dead, ascending.
     pub fn live_engines(&self) -> Vec<u32> {
         self.registry().ids(|e| !e.is_dead())
+    }
+
+    /// The batch jobs of the pool, as the scheduler last said them.
+    pub fn jobs(&self) -> Vec<BatchJob> {
+        self.registry()
+            .launches
+            .values()
+            .filter_map(|l| l.job.clone())
+            .collect()
     }
 
     pub fn status(&self) -> Vec<EngineStatus> {

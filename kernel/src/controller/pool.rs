@@ -38,8 +38,16 @@ pub struct EngineStatus {
 }
 
 pub struct Engine {
+    /// Its process id on its host, once it registered (a local one's from the start).
     pub pid: u32,
     pub host: String,
+    /// The launch it belongs to (`Registry::launches`).
+    pub launch: u32,
+    /// The process on this host that holds it and that stopping it may kill: a local engine
+    /// itself, or the ssh client that runs a remote one.
+    pub process: Option<u32>,
+    /// When it last said anything (or was launched).
+    pub last_heard: Instant,
     pub state: EngineState,
     pub started: Instant,
     /// Its socket identity, once it registered.
@@ -60,11 +68,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A process just launched, not registered yet.
-    pub fn launched(pid: u32) -> Engine {
+    /// An engine just launched on `host` (as far as the launcher knows), not registered yet.
+    pub fn launched(launch: u32, host: &str) -> Engine {
         Engine {
-            pid,
-            host: "localhost".into(),
+            pid: 0,
+            host: host.to_owned(),
+            launch,
+            process: None,
+            last_heard: Instant::now(),
             state: EngineState::Starting,
             started: Instant::now(),
             identity: None,
@@ -106,6 +117,42 @@ impl Engine {
     }
 }
 
+/// One start of engines by a launcher: what it is, what holds its engines on this host, and
+/// the batch job it submitted.
+pub struct Launch {
+    /// `local`, `ssh`, `mpi`, `slurm` or `by hand`.
+    pub kind: &'static str,
+    /// Processes on this host that hold the launch's engines as a whole (mpiexec), signalled
+    /// when it stops.
+    pub processes: Vec<u32>,
+    /// Its batch job, for Slurm.
+    pub job: Option<BatchJob>,
+    /// Its engines have been able to register since: a batch job's only once it runs.
+    pub running_since: Option<Instant>,
+    /// What an ssh engine of it is restarted with: the ssh configuration and the binary's
+    /// path on its host.
+    pub ssh_config: Option<std::path::PathBuf>,
+    pub parallax: String,
+}
+
+/// A batch job and its state as the scheduler last said it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchJob {
+    pub id: String,
+    pub state: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for BatchJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slurm job {} {}", self.id, self.state)?;
+        if !self.reason.is_empty() && self.reason != "None" {
+            write!(f, " ({})", self.reason)?;
+        }
+        Ok(())
+    }
+}
+
 /// A task just closed.
 pub struct ClosedTask {
     pub engine: u32,
@@ -126,6 +173,8 @@ pub struct SharedCell {
 pub struct Registry {
     pub engines: BTreeMap<u32, Engine>,
     pub next_engine: u32,
+    pub launches: BTreeMap<u32, Launch>,
+    pub next_launch: u32,
     next_task: u64,
     /// task -> (engine, where its events go)
     pub tasks: HashMap<u64, (u32, Events)>,
@@ -157,6 +206,19 @@ impl Registry {
             .iter()
             .find(|(_, e)| e.identity.as_ref() == Some(identity))
             .map(|(id, _)| *id)
+    }
+
+    /// Records a new launch; returns its id.
+    pub fn add_launch(&mut self, launch: Launch) -> u32 {
+        let id = self.next_launch;
+        self.next_launch += 1;
+        self.launches.insert(id, launch);
+        id
+    }
+
+    /// The live engines of launch `launch`.
+    pub fn engines_of(&self, launch: u32) -> Vec<u32> {
+        self.ids(|e| e.launch == launch && !e.is_dead())
     }
 
     /// A new task for `engine`, whose events go to `events`.

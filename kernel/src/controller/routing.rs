@@ -3,7 +3,9 @@
 //! A message from an engine that does not own what it speaks for is dropped and logged.
 
 use super::events::{TaskEvent, TaskKey};
-use super::pool::{EngineState, Registry};
+use super::link::Address;
+use super::liveness::heard;
+use super::pool::{Engine, EngineState, Launch, Registry};
 use super::Controller;
 use bytes::Bytes;
 use parallax_engine_protocol::{
@@ -16,9 +18,28 @@ impl Controller {
     pub(super) fn route(&self, identity: Bytes, message: FromEngine, buffers: Vec<Bytes>) {
         let mut registry = self.registry();
         let sender = registry.engine_at(&identity);
+        if let Some(engine) = sender.and_then(|id| registry.engines.get_mut(&id)) {
+            if engine.is_dead() {
+                // Declared dead (silent too long): what it says now is too late.
+                tracing::debug!("engines: ignored {message:?} from a dead engine");
+                return;
+            }
+            heard(engine);
+        }
         match message {
             FromEngine::Register { engine, pid, host } => {
-                registered(&mut registry, identity, engine, pid, host)
+                let answer = match registered(&mut registry, &identity, engine, pid, &host) {
+                    Ok((engine, engines)) => ToEngine::Welcome { engine, engines },
+                    Err(reason) => {
+                        tracing::warn!(
+                            "engines: refused an engine on {host} (pid {pid}): {reason}"
+                        );
+                        ToEngine::Refused { reason }
+                    }
+                };
+                drop(registry);
+                self.pass_to(Address::Socket(identity), answer);
+                self.notify();
             }
             FromEngine::Ready { engine } if sender == Some(engine) => {
                 if let Some(record) = registry.engines.get_mut(&engine) {
@@ -260,16 +281,58 @@ struct ChunkDone {
 }
 
 /// An engine says who it is: the process we launched as `engine`, at socket `identity`.
-fn registered(registry: &mut Registry, identity: Bytes, engine: u32, pid: u32, host: String) {
-    match registry.engines.get_mut(&engine) {
-        Some(record) if record.pid == pid && record.identity.is_none() => {
-            record.identity = Some(identity);
-            record.host = host;
-        }
-        // It says it again until it hears from us.
-        Some(record) if record.pid == pid && record.identity.as_ref() == Some(&identity) => {}
-        _ => tracing::warn!("engines: unexpected registration as engine {engine} (pid {pid})"),
+/// Takes an engine's registration: as the engine it was launched as, or (started by hand) as
+/// a new one. Returns its id and the pool's size, or why it is refused.
+fn registered(
+    registry: &mut Registry,
+    identity: &Bytes,
+    requested: Option<u32>,
+    pid: u32,
+    host: &str,
+) -> Result<(u32, u32), String> {
+    // It says it again until it hears from us.
+    if let Some(engine) = registry.engine_at(identity) {
+        return Ok((engine, registry.live_count()));
     }
+    let id = match requested {
+        Some(id) => match registry.engines.get(&id) {
+            Some(record) if record.identity.is_none() && record.state == EngineState::Starting => {
+                id
+            }
+            Some(record) => {
+                return Err(format!(
+                    "engine {id} is already in the pool ({})",
+                    record.state
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "no engine {id} was launched; start engines by hand without --id"
+                ))
+            }
+        },
+        None => {
+            let launch = registry.add_launch(Launch {
+                kind: "by hand",
+                processes: Vec::new(),
+                job: None,
+                running_since: Some(std::time::Instant::now()),
+                ssh_config: None,
+                parallax: String::new(),
+            });
+            let id = registry.next_engine;
+            registry.next_engine += 1;
+            registry.engines.insert(id, Engine::launched(launch, host));
+            id
+        }
+    };
+    if let Some(record) = registry.engines.get_mut(&id) {
+        record.identity = Some(identity.clone());
+        record.pid = pid;
+        record.host = host.to_owned();
+        heard(record);
+    }
+    Ok((id, registry.live_count()))
 }
 
 /// Passes an event to the job that owns `task`, if `sender` is the engine running it; a

@@ -514,7 +514,9 @@ impl Observer for Monitor {
             | ToEngine::Ping { .. }
             | ToEngine::Shutdown
             | ToEngine::MapEnd { .. }
-            | ToEngine::Shared { .. } => {}
+            | ToEngine::Shared { .. }
+            | ToEngine::Welcome { .. }
+            | ToEngine::Refused { .. } => {}
         }
     }
 

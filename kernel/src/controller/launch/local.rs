@@ -1,0 +1,17 @@
+//! Engines on this host: children of the kernel, tied to its life.
+
+/// `parallax engine` as engine `id`, reading the connection on stdin.
+pub(super) fn command(exe: &str, id: u32) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(exe);
+    command.args(["engine", "--connect", "-", "--id", &id.to_string()]);
+    // SAFETY: prctl in the child between fork and exec touches no memory of ours; it ties the
+    // engine's life to this kernel's, even when the kernel is SIGKILLed. The signal follows the
+    // forking thread, here one of tokio's workers, which live as long as the kernel's runtime.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    command
+}
