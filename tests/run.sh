@@ -8,6 +8,7 @@ cd "$PARALLAX_ROOT"
 "$PARALLAX_ROOT/install/build.sh"
 "$PARALLAX_ROOT/install/venv.sh" --ui
 "$PARALLAX_ROOT/install/browser.sh"
+"$PARALLAX_ROOT/install/cluster-tools.sh"
 cargo fmt --all --check
 cargo clippy --release --locked --all-targets -- -D warnings
 cargo test --release --locked

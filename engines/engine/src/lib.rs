@@ -6,6 +6,7 @@
 //! nothing from the controller for a while (the kernel is gone).
 
 mod handler;
+mod offline;
 mod sharing;
 
 use anyhow::Context;
@@ -64,6 +65,23 @@ fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result
     Ok(format!(":dep {name} = {{ path = \"{path}\" }}"))
 }
 
+/// Gives the engines of a host other than the kernel's a cache directory of that host's own:
+/// evcxr's compiled-crate cache is safe for the engines of one host, which compile in turn,
+/// but not for hosts compiling at once into the home they share. Called before any thread
+/// starts, as setting the environment must be.
+fn separate_host_cache(controller_host: &str) {
+    let host = hostname();
+    if host == controller_host {
+        return;
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let own = base.join("parallax").join("hosts").join(&host);
+    std::env::set_var("XDG_CACHE_HOME", own);
+}
+
 /// How an engine learns its id in the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineId {
@@ -81,6 +99,7 @@ pub struct EngineConfig {
 }
 
 pub fn run(config: EngineConfig) -> anyhow::Result<()> {
+    separate_host_cache(&config.connection.controller_host);
     let signer = Signer::new(config.connection.key.trim());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -347,6 +366,10 @@ pub(crate) fn end_map(maps: &SharedMaps, task: u64) {
 /// and the helper crate cells use without a `:dep` of their own.
 fn preludes() -> Vec<String> {
     let mut preludes = vec![DEPENDENCY_CACHE.to_owned()];
+    if offline::is_offline() {
+        // A compute node with no route out builds from the cargo cache it shares.
+        preludes.insert(0, ":offline 1".to_owned());
+    }
     match helper_crate_dep("parallax_env", ENV_CRATE_MANIFEST, ENV_CRATE_SOURCE) {
         Ok(dep) => preludes.push(dep),
         Err(e) => tracing::warn!("could not write the parallax_env crate: {e}"),

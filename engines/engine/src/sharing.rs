@@ -585,10 +585,16 @@ impl Core {
 pub fn outcome_of(result: Result<CellOutput, CellError>) -> Outcome {
     match result {
         Ok(output) => Outcome::Ok { data: output.data },
-        Err(error) => Outcome::Error {
-            ename: error.ename,
-            evalue: error.evalue,
-            traceback: error.traceback,
-        },
+        Err(mut error) => {
+            if let Some(hint) = crate::offline::hint_for(&error.evalue) {
+                error.evalue.push_str(&hint);
+                error.traceback.push(hint.trim().to_owned());
+            }
+            Outcome::Error {
+                ename: error.ename,
+                evalue: error.evalue,
+                traceback: error.traceback,
+            }
+        }
     }
 }

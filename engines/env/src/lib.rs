@@ -1,5 +1,6 @@
 //! Where a cell runs: usable in every engine cell without a `:dep` line, as
-//! `parallax_env::engine_id()` and `parallax_env::engines()`. Outside an engine both are `None`.
+//! `parallax_env::engine_id()`, `parallax_env::engines()` and `parallax_env::host()`. Outside an
+//! engine all are `None`.
 
 /// This engine's id in the pool, 0 to N-1.
 pub fn engine_id() -> Option<u32> {
@@ -9,6 +10,11 @@ pub fn engine_id() -> Option<u32> {
 /// How many engines the pool had when this engine started.
 pub fn engines() -> Option<u32> {
     read("PARALLAX_ENGINES")
+}
+
+/// The host this engine runs on, as it registered with the controller.
+pub fn host() -> Option<String> {
+    std::env::var("PARALLAX_HOST").ok()
 }
 
 fn read(name: &str) -> Option<u32> {

@@ -540,14 +540,21 @@ impl<'a> MapRun<'a> {
             .store_local(&out_name, &type_src, joined, self.out)
             .await?;
         let engines: Vec<u32> = self.scheduler.workers().keys().copied().collect();
+        let shares: Vec<String> = self
+            .scheduler
+            .workers()
+            .iter()
+            .map(|(id, worker)| format!("{id}: {}", worker.items_done))
+            .collect();
         let mut line = format!(
-            "{out_name}: Vec<{type_src}> with {stored} results of {} ({}) from engines {}: map {:.3} s, {} items/s (compiling and set-up {:.2} s apart)\n",
+            "{out_name}: Vec<{type_src}> with {stored} results of {} ({}) from engines {}: map {:.3} s, {} items/s (compiling and set-up {:.2} s apart); items per engine {}\n",
             self.func_label,
             human_bytes(result_bytes),
             engine_list(&engines),
             map_time.as_secs_f64(),
             rate(self.scheduler.total(), map_time),
             setup_time.as_secs_f64(),
+            shares.join(", "),
         );
         if self.pmap.flags.skip_errors {
             line.push_str(&self.store_failures().await?);

@@ -167,7 +167,8 @@ impl Controller {
                 if let Some(tail) = last_line(&output) {
                     cause.push_str(&format!("; its output ends: {tail}"));
                 }
-                for engine in self.registry().engines_of(launch) {
+                let held = self.registry().engines_of(launch);
+                for engine in held {
                     self.engine_died(engine, &cause);
                 }
                 return;
