@@ -3,6 +3,7 @@ real, on hosts that are network namespaces of this machine (tests/testbed.py) wi
 hostname and private /tmp. A real kernel drives them through jupyter_client; the controller
 listens on the test bed's bridge."""
 
+import json
 import os
 import re
 import signal
@@ -147,3 +148,201 @@ def test_a_pool_on_two_hosts_runs_like_a_local_one(remote_kernel, bed, launcher)
             f"engines left on {host}: {bed.parallax_pids_on(host)}")
     if launcher == "slurm":
         assert wait_until(lambda: not bed.jobs(), 15), bed.jobs()
+
+
+def timed_cell(kernel, code, timeout=300):
+    """Runs a cell, keeping when each output arrived: (reply, [(seconds, message)])."""
+    heard = []
+    reply = kernel.kc.execute_interactive(
+        code, timeout=timeout, output_hook=lambda m: heard.append((time.monotonic(), m))
+    )
+    return reply, heard
+
+
+def engine_pids(kernel):
+    """engine id -> (pid, host), from %cluster status."""
+    status = stream_text(ok(kernel, "%cluster status"))
+    return {
+        int(e): (int(pid), host)
+        for e, pid, host in re.findall(r"^\s+(\d+)\s+(\d+)\s+(host\d)\s", status, re.M)
+    }
+
+
+def test_a_cut_link_and_a_stopped_engine_are_named_and_the_map_completes(remote_kernel, bed):
+    kernel = remote_kernel
+    start_pool(kernel, bed, "ssh")
+    pids = engine_pids(kernel)
+    marks = bed.dir / "mapping"
+    marks.mkdir()
+    # Each engine leaves a mark once it maps (not in /tmp: that is its host's own).
+    ok(kernel, "%%px\nstatic MAPPING: std::sync::Once = std::sync::Once::new();\n"
+               "fn slow(x: u64) -> u64 {\n"
+               f'    MAPPING.call_once(|| std::fs::write(format!("{marks}/{{}}", '
+               'parallax_env::engine_id().unwrap()), "").unwrap());\n'
+               "    std::thread::sleep(std::time::Duration::from_micros(500));\n    x * 3\n}")
+    events = {}
+    result = {}
+
+    def run_map():
+        result["reply"], result["heard"] = timed_cell(
+            kernel, "%pmap -o tripled slow 0..24_000u64", timeout=600)
+
+    worker = threading.Thread(target=run_map)
+    worker.start()
+    # Once every engine maps: host2's link goes down, and engine 0 (host1) is stopped.
+    assert wait_until(lambda: len(list(marks.iterdir())) == 4, 120), list(marks.iterdir())
+    events["cut"] = time.monotonic()
+    bed.link("host2", up=False)
+    stopped_pid = pids[0][0]
+    os.kill(stopped_pid, signal.SIGSTOP)
+    events["stopped"] = time.monotonic()
+    try:
+        worker.join(300)
+        assert not worker.is_alive(), "the map did not end"
+    finally:
+        bed.link("host2", up=True)
+        os.kill(stopped_pid, signal.SIGCONT)
+    assert result["reply"]["content"]["status"] == "ok", result["reply"]["content"]
+    said = [(t, m["content"]["text"]) for t, m in result["heard"]
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+    bound = HEARTBEAT + 2.0
+    for engine, host, at in [(2, "host2", events["cut"]), (3, "host2", events["cut"]),
+                             (0, "host1", events["stopped"])]:
+        named = [t for t, text in said
+                 if f"engine {engine} on {host}: stopped answering" in text]
+        assert named, said
+        assert named[0] - at < bound, (engine, named[0] - at, said)
+    verified = ok(kernel, "let local: Vec<u64> = (0..24_000u64).map(|x| x * 3).collect();\n"
+                          'assert_eq!(tripled, local);\nprintln!("verified");', timeout=120)
+    assert "verified" in stream_text(verified)
+    # Cut off, host2's engines exit by themselves; the stopped one, resumed, exits too.
+    assert wait_until(lambda: not bed.parallax_pids_on("host2"), HEARTBEAT + 5), (
+        bed.parallax_pids_on("host2"))
+    assert wait_until(lambda: not os.path.exists(f"/proc/{stopped_pid}"), HEARTBEAT + 5)
+    outputs = ok(kernel, "%px parallax_env::engine_id().unwrap()")
+    assert sorted(values(outputs)) == [1]
+
+
+@pytest.mark.parametrize("launcher", ["ssh", "mpi", "slurm"])
+def test_a_killed_kernel_leaves_nothing_on_any_host(kernelspec, bed, launcher):
+    kernel = RunningKernel(ARTIFACTS / f"killed_kernel_{launcher}.kernel.log")
+    try:
+        start_pool(kernel, bed, launcher)
+        assert all(bed.parallax_pids_on(host) for host in bed.names)
+        if launcher == "slurm":
+            assert bed.jobs(), "the job should run"
+        os.kill(kernel.km.provisioner.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for host in bed.names:
+            assert wait_until(lambda: not bed.parallax_pids_on(host), HEARTBEAT + 5), (
+                host, bed.parallax_pids_on(host))
+        if launcher == "slurm":
+            assert wait_until(lambda: not bed.jobs(), 15), bed.jobs()
+        print(f"{launcher}: nothing left {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        kernel.stop()
+
+
+def test_engines_started_by_hand_join_and_one_with_a_wrong_key_is_refused(remote_kernel, bed):
+    kernel = remote_kernel
+    ok(kernel, f"%cluster start --launcher ssh --hosts host1:1 --ssh-config {bed.ssh_config} "
+               f"--remote-parallax {parallax_binary()} --ip {HEAD_IP} --start-timeout 5",
+       timeout=600)
+    good = bed.dir / "engine.json"
+    said = stream_text(ok(kernel, f"%cluster connection-file {good}"))
+    assert f"tcp://{HEAD_IP}:" in said and "mode 0600" in said, said
+    assert oct(good.stat().st_mode & 0o777) == "0o600"
+    connection = json.loads(good.read_text())
+    bad = bed.dir / "wrong-key.json"
+    bad.write_text(json.dumps({**connection, "key": "not-the-key"}))
+    bad.chmod(0o600)
+
+    # The wrong key: never answered, so it gives up after its registration timeout.
+    refused = bed.run_on("host2", [str(parallax_binary()), "engine", "--connect", str(bad)],
+                         timeout=60)
+    assert refused.returncode != 0
+    assert "no answer from the controller" in refused.stderr, refused.stderr
+    assert "key" in refused.stderr
+    assert "invalid HMAC signature" in kernel.log()
+
+    # The right one joins as a new engine, numbered by the controller.
+    joined = subprocess.Popen(
+        bed.on_host("host2", [str(parallax_binary()), "engine", "--connect", str(good)]),
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: len(engine_pids(kernel)) == 2, 60), engine_pids(kernel)
+        outputs = ok(kernel, '%px format!("{}@{}", parallax_env::engine_id().unwrap(), '
+                             'parallax_env::host().unwrap())', timeout=600)
+        assert values(outputs) == {0: "0@host1", 1: "1@host2"}
+        assert "Stopped 2 engines." in stream_text(ok(kernel, "%cluster stop"))
+        assert joined.wait(timeout=10) == 0
+    finally:
+        joined.kill()
+
+
+def test_the_stop_button_stops_every_engine_on_both_hosts(remote_kernel, bed):
+    kernel = remote_kernel
+    start_pool(kernel, bed, "ssh")
+    result = {}
+
+    marks = bed.dir / "running"
+    marks.mkdir()
+
+    def long_cell():
+        # Each engine leaves a mark where the test sees it (not /tmp: that is the host's own).
+        result["reply"], result["outputs"] = kernel.execute(
+            f'%%px\nstd::fs::write(format!("{marks}/{{}}", parallax_env::engine_id().unwrap()), "")'
+            ".unwrap();\nstd::thread::sleep(std::time::Duration::from_secs(120));", timeout=300)
+
+    worker = threading.Thread(target=long_cell)
+    worker.start()
+    assert wait_until(lambda: len(list(marks.iterdir())) == 4, 120), list(marks.iterdir())
+    elapsed = interrupt_and_wait(kernel, worker, limit=2)
+    print(f"every engine stopped {elapsed:.2f} s after the stop button")
+    errors = engine_errors(result["outputs"])
+    assert sorted(errors) == [0, 1, 2, 3], result["outputs"]
+    # Every engine goes on.
+    outputs = ok(kernel, "%px parallax_env::engine_id().unwrap()")
+    assert sorted(values(outputs)) == [0, 1, 2, 3]
+
+
+def test_a_slurm_job_that_cannot_start_says_why_and_is_cancelled(remote_kernel, bed):
+    kernel = remote_kernel
+    options = f"--launcher slurm -n 3 --nodes 3 --ip {HEAD_IP} --remote-parallax {parallax_binary()}"
+    # Blocking: the cell says PENDING and why, live; the stop button cancels the job.
+    result = {}
+
+    def start():
+        result["reply"], result["heard"] = timed_cell(kernel, f"%cluster start {options}")
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    assert wait_until(lambda: bed.jobs() and bed.jobs()[0][1] == "PENDING", 20), bed.jobs()
+    time.sleep(2)
+    interrupt_and_wait(kernel, worker, limit=10)
+    said = "".join(m["content"]["text"] for _, m in result["heard"] if m["msg_type"] == "stream")
+    assert re.search(r"Slurm job \d+ PENDING \(PartitionConfig\): it asks for more", said), said
+    assert wait_until(lambda: not bed.jobs(), 10), bed.jobs()
+
+    # In the background: %cluster status shows the job waiting, and %cluster stop cancels it.
+    ok(kernel, f"%cluster start {options} --noblock")
+    assert wait_until(lambda: bed.jobs(), 10)
+    assert wait_until(
+        lambda: re.search(r"Slurm job \d+ PENDING \(PartitionConfig\)",
+                          stream_text(ok(kernel, "%cluster status"))), 10)
+    ok(kernel, "%cluster stop")
+    assert wait_until(lambda: not bed.jobs(), 10), bed.jobs()
+
+
+def test_engines_told_a_loopback_address_from_another_host_say_so(remote_kernel, bed):
+    kernel = remote_kernel
+    began = time.monotonic()
+    reply, outputs = kernel.execute(
+        f"%cluster start --launcher ssh --hosts host1:1 --ssh-config {bed.ssh_config} "
+        f"--remote-parallax {parallax_binary()} --ip 127.0.0.1 --start-timeout 10", timeout=120)
+    took = time.monotonic() - began
+    assert reply["content"]["status"] == "error", outputs
+    text = reply["content"]["evalue"] + stream_text(outputs)
+    assert "127.0.0.1, a loopback address" in text and "--ip" in text, text
+    assert "host1" in text, text
+    assert took < 10, took

@@ -57,10 +57,12 @@ pub struct LaunchOptions {
     /// How long engines have to register once their launch runs.
     pub start_timeout: Option<f64>,
     pub profile: Option<String>,
+    /// `--noblock`: return once launched; engines join as they register.
+    pub noblock: bool,
 }
 
 pub const CLUSTER_HELP: &str = "\
-start: start engines (default: one per core, here) and wait until they can run a cell; a Slurm job's state shows while it waits, and the stop button cancels it.\n\
+start: start engines (default: one per core, here) and wait until they can run a cell; a Slurm job's state shows while it waits, and the stop button cancels it. With --noblock it returns at once and engines join as they start.\n\
 add: start more, with the same options. status: one row per engine (id, pid, host, state, uptime), the batch jobs, and who shares compiled cells.\n\
 stop: stop every engine on every host (and cancel the Slurm job). restart: stop them and start as many again, here.\n\
 ping: time COUNT (default 100) round trips of a no-op message to every ready engine and back.\n\
@@ -104,6 +106,7 @@ impl LaunchOptions {
             heartbeat_timeout: self.heartbeat_timeout.or(profile.heartbeat_timeout),
             start_timeout: self.start_timeout.or(profile.start_timeout),
             profile: self.profile,
+            noblock: self.noblock,
         }
     }
 
@@ -168,6 +171,10 @@ fn launch_options(words: &[String]) -> Result<LaunchOptions, String> {
     while let Some(word) = words.next() {
         if !word.starts_with('-') {
             return Err(format!("unexpected `{word}`"));
+        }
+        if word == "--noblock" {
+            options.noblock = true;
+            continue;
         }
         let (name, value) = match word.split_once('=') {
             Some((name, value)) => (name, value.to_owned()),
@@ -369,7 +376,7 @@ mod tests {
     #[test]
     fn launch_options_of_every_launcher() {
         let ClusterCommand::Start(options) = parse_cluster(
-            "start --launcher slurm -n 4 --nodes=2 --partition debug --time 10:00 \
+            "start --launcher slurm -n 4 --nodes=2 --partition debug --time 10:00 --noblock \
              --sbatch-arg --exclusive --sbatch-arg '--comment=a b' --ip 10.0.0.1 \
              --heartbeat-timeout 2.5",
         )
@@ -380,6 +387,7 @@ mod tests {
         assert_eq!(options.nodes, Some(2));
         assert_eq!(options.sbatch_args, ["--exclusive", "--comment=a b"]);
         assert_eq!(options.heartbeat_timeout, Some(2.5));
+        assert!(options.noblock);
         assert_eq!(
             host_counts("host1:4, host2,host3:1").unwrap(),
             [

@@ -77,7 +77,10 @@ mod tests {
     #[test]
     fn network_failures_get_a_hint_and_others_do_not() {
         assert!(hint_for("error: failed to get `rand`: attempting to make an HTTP request, but --offline was specified").is_some());
-        assert!(hint_for("[6] Could not resolve hostname (Could not resolve host: index.crates.io)").is_some());
+        assert!(hint_for(
+            "[6] Could not resolve hostname (Could not resolve host: index.crates.io)"
+        )
+        .is_some());
         assert!(hint_for("error[E0425]: cannot find value `x`").is_none());
     }
 }

@@ -104,6 +104,8 @@ impl Controller {
         let orphaned = {
             let mut registry = self.registry();
             let running = match registry.engines.get_mut(&id) {
+                // Declared dead already (silent): its process's end is no news.
+                Some(engine) if engine.is_dead() => return,
                 Some(engine) => {
                     expected = engine.stopping;
                     if !engine.is_dead() {

@@ -87,7 +87,39 @@ async fn start(
         .await
         .map_err(failed)?;
     let plan = launch_plan(&options).map_err(usage)?;
+    if options.noblock {
+        return launch_in_background(controller, plan, out);
+    }
     launch(controller, &plan, out).await
+}
+
+/// Starts a launch and returns: its engines join the pool as they register, and what it says
+/// goes to the log. `%cluster status` shows how it stands; `%cluster stop` ends it.
+fn launch_in_background(
+    controller: &Controller,
+    plan: LaunchPlan,
+    out: &CellOut,
+) -> Result<(), CellError> {
+    let controller = controller.clone();
+    let engines = plan.engines;
+    tokio::spawn(async move {
+        let (news, mut heard) = mpsc::unbounded_channel();
+        let logger = tokio::spawn(async move {
+            while let Some(line) = heard.recv().await {
+                tracing::info!("{line}");
+            }
+        });
+        match controller.start_engines(&plan, &news).await {
+            Ok(ids) => tracing::info!("started engines {}", engine_list(&ids)),
+            Err(e) => tracing::warn!("a background start failed: {e:#}"),
+        }
+        drop(news);
+        let _ = logger.await;
+    });
+    out.stdout(&format!(
+        "Starting {engines} engines in the background; %cluster status shows how they stand, %cluster stop ends them.\n"
+    ));
+    Ok(())
 }
 
 /// Runs one launch, saying what it waits for as it goes; the stop button ends the wait and

@@ -522,8 +522,20 @@ impl<'a> MapRun<'a> {
         map_time: Duration,
         setup_time: Duration,
     ) -> Result<CellOutput, CellError> {
-        let Some(type_src) = self.results.type_src.clone() else {
-            return Err(CellError::internal("no engine named the map's result type"));
+        // The engines name it as their serving cells end; if every engine that could (the
+        // compiling ones) died first, a type whose name is also its spelling still serves.
+        let named =
+            self.results.type_src.clone().or_else(|| {
+                cells::type_name_is_source(result_type).then(|| result_type.to_owned())
+            });
+        let Some(type_src) = named else {
+            return Err(CellError::plain(
+                "MapError",
+                format!(
+                    "the engines that compiled the map's cell died before naming its result \
+                     type ({result_type}); run the map again on the engines left"
+                ),
+            ));
         };
         let parts: Vec<Payload> = if self.pmap.flags.unordered {
             std::mem::take(&mut self.results.as_they_came)

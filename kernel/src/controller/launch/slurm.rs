@@ -158,6 +158,9 @@ impl Controller {
                 if state.state == "RUNNING" && !state.nodes.is_empty() {
                     line.push_str(&format!(" on {}", state.nodes));
                 }
+                if let Some(hint) = pending_hint(&state.reason) {
+                    line.push_str(&format!(": {hint}"));
+                }
                 let _ = news.send(line + ".");
                 self.notify();
                 last = Some(job.clone());
@@ -175,6 +178,19 @@ impl Controller {
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
+    }
+}
+
+/// What a reason a job waits for means to the user, when it will not pass by itself.
+fn pending_hint(reason: &str) -> Option<&'static str> {
+    match reason {
+        "PartitionConfig" | "PartitionNodeLimit" => Some(
+            "it asks for more than the partition has and will not start unless the partition \
+             changes; %cluster stop or the stop button cancels it",
+        ),
+        "PartitionTimeLimit" => Some("its --time is over the partition's limit"),
+        "AccountNotAllowed" | "InvalidAccount" => Some("the account may not use this partition"),
+        _ => None,
     }
 }
 
