@@ -346,3 +346,21 @@ def test_engines_told_a_loopback_address_from_another_host_say_so(remote_kernel,
     assert "127.0.0.1, a loopback address" in text and "--ip" in text, text
     assert "host1" in text, text
     assert took < 10, took
+
+
+def test_a_dep_an_offline_host_cannot_fetch_fails_there_and_says_what_to_do(remote_kernel, bed):
+    kernel = remote_kernel
+    ok(kernel, f"%cluster start --launcher ssh --hosts host1:1,host2:1 --ssh-config "
+               f"{bed.ssh_config} --remote-parallax {parallax_binary()} --ip {HEAD_IP}",
+       timeout=600)
+    # The test bed's hosts have no route out: a crate missing from the shared cargo cache
+    # cannot be had there (and nothing is sent to find out).
+    reply, outputs = kernel.execute(
+        '%%px --targets 1\n:dep parallax_test_no_such_crate = "1"', timeout=300)
+    assert reply["content"]["status"] == "error"
+    error = engine_errors(outputs)[1]
+    text = error["evalue"] + "".join(error["traceback"])
+    assert "This host (host2) cannot reach the crate registry" in text, text
+    assert "cargo fetch" in text, text
+    outputs = ok(kernel, "%px parallax_env::host().unwrap()")
+    assert values(outputs) == {0: "host1", 1: "host2"}

@@ -286,18 +286,24 @@ impl Controller {
             .collect()
     }
 
+    /// One row per engine, grouped by host (this host's first), then by id.
     pub fn status(&self) -> Vec<EngineStatus> {
-        self.registry()
+        let here = launch::this_host();
+        let mut rows: Vec<EngineStatus> = self
+            .registry()
             .engines
             .iter()
             .map(|(id, e)| EngineStatus {
                 id: *id,
                 pid: e.pid,
                 host: e.host.clone(),
+                local: e.host == here,
                 state: e.state.clone(),
                 uptime: e.started.elapsed(),
             })
-            .collect()
+            .collect();
+        rows.sort_by(|a, b| (!a.local, &a.host, a.id).cmp(&(!b.local, &b.host, b.id)));
+        rows
     }
 
     /// Which live engines share compiled cells and which compile their own, and why: a line

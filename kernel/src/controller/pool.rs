@@ -31,8 +31,11 @@ impl std::fmt::Display for EngineState {
 /// One row of `%cluster status`.
 pub struct EngineStatus {
     pub id: u32,
+    /// Its process id on its host.
     pub pid: u32,
     pub host: String,
+    /// It runs on this host (its pid is one of ours to look at).
+    pub local: bool,
     pub state: EngineState,
     pub uptime: Duration,
 }

@@ -24,7 +24,8 @@ impl UsageSampler {
         let tree = process_tree();
         let mut found = HashMap::new();
         for engine in engines {
-            if matches!(engine.state, EngineState::Dead(_)) || engine.pid == 0 {
+            // Another host's process ids are not this host's to read.
+            if matches!(engine.state, EngineState::Dead(_)) || engine.pid == 0 || !engine.local {
                 continue;
             }
             let mut ticks = 0;

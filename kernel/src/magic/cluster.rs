@@ -41,6 +41,8 @@ pub async fn cluster(
         ClusterCommand::Restart => {
             let plans = controller.plans();
             let stopped = controller.stop_all().await;
+            // Launched again below, they are recorded again.
+            controller.forget_plans();
             say(format!("Stopped {stopped} engines."));
             if plans.is_empty() {
                 let options = LaunchOptions {

@@ -3,7 +3,7 @@
 //! `Scheduler` says which chunk of items goes where; results land in the notebook as one
 //! `Vec<R>`, in input order unless `--unordered`.
 
-use super::pmap_report::{failures_line, map_error, serve_failure, MapProgress};
+use super::pmap_report::{self, failures_line, map_error, serve_failure, MapProgress};
 use super::progress;
 use super::publish_engine_stream;
 use super::transfer::{explain_input_error, DataMover};
@@ -13,7 +13,7 @@ use crate::dashboard::jobs::JobKind;
 use crate::dashboard::monitor::Job;
 use crate::dashboard::monitor::{map_label, Monitor};
 use crate::jupyter::iopub::CellOut;
-use crate::text::{engine_list, human_bytes, rate};
+
 use parallax_engine_protocol::{Outcome, Payload, ToEngine};
 use parallax_eval::{cells, CellError, CellOutput};
 use parallax_magics::Pmap;
@@ -522,21 +522,7 @@ impl<'a> MapRun<'a> {
         map_time: Duration,
         setup_time: Duration,
     ) -> Result<CellOutput, CellError> {
-        // The engines name it as their serving cells end; if every engine that could (the
-        // compiling ones) died first, a type whose name is also its spelling still serves.
-        let named =
-            self.results.type_src.clone().or_else(|| {
-                cells::type_name_is_source(result_type).then(|| result_type.to_owned())
-            });
-        let Some(type_src) = named else {
-            return Err(CellError::plain(
-                "MapError",
-                format!(
-                    "the engines that compiled the map's cell died before naming its result \
-                     type ({result_type}); run the map again on the engines left"
-                ),
-            ));
-        };
+        let type_src = pmap_report::result_type(self.results.type_src.clone(), result_type)?;
         let parts: Vec<Payload> = if self.pmap.flags.unordered {
             std::mem::take(&mut self.results.as_they_came)
         } else {
@@ -551,22 +537,12 @@ impl<'a> MapRun<'a> {
         self.mover
             .store_local(&out_name, &type_src, joined, self.out)
             .await?;
-        let engines: Vec<u32> = self.scheduler.workers().keys().copied().collect();
-        let shares: Vec<String> = self
-            .scheduler
-            .workers()
-            .iter()
-            .map(|(id, worker)| format!("{id}: {}", worker.items_done))
-            .collect();
-        let mut line = format!(
-            "{out_name}: Vec<{type_src}> with {stored} results of {} ({}) from engines {}: map {:.3} s, {} items/s (compiling and set-up {:.2} s apart); items per engine {}\n",
-            self.func_label,
-            human_bytes(result_bytes),
-            engine_list(&engines),
-            map_time.as_secs_f64(),
-            rate(self.scheduler.total(), map_time),
-            setup_time.as_secs_f64(),
-            shares.join(", "),
+        let mut line = pmap_report::summary(
+            &self.scheduler,
+            &format!("{out_name}: Vec<{type_src}> with {stored} results"),
+            &self.func_label,
+            result_bytes,
+            (map_time, setup_time),
         );
         if self.pmap.flags.skip_errors {
             line.push_str(&self.store_failures().await?);

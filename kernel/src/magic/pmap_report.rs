@@ -4,9 +4,9 @@
 use super::progress::{self, ProgressBlock};
 use crate::controller::scheduler::Scheduler;
 use crate::jupyter::iopub::CellOut;
-use crate::text::{html_escape, rate};
+use crate::text::{engine_list, html_escape, human_bytes, rate};
 use parallax_engine_protocol::Outcome;
-use parallax_eval::CellError;
+use parallax_eval::{cells, CellError};
 
 /// The map's progress block: items done, rate, ETA, and a bar per engine.
 pub struct MapProgress {
@@ -142,6 +142,48 @@ pub fn failures_line(name: &str, indices: &[u64], first: (u64, u32, String)) -> 
          first failure: item {index} on engine {engine}: {message}\n",
         indices.len(),
         shown.join(", ")
+    )
+}
+
+/// The map's result type as a cell writes it: named by the engines as their serving cells
+/// end, or, if every engine that compiled the cell died first, its type name when that is also
+/// its spelling.
+pub fn result_type(named: Option<String>, type_name: &str) -> Result<String, CellError> {
+    let fallback = || cells::type_name_is_source(type_name).then(|| type_name.to_owned());
+    named.or_else(fallback).ok_or_else(|| {
+        CellError::plain(
+            "MapError",
+            format!(
+                "the engines that compiled the map's cell died before naming its result type \
+                 ({type_name}); run the map again on the engines left"
+            ),
+        )
+    })
+}
+
+/// The line a map ends with: what was stored, from which engines, how fast, and how many
+/// items each engine mapped.
+pub fn summary(
+    map: &Scheduler,
+    stored: &str,
+    func_label: &str,
+    result_bytes: u64,
+    (map_time, setup_time): (std::time::Duration, std::time::Duration),
+) -> String {
+    let engines: Vec<u32> = map.workers().keys().copied().collect();
+    let shares: Vec<String> = map
+        .workers()
+        .iter()
+        .map(|(id, worker)| format!("{id}: {}", worker.items_done))
+        .collect();
+    format!(
+        "{stored} of {func_label} ({}) from engines {}: map {:.3} s, {} items/s (compiling and set-up {:.2} s apart); items per engine {}\n",
+        human_bytes(result_bytes),
+        engine_list(&engines),
+        map_time.as_secs_f64(),
+        rate(map.total(), map_time),
+        setup_time.as_secs_f64(),
+        shares.join(", "),
     )
 }
 

@@ -73,7 +73,12 @@ impl Controller {
         }
         tokio::spawn(self.clone().watch_process(holder, child, last_words));
         let who = match holder {
-            Holder::Engine(id) => format!("engine {id}"),
+            Holder::Engine(id) => {
+                // The dashboard's log of the engine begins here.
+                let line = format!("engine {id} started (`{program}`, pid {pid} here)");
+                self.observer.output(id, "log", &line);
+                format!("engine {id}")
+            }
             Holder::Launch(launch) => format!("launch {launch}"),
         };
         tracing::info!("{who}: started `{program}` (pid {pid})");

@@ -1,0 +1,197 @@
+//! The tasks that move values through an engine's data socket: storing pushed or scattered
+//! values, fetching values to pull or gather, and serving a map's chunks. Each runs a cell
+//! the engines of a host share, and what it sends back goes out before the task's `Done`.
+
+use crate::sharing::{self, outcome_of, Core};
+use crate::{DataWork, Outbound};
+use parallax_engine_protocol::{FromEngine, Outcome, Share};
+use parallax_eval::ipc::Locked;
+use parallax_eval::{cells, CellError, MapInput, MapOutput, StreamSink};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Runs the cell of a data task; what it sends back goes out before the task's `Done`. The
+/// cell's transfer id is the shared cell's number, the same on every engine that runs it.
+pub(crate) async fn run_data_work(
+    core: &mut Core,
+    task: u64,
+    share: &Share,
+    work: DataWork,
+    preludes: Vec<String>,
+    sink: StreamSink,
+    outbound: &Outbound,
+) -> Outcome {
+    let id = share.cell;
+    let port = core.port.clone();
+    // Engine cells name no socket: each store finds its engine's in its environment.
+    let via = cells::Via::Environment;
+    match work {
+        DataWork::Store {
+            name,
+            type_src,
+            value,
+            payload,
+        } => {
+            let began = Instant::now();
+            let refused = match payload {
+                Ok(payload) => {
+                    port.offer(id, payload);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            let code = if value {
+                cells::receive_value(via, id, &name, &type_src)
+            } else {
+                cells::receive_items(via, id, &name, &type_src)
+            };
+            let ended = run_data_cell(core, task, share, code, preludes, false, sink).await;
+            tracing::debug!(
+                "store of `{name}` took {:.3} s",
+                began.elapsed().as_secs_f64()
+            );
+            match refused {
+                Some(e) => outcome_of(Err(CellError::plain(
+                    "DataError",
+                    format!("the values for `{name}` did not arrive intact: {e}"),
+                ))),
+                None => ended.outcome,
+            }
+        }
+        DataWork::Fetch { name, value } => {
+            let began = Instant::now();
+            let arrived = port.expect(id);
+            let code = if value {
+                cells::send_value(via, id, &name)
+            } else {
+                cells::send_items(via, id, &name, None)
+            };
+            let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
+            if let Outcome::Error { .. } = ended.outcome {
+                return ended.outcome;
+            }
+            match (arrived.await, ended.sent_type) {
+                (Ok(payload), Some(type_src)) => {
+                    tracing::debug!(
+                        "fetch of `{name}`: {} bytes in {:.3} s",
+                        payload.data.len(),
+                        began.elapsed().as_secs_f64()
+                    );
+                    let buffers = payload.wire_buffers();
+                    let fetched = FromEngine::Fetched {
+                        task,
+                        type_src,
+                        meta: payload.meta.into(),
+                    };
+                    let _ = outbound.send((fetched, buffers));
+                    Outcome::Ok {
+                        data: Default::default(),
+                    }
+                }
+                (Err(_), _) => outcome_of(Err(CellError::internal("the values never arrived"))),
+                (_, None) => outcome_of(Err(CellError::internal(&format!(
+                    "evcxr did not name the type of `{name}`"
+                )))),
+            }
+        }
+        DataWork::Map { func } => {
+            let session = port.open_map(id);
+            let ended_early = {
+                let mut maps = core.maps.locked();
+                maps.feeds.insert(task, session.input.clone());
+                maps.ended.remove(&task)
+            };
+            if ended_early {
+                let _ = session.input.send(MapInput::End);
+            }
+            let forwarder =
+                tokio::spawn(forward_map_output(task, session.output, outbound.clone()));
+            let code = cells::serve_map(via, id, &func);
+            let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
+            core.maps.locked().feeds.remove(&task);
+            // The cell is over, so its side of the session is closed and the forwarder ends
+            // once it has passed on every result.
+            let _ = forwarder.await;
+            if let Outcome::Error { .. } = ended.outcome {
+                return ended.outcome;
+            }
+            if let Some(type_src) = ended.sent_type {
+                let _ = outbound.send((FromEngine::ResultType { task, type_src }, Vec::new()));
+            }
+            Outcome::Ok {
+                data: Default::default(),
+            }
+        }
+    }
+}
+
+/// Runs a data task's cell, then forgets its transfer (the shared cell's number).
+async fn run_data_cell(
+    core: &mut Core,
+    task: u64,
+    share: &Share,
+    code: String,
+    preludes: Vec<String>,
+    wants_sent_type: bool,
+    sink: StreamSink,
+) -> sharing::Ended {
+    let work = sharing::Work {
+        code,
+        preludes,
+        wants_sent_type,
+    };
+    let ended = core.execute(task, share, &work, sink).await;
+    core.port.withdraw(share.cell);
+    ended
+}
+
+async fn forward_map_output(
+    task: u64,
+    mut output: mpsc::UnboundedReceiver<MapOutput>,
+    outbound: Outbound,
+) {
+    while let Some(item) = output.recv().await {
+        let message = match item {
+            MapOutput::Ready {
+                arg_type,
+                result_type,
+            } => (
+                FromEngine::MapReady {
+                    task,
+                    arg_type,
+                    result_type,
+                },
+                Vec::new(),
+            ),
+            MapOutput::Done {
+                chunk,
+                elapsed_ns,
+                results,
+                failures,
+            } => {
+                let buffers = results.wire_buffers();
+                (
+                    FromEngine::ChunkDone {
+                        task,
+                        chunk,
+                        elapsed_ns,
+                        failures,
+                        meta: results.meta.into(),
+                    },
+                    buffers,
+                )
+            }
+            MapOutput::Refused { chunk, message } => (
+                FromEngine::ChunkRefused {
+                    task,
+                    chunk,
+                    message,
+                },
+                Vec::new(),
+            ),
+        };
+        if outbound.send(message).is_err() {
+            return;
+        }
+    }
+}
