@@ -364,3 +364,19 @@ def test_a_dep_an_offline_host_cannot_fetch_fails_there_and_says_what_to_do(remo
     assert "cargo fetch" in text, text
     outputs = ok(kernel, "%px parallax_env::host().unwrap()")
     assert values(outputs) == {0: "host1", 1: "host2"}
+
+
+@pytest.mark.parametrize("launcher", ["ssh", "mpi", "slurm"])
+def test_an_engine_killed_on_its_host_is_named_and_the_others_go_on(remote_kernel, bed, launcher):
+    kernel = remote_kernel
+    start_pool(kernel, bed, launcher)
+    pid, host = engine_pids(kernel)[3]
+    assert host == "host2"
+    os.kill(pid, signal.SIGKILL)
+    def named():
+        status = stream_text(ok(kernel, "%cluster status"))
+        return re.search(r"^\s+3\s+\d+\s+host2\s+dead", status, re.M)
+    assert wait_until(named, HEARTBEAT + 5, interval=0.5)
+    # mpiexec and srun keep the other ranks and tasks: the pool goes on.
+    outputs = ok(kernel, "%px parallax_env::engine_id().unwrap()")
+    assert sorted(values(outputs)) == [0, 1, 2]

@@ -43,6 +43,14 @@ impl Mpi {
             "-n".into(),
             engines.to_string(),
         ]);
+        // One engine's end is not the pool's: mpiexec would otherwise end every rank when one
+        // is killed or exits with an error (cut off from the controller).
+        for (name, value) in [
+            ("orte_abort_on_non_zero_status", "0"),
+            ("orte_enable_recovery", "1"),
+        ] {
+            args.extend(["--mca".into(), name.into(), value.into()]);
+        }
         if let Some(hosts) = &self.hosts {
             args.extend(["--host".into(), hosts.clone()]);
         }
@@ -89,7 +97,8 @@ mod tests {
         };
         assert_eq!(
             mpi.arguments(4, "/bin/parallax", 6, true).join(" "),
-            "--allow-run-as-root --stdin all -n 4 --host host1:2,host2:2 \
+            "--allow-run-as-root --stdin all -n 4 --mca orte_abort_on_non_zero_status 0 \
+             --mca orte_enable_recovery 1 --host host1:2,host2:2 \
              --mca plm_rsh_agent ssh -F '/run/ssh config' --mca btl_tcp_if_include 10.0.0.0/24 \
              /bin/parallax engine --connect - --rank-offset 6"
         );

@@ -190,7 +190,8 @@ async fn relay_stderr(
         }
         if let Some(reason) = text.strip_prefix("parallax: ") {
             fatal = Some(reason.to_owned());
-        } else if !text.trim().is_empty() {
+        } else if text.chars().any(|c| c.is_alphanumeric()) {
+            // Not a rule of dashes, as mpiexec draws around what it says.
             last = Some(text.trim().to_owned());
         }
         line.clear();
