@@ -366,6 +366,26 @@ def test_a_dep_an_offline_host_cannot_fetch_fails_there_and_says_what_to_do(remo
     assert values(outputs) == {0: "host1", 1: "host2"}
 
 
+def test_the_dashboard_shows_what_remote_engines_use(remote_kernel, bed):
+    kernel = remote_kernel
+    ok(kernel, f"%cluster start --launcher ssh --hosts host1:1,host2:1 --ssh-config "
+               f"{bed.ssh_config} --remote-parallax {parallax_binary()} --ip {HEAD_IP}",
+       timeout=600)
+
+    def rows():
+        outputs = ok(kernel, "%dashboard")
+        ok(kernel, "%dashboard --stop")
+        text = "".join(m["content"]["data"].get("text/plain", "")
+                       for m in of_type(outputs, "display_data"))
+        # engine, host, pid, state, then the memory its engine reported, in MiB.
+        return re.findall(r"^\s+(\d)\s+(host\d)\s+\d+\s+idle\b.*\s([\d.]+) MiB$", text, re.M)
+
+    # Each engine says what it uses with its answer to a keep-alive ping, once a second.
+    assert wait_until(lambda: len(rows()) == 2, 10, interval=0.5), rows()
+    assert sorted((e, h) for e, h, _ in rows()) == [("0", "host1"), ("1", "host2")]
+    assert all(float(mib) > 10 for _, _, mib in rows()), rows()
+
+
 @pytest.mark.parametrize("launcher", ["ssh", "mpi", "slurm"])
 def test_an_engine_killed_on_its_host_is_named_and_the_others_go_on(remote_kernel, bed, launcher):
     kernel = remote_kernel

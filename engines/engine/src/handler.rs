@@ -4,7 +4,9 @@
 use crate::sharing::Inbox;
 use crate::{end_map, DataWork, Outbound, SharedMaps, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
-use parallax_engine_protocol::{FromEngine, Payload, Share, ToEngine};
+use parallax_engine_protocol::{
+    FromEngine, Payload, ProcessUsage, Share, ToEngine, TIMED_PING_NONCES,
+};
 use parallax_eval::ipc::Locked;
 use parallax_eval::{Interrupter, MapInput};
 use std::ops::ControlFlow;
@@ -80,7 +82,18 @@ impl Handler {
             ToEngine::MapEnd { task } => end_map(&self.maps, task),
             ToEngine::Interrupt { task } => self.interrupt(task),
             ToEngine::Ping { nonce } => {
-                let _ = self.outbound.send((FromEngine::Pong { nonce }, Vec::new()));
+                // Keep-alive pings come once a second: each answer says what the engine uses.
+                let usage = (nonce < TIMED_PING_NONCES).then(|| {
+                    let (cpu_seconds, rss_bytes) =
+                        parallax_eval::usage::tree_usage(std::process::id());
+                    ProcessUsage {
+                        cpu_seconds,
+                        rss_bytes,
+                    }
+                });
+                let _ = self
+                    .outbound
+                    .send((FromEngine::Pong { nonce, usage }, Vec::new()));
             }
             ToEngine::Shutdown => return ControlFlow::Break(()),
             // Answers to a registration said again, after the first.

@@ -16,6 +16,7 @@ mod outputs;
 pub mod relay;
 pub mod runtime;
 pub mod store;
+pub mod usage;
 
 pub use context::{result_of_run, Compiling};
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession};

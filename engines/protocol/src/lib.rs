@@ -158,6 +158,16 @@ pub enum Step {
     },
 }
 
+/// Pings with nonces from here up time the control path: their answers carry nothing else.
+pub const TIMED_PING_NONCES: u64 = 1 << 63;
+
+/// CPU time and memory of an engine with every process it started, on its own host.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProcessUsage {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
 /// Where an engine's state stands after a task, for `%cluster status` and for grouping.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct StateReport {
@@ -183,9 +193,7 @@ pub enum FromEngine {
         host: String,
     },
     /// The engine's evaluation context is built; it can take cells.
-    Ready {
-        engine: u32,
-    },
+    Ready { engine: u32 },
     /// Output a task printed, as it printed it.
     Stream {
         task: u64,
@@ -193,10 +201,7 @@ pub enum FromEngine {
         text: String,
     },
     /// Rich output (a MIME bundle) a task produced.
-    Display {
-        task: u64,
-        data: Map<String, Value>,
-    },
+    Display { task: u64, data: Map<String, Value> },
     /// A task ended.
     Done {
         task: u64,
@@ -205,13 +210,13 @@ pub enum FromEngine {
         state: Option<StateReport>,
     },
     /// A step of shared cell `cell`, for engines `to`.
-    Share {
-        cell: u64,
-        to: Vec<u32>,
-        step: Step,
-    },
+    Share { cell: u64, to: Vec<u32>, step: Step },
+    /// The answer to `Ping`; to a keep-alive ping (a nonce below `TIMED_PING_NONCES`), with
+    /// what the engine's processes use, which only its host can read.
     Pong {
         nonce: u64,
+        #[serde(default)]
+        usage: Option<ProcessUsage>,
     },
     /// The values a `Fetch` asked for (buffers: item ends, then bytes); `type_src` is their
     /// type as a cell writes it.
@@ -241,10 +246,7 @@ pub enum FromEngine {
         message: String,
     },
     /// After a map: its result type as a cell writes it.
-    ResultType {
-        task: u64,
-        type_src: String,
-    },
+    ResultType { task: u64, type_src: String },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

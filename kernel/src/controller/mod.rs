@@ -31,7 +31,7 @@ pub use pool::{BatchJob, EngineState, EngineStatus};
 
 use bytes::Bytes;
 use link::{Link, Outgoing};
-use parallax_engine_protocol::{Outcome, Share, Signer, ToEngine};
+use parallax_engine_protocol::{Outcome, Share, Signer, ToEngine, TIMED_PING_NONCES};
 use parallax_eval::ipc::Locked;
 use pool::Registry;
 use std::collections::{BTreeSet, HashMap};
@@ -41,8 +41,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long `%cluster start` waits for engines to build their evaluation context.
 const START_TIMEOUT: Duration = Duration::from_secs(600);
-/// Timed round trips use nonces from here up, apart from the keep-alive pings' small ones.
-const ROUND_TRIP_NONCES: u64 = 1 << 63;
 
 /// A cheap handle on the controller.
 #[derive(Clone)]
@@ -235,7 +233,7 @@ impl Controller {
         let nonce = {
             let mut trips = self.round_trips.locked();
             trips.sent += 1;
-            let nonce = ROUND_TRIP_NONCES + trips.sent;
+            let nonce = TIMED_PING_NONCES + trips.sent;
             let trip = RoundTrip {
                 waiting_for: engines.iter().copied().collect(),
                 done: Some(done),
@@ -298,6 +296,7 @@ impl Controller {
                 pid: e.pid,
                 host: e.host.clone(),
                 local: e.host == here,
+                usage: e.usage,
                 state: e.state.clone(),
                 uptime: e.started.elapsed(),
             })

@@ -5,7 +5,7 @@
 use super::events::Events;
 use super::plan::{self, Group, Standing, StateKey, EMPTY_HISTORY};
 use bytes::Bytes;
-use parallax_engine_protocol::{Role, Share, StateReport};
+use parallax_engine_protocol::{ProcessUsage, Role, Share, StateReport};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,10 @@ pub struct EngineStatus {
     /// Its process id on its host.
     pub pid: u32,
     pub host: String,
-    /// It runs on this host (its pid is one of ours to look at).
+    /// It runs on this host.
     pub local: bool,
+    /// What it and its processes use, as it last said, and when that arrived.
+    pub usage: Option<(ProcessUsage, Instant)>,
     pub state: EngineState,
     pub uptime: Duration,
 }
@@ -51,6 +53,8 @@ pub struct Engine {
     pub process: Option<u32>,
     /// When it last said anything (or was launched).
     pub last_heard: Instant,
+    /// What it and its processes use, as it last said, and when that arrived.
+    pub usage: Option<(ProcessUsage, Instant)>,
     pub state: EngineState,
     pub started: Instant,
     /// Its socket identity, once it registered.
@@ -79,6 +83,7 @@ impl Engine {
             launch,
             process: None,
             last_heard: Instant::now(),
+            usage: None,
             state: EngineState::Starting,
             started: Instant::now(),
             identity: None,

@@ -59,8 +59,13 @@ impl Controller {
                 state,
             } => self.done(&mut registry, sender, task, outcome, state),
             FromEngine::Share { cell, to, step } => self.share(&registry, sender, cell, to, step),
-            FromEngine::Pong { nonce } => {
+            FromEngine::Pong { nonce, usage } => {
                 if let Some(engine) = sender {
+                    if let (Some(usage), Some(record)) = (usage, registry.engines.get_mut(&engine))
+                    {
+                        record.usage = Some((usage, std::time::Instant::now()));
+                    }
+                    drop(registry);
                     self.answered(engine, nonce);
                 }
             }
