@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -400,3 +401,27 @@ def test_an_engine_killed_on_its_host_is_named_and_the_others_go_on(remote_kerne
     # mpiexec and srun keep the other ranks and tasks: the pool goes on.
     outputs = ok(kernel, "%px parallax_env::engine_id().unwrap()")
     assert sorted(values(outputs)) == [0, 1, 2]
+
+
+def test_the_dashboard_restarts_a_dead_remote_engine_on_its_host(remote_kernel, bed):
+    kernel = remote_kernel
+    ok(kernel, f"%cluster start --launcher ssh --hosts host1:1,host2:1 --ssh-config "
+               f"{bed.ssh_config} --remote-parallax {parallax_binary()} --ip {HEAD_IP} "
+               f"--heartbeat-timeout {HEARTBEAT}", timeout=600)
+    outputs = ok(kernel, "%dashboard")
+    ok(kernel, "%dashboard --stop")
+    text = "".join(m["content"]["data"].get("text/plain", "") for m in of_type(outputs, "display_data"))
+    url = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\w+)", text)
+    pid, host = engine_pids(kernel)[1]
+    assert host == "host2"
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: re.search(r"^\s+1\s+\d+\s+host2\s+dead",
+                                        stream_text(ok(kernel, "%cluster status")), re.M),
+                      HEARTBEAT + 5, interval=0.5)
+    request = urllib.request.Request(
+        f"{url.group(1)}/api/engines/1/restart?token={url.group(2)}", method="POST")
+    with urllib.request.urlopen(request, timeout=300) as answer:
+        assert json.loads(answer.read()) == {"restarted": 1}
+    outputs = ok(kernel, "%px parallax_env::host().unwrap()")
+    assert values(outputs) == {0: "host1", 1: "host2"}
+    assert engine_pids(kernel)[1][0] != pid

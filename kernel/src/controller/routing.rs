@@ -28,18 +28,8 @@ impl Controller {
         }
         match message {
             FromEngine::Register { engine, pid, host } => {
-                let answer = match registered(&mut registry, &identity, engine, pid, &host) {
-                    Ok((engine, engines)) => ToEngine::Welcome { engine, engines },
-                    Err(reason) => {
-                        tracing::warn!(
-                            "engines: refused an engine on {host} (pid {pid}): {reason}"
-                        );
-                        ToEngine::Refused { reason }
-                    }
-                };
                 drop(registry);
-                self.pass_to(Address::Socket(identity), answer);
-                self.notify();
+                self.register(identity, engine, pid, &host);
             }
             FromEngine::Ready { engine } if sender == Some(engine) => {
                 if let Some(record) = registry.engines.get_mut(&engine) {
@@ -60,12 +50,13 @@ impl Controller {
             } => self.done(&mut registry, sender, task, outcome, state),
             FromEngine::Share { cell, to, step } => self.share(&registry, sender, cell, to, step),
             FromEngine::Pong { nonce, usage } => {
+                if let (Some(usage), Some(record)) =
+                    (usage, sender.and_then(|id| registry.engines.get_mut(&id)))
+                {
+                    record.usage = Some((usage, std::time::Instant::now()));
+                }
+                drop(registry);
                 if let Some(engine) = sender {
-                    if let (Some(usage), Some(record)) = (usage, registry.engines.get_mut(&engine))
-                    {
-                        record.usage = Some((usage, std::time::Instant::now()));
-                    }
-                    drop(registry);
                     self.answered(engine, nonce);
                 }
             }
@@ -138,6 +129,19 @@ impl Controller {
             ),
             other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
         }
+    }
+
+    /// Answers an engine's registration: `Welcome` with its id, or `Refused` and why.
+    fn register(&self, identity: Bytes, requested: Option<u32>, pid: u32, host: &str) {
+        let answer = match registered(&mut self.registry(), &identity, requested, pid, host) {
+            Ok((engine, engines)) => ToEngine::Welcome { engine, engines },
+            Err(reason) => {
+                tracing::warn!("engines: refused an engine on {host} (pid {pid}): {reason}");
+                ToEngine::Refused { reason }
+            }
+        };
+        self.pass_to(Address::Socket(identity), answer);
+        self.notify();
     }
 
     fn streamed(
