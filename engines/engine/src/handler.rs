@@ -82,18 +82,24 @@ impl Handler {
             ToEngine::MapEnd { task } => end_map(&self.maps, task),
             ToEngine::Interrupt { task } => self.interrupt(task),
             ToEngine::Ping { nonce } => {
-                // Keep-alive pings come once a second: each answer says what the engine uses.
-                let usage = (nonce < TIMED_PING_NONCES).then(|| {
-                    let (cpu_seconds, rss_bytes) =
-                        parallax_eval::usage::tree_usage(std::process::id());
-                    ProcessUsage {
-                        cpu_seconds,
-                        rss_bytes,
-                    }
-                });
-                let _ = self
-                    .outbound
-                    .send((FromEngine::Pong { nonce, usage }, Vec::new()));
+                if nonce >= TIMED_PING_NONCES {
+                    let _ = self
+                        .outbound
+                        .send((FromEngine::Pong { nonce, usage: None }, Vec::new()));
+                } else {
+                    // A keep-alive ping, once a second: its answer says what the engine uses,
+                    // read from /proc off the socket's thread.
+                    let outbound = self.outbound.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let (cpu_seconds, rss_bytes) =
+                            parallax_eval::usage::tree_usage(std::process::id());
+                        let usage = Some(ProcessUsage {
+                            cpu_seconds,
+                            rss_bytes,
+                        });
+                        let _ = outbound.send((FromEngine::Pong { nonce, usage }, Vec::new()));
+                    });
+                }
             }
             ToEngine::Shutdown => return ControlFlow::Break(()),
             // Answers to a registration said again, after the first.

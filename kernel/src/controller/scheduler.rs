@@ -90,6 +90,8 @@ pub struct Scheduler {
     /// Nanoseconds an item takes, smoothed.
     cost_ns: Option<f64>,
     finished: u64,
+    /// An item failed here: the items from here on are not needed any more.
+    limit: Option<u64>,
 }
 
 impl Scheduler {
@@ -115,6 +117,7 @@ impl Scheduler {
             bytes_per_item: 1,
             cost_ns: None,
             finished: 0,
+            limit: None,
         }
     }
 
@@ -211,12 +214,30 @@ impl Scheduler {
         assigned
     }
 
-    /// A chunk to run again, else a new one, else none.
+    /// An item at `index` failed and the map will fail: only the items before it still
+    /// matter (one of them may fail too, and the map names the first).
+    pub fn stop_at(&mut self, index: u64) {
+        self.limit = Some(self.limit.map_or(index, |limit| limit.min(index)));
+    }
+
+    /// Every item before `index` is done.
+    pub fn done_below(&self, index: u64) -> bool {
+        self.next_start >= index.min(self.total)
+            && self
+                .chunks
+                .iter()
+                .all(|chunk| chunk.done || chunk.start >= index)
+    }
+
+    /// A chunk to run again, else a new one, else none; none at or past the limit.
     fn next_chunk(&mut self, engines: u64) -> Option<u64> {
-        if let Some(chunk) = self.retry.pop_front() {
-            return Some(chunk);
+        let limit = self.limit.unwrap_or(u64::MAX);
+        while let Some(chunk) = self.retry.pop_front() {
+            if self.chunks[chunk as usize].start < limit {
+                return Some(chunk);
+            }
         }
-        if self.next_start >= self.total {
+        if self.next_start >= self.total.min(limit) {
             return None;
         }
         let remaining = self.total - self.next_start;
@@ -475,5 +496,24 @@ mod tests {
         assert!(map.assign().is_empty());
         assert!(map.open_tasks().is_empty());
         assert_eq!(map.queued(), 10, "every chunk is still to run");
+    }
+
+    #[test]
+    fn after_a_failure_only_the_items_before_it_are_run() {
+        let mut map = Scheduler::new(&[(0, 10), (1, 11)]);
+        map.set_items(100, 800, Some(10));
+        map.serving(0);
+        map.serving(1);
+        let sent = map.assign();
+        assert_eq!(sent.len(), 4);
+        // The second chunk (items 10..20) fails at 13 while the first is still out.
+        assert!(map.chunk_done(0, sent[1].chunk, 1).is_some());
+        map.stop_at(13);
+        assert!(!map.done_below(13));
+        // Nothing past the failure is handed out any more.
+        assert!(map.assign().is_empty());
+        let first = sent.iter().find(|a| a.start == 0).expect("chunk 0..10");
+        assert!(map.chunk_done(first.engine, first.chunk, 1).is_some());
+        assert!(map.done_below(13));
     }
 }

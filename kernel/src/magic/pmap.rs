@@ -323,12 +323,16 @@ impl<'a> MapRun<'a> {
                 } else {
                     self.results.by_chunk.insert(chunk, results);
                 }
-                if !failures.is_empty() {
-                    if !self.pmap.flags.skip_errors {
-                        return Some(Stop::Failed(self.item_failed(engine, &failures)));
+                let failed = failures.into_iter().map(|(i, m)| (i, engine, m));
+                self.results.failed.extend(failed);
+                // Without --skip-errors the map fails, naming the first failing item: the
+                // chunks before it finish first, in case one of them fails too.
+                let first = self.results.failed.iter().map(|f| f.0).min();
+                if let (false, Some(first)) = (self.pmap.flags.skip_errors, first) {
+                    self.scheduler.stop_at(first);
+                    if self.scheduler.done_below(first) {
+                        return Some(Stop::Failed(self.item_failed()));
                     }
-                    let failed = failures.into_iter().map(|(i, m)| (i, engine, m));
-                    self.results.failed.extend(failed);
                 }
                 self.dispatch(items).await;
             }
@@ -411,10 +415,12 @@ impl<'a> MapRun<'a> {
     }
 
     /// An item panicked and errors are not skipped: the map fails, naming the first item.
-    fn item_failed(&self, engine: u32, failures: &[(u64, String)]) -> CellError {
-        let (index, message) = failures
+    fn item_failed(&self) -> CellError {
+        let (index, engine, message) = self
+            .results
+            .failed
             .iter()
-            .min_by_key(|(index, _)| *index)
+            .min_by_key(|(index, ..)| *index)
             .cloned()
             .unwrap_or_default();
         CellError::new(
