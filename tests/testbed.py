@@ -48,6 +48,9 @@ class Hosts:
     def up(self):
         self.down()
         self.dir.mkdir(mode=0o700, parents=True)
+        # mpiexec keeps its session files under /tmp, and one that is killed leaves them: keep
+        # them in the test bed's directory instead, which goes with it.
+        os.environ["OMPI_MCA_orte_tmpdir_base"] = str(self.dir)
         taken = run(["ip", "-br", "addr"]).stdout
         assert f"{SUBNET}." not in taken, f"{SUBNET}.0/24 is in use here: {taken}"
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
@@ -278,3 +281,4 @@ class Hosts:
             shutil.rmtree(netns, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.environ.pop("SLURM_CONF", None)
+        os.environ.pop("OMPI_MCA_orte_tmpdir_base", None)
