@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +127,36 @@ def test_a_cell_on_some_engines_only_splits_them_off(cluster):
     reply, outputs = cluster.execute("%px id() * 2")
     assert results(outputs) == {0: "0", 1: "2", 2: "4"}
 
+
+
+def dependency_builds(crate):
+    """How many times evcxr's compiled-crate cache was filled with or read for this crate: one
+    per entry made plus the hits counted in it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evcxr"
+    total = 0
+    for entry in cache.glob("*") if cache.is_dir() else []:
+        meta = entry / "meta"
+        if meta.is_file() and f"--crate-name\n{crate}\n" in meta.read_text():
+            total += 1 + int((entry / "hits").read_text())
+    return total
+
+
+def test_engines_compiling_for_themselves_take_a_dependency_in_turn(cluster):
+    # Each engine runs a cell the others did not, so each compiles its own next cell, at once.
+    for engine in range(3):
+        reply, _ = cluster.execute(f"%px --targets {engine} let diverged = {engine}u8;")
+        assert reply["content"]["status"] == "ok", reply["content"]
+    assert re.search(r"engine 0 on \S+ compiles its own cells", status(cluster))
+    before = dependency_builds("ryu")
+    reply, outputs = cluster.execute(
+        '%%px\n:dep ryu = "1"\nryu::Buffer::new().format(id() as f64 + 0.5).to_string()',
+        timeout=600,
+    )
+    assert reply["content"]["status"] == "ok", (reply["content"], engine_errors(outputs))
+    assert results(outputs) == {0: '"0.5"', 1: '"1.5"', 2: '"2.5"'}
+    # Three builds through the one cache: each read or wrote the entry whole, none lost a count
+    # (written at once, the counter is read half-written and a build fails, or counts go lost).
+    assert dependency_builds("ryu") == before + 3
 
 def restart(cluster):
     reply, _ = cluster.execute("%cluster restart", timeout=600)

@@ -270,7 +270,7 @@ def test_a_cell_with_a_dep_runs_on_every_engine(cluster):
         '%%px\n:dep itoa = "1"\nlet mut buffer = itoa::Buffer::new();\nbuffer.format(id() * 7).to_string()',
         timeout=600,
     )
-    assert reply["content"]["status"] == "ok", reply["content"]
+    assert reply["content"]["status"] == "ok", (reply["content"], engine_errors(outputs))
     assert {k: v.split(": ")[1] for k, v in results(outputs).items()} == {
         0: '"0"',
         1: '"7"',

@@ -119,6 +119,7 @@ fn main() -> ExitCode {
             parallax_eval::runtime::serve(Some(std::path::Path::new(&report)));
         }
     }
+    parallax_eval::crate_lock::hold_while_wrapping_rustc();
     evcxr::runtime_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -17,12 +17,12 @@ use parallax_engine_protocol::{
     Connection, FromEngine, Payload, Receiver, Sender, Share, Signer, StreamName, ToEngine,
     RANK_VARIABLES,
 };
-use parallax_eval::cells;
 use parallax_eval::ipc::Locked;
+use parallax_eval::{cells, places};
 use parallax_eval::{private_base, MapInput, StreamSink};
 use sharing::{Core, DEPENDENCY_CACHE};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,12 +41,7 @@ fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (manifest, source).hash(&mut hasher);
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("parallax")
-        .join("crates");
+    let base = places::cache_base().join("parallax").join("crates");
     let dir = base.join(format!("{name}-{:016x}", hasher.finish()));
     if !dir.join("src").join("lib.rs").exists() {
         // Written beside it and renamed, so that no engine sees half a crate.
@@ -71,15 +66,14 @@ fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result
 /// but not for hosts compiling at once into the home they share. Called before any thread
 /// starts, as setting the environment must be.
 fn separate_host_cache(controller_host: &str) {
-    let host = hostname();
+    let host = places::host_name();
     if host == controller_host {
         return;
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let own = base.join("parallax").join("hosts").join(&host);
+    let own = places::cache_base()
+        .join("parallax")
+        .join("hosts")
+        .join(host);
     std::env::set_var("XDG_CACHE_HOME", own);
 }
 
@@ -186,7 +180,7 @@ pub(crate) const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
 async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
     let connection = &config.connection;
-    let host = hostname();
+    let host = places::host_name().to_owned();
     if let Some(why) = unreachable_by_address(connection, &host) {
         anyhow::bail!(why);
     }
@@ -455,10 +449,4 @@ async fn send(
         .send(message)
         .await
         .context("sending to the controller")
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
 }

@@ -41,13 +41,13 @@ pub fn hint_for(error: &str) -> Option<String> {
     if !(offline || unreachable) {
         return None;
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = parallax_eval::places::host_name();
     Some(format!(
         "\nThis host ({}) cannot reach the crate registry, and the crate is not in its cargo \
          cache. Fetch it into the cargo home this host shares from a machine with network \
          (`cargo fetch`, or a cell with the same `:dep` on the kernel's host), then run the \
          cell again; the other hosts go on.",
-        host.trim()
+        host
     ))
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cells;
 mod context;
+pub mod crate_lock;
 pub mod dataport;
 pub mod diagnostics;
 pub mod evalproto;
@@ -13,6 +14,7 @@ pub mod history;
 pub mod interrupt;
 pub mod ipc;
 mod outputs;
+pub mod places;
 pub mod relay;
 pub mod runtime;
 pub mod store;

@@ -104,7 +104,7 @@ impl Controller {
             url,
             key: self.key.clone(),
             signature_scheme: "hmac-sha256".into(),
-            controller_host: super::launch::this_host(),
+            controller_host: parallax_eval::places::host_name().to_owned(),
             heartbeat_timeout_s: settings.heartbeat_timeout.as_secs_f64(),
             register_timeout_s: settings.register_timeout.as_secs_f64(),
         })

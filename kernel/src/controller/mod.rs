@@ -286,7 +286,7 @@ impl Controller {
 
     /// One row per engine, grouped by host (this host's first), then by id.
     pub fn status(&self) -> Vec<EngineStatus> {
-        let here = launch::this_host();
+        let here = parallax_eval::places::host_name();
         let mut rows: Vec<EngineStatus> = self
             .registry()
             .engines

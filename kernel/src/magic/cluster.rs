@@ -210,14 +210,10 @@ fn with_profile(options: LaunchOptions) -> Result<LaunchOptions, CellError> {
 fn profiles_path() -> PathBuf {
     match std::env::var_os("PARALLAX_PROFILES") {
         Some(path) => PathBuf::from(path),
-        None => home().join(".parallax").join("profiles.toml"),
+        None => parallax_eval::places::home()
+            .join(".parallax")
+            .join("profiles.toml"),
     }
-}
-
-fn home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// The controller's plan for these options, or what is missing or wrong, in words.
@@ -287,7 +283,9 @@ async fn connection_file(
     let path = match path {
         Some(path) => PathBuf::from(path),
         None => {
-            let dir = home().join(".parallax").join("security");
+            let dir = parallax_eval::places::home()
+                .join(".parallax")
+                .join("security");
             std::fs::create_dir_all(&dir)
                 .and_then(|_| {
                     use std::os::unix::fs::PermissionsExt;

@@ -21,8 +21,8 @@ pub use ssh::Ssh;
 use super::pool::{Engine, EngineState, Launch};
 use super::Controller;
 use anyhow::Context;
+pub(super) use process::signal;
 use process::Holder;
-pub(super) use process::{signal, this_host};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -320,7 +320,7 @@ impl Controller {
 fn plan_hosts(plan: &LaunchPlan) -> Vec<String> {
     let unknown = |what: &str| vec![what.to_owned(); plan.engines as usize];
     match &plan.launcher {
-        Launcher::Local => unknown(&process::this_host()),
+        Launcher::Local => unknown(parallax_eval::places::host_name()),
         Launcher::Ssh(ssh) => ssh.placement(),
         Launcher::Mpi(_) => unknown("(mpiexec)"),
         Launcher::Slurm(_) => unknown("(slurm)"),

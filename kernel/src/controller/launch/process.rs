@@ -133,13 +133,6 @@ pub(in crate::controller) fn signal(pid: u32, signal: i32) {
     }
 }
 
-/// This host's name, as engines report theirs.
-pub(in crate::controller) fn this_host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".to_owned())
-}
-
 /// How a process ended, in words: its signal, or its exit code and the reason it gave.
 async fn exit_cause(
     status: std::process::ExitStatus,

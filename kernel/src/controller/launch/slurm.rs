@@ -61,9 +61,7 @@ fn script(parallax: &str, first: u32, connection: &str) -> String {
 
 /// Where a job's output goes: a directory of the user's own, on the home that the nodes share.
 fn output_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
+    parallax_eval::places::home()
         .join(".parallax")
         .join("slurm")
 }
