@@ -155,3 +155,42 @@ def all_iopub_until_idle(kc, msg_id, timeout=300):
         ):
             return seen
     raise AssertionError("the cell did not end")
+
+
+def ok(kernel, code, timeout=300):
+    """Runs a cell that must succeed; returns its outputs."""
+    reply, outputs = kernel.execute(code, timeout=timeout)
+    assert reply["content"]["status"] == "ok", (code, reply["content"], outputs)
+    return outputs
+
+
+def check(kernel, rust):
+    """Runs Rust in the notebook that prints `verified` only if its assertions hold."""
+    outputs = ok(kernel, rust + '\nprintln!("verified");')
+    assert "verified" in stream_text(outputs), outputs
+
+
+def descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid):
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

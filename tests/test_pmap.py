@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, interrupt_and_wait, of_type, stream_text
+from conftest import ARTIFACTS, RunningKernel, check, interrupt_and_wait, of_type, ok, stream_text
 
 FUNCS = """%%px --local
 fn square(x: u64) -> u64 { x.wrapping_mul(x) ^ 0x5a }
@@ -32,22 +32,10 @@ def cluster(kernelspec):
     running.stop()
 
 
-def ok(cluster, code, timeout=300):
-    reply, outputs = cluster.execute(code, timeout=timeout)
-    assert reply["content"]["status"] == "ok", (code, reply["content"], outputs)
-    return outputs
-
-
 def error(cluster, code, timeout=300):
     reply, outputs = cluster.execute(code, timeout=timeout)
     assert reply["content"]["status"] == "error", (code, outputs)
     return reply["content"]
-
-
-def check(cluster, rust):
-    """Runs Rust in the notebook that prints `verified` only if its assertions hold."""
-    outputs = ok(cluster, rust + '\nprintln!("verified");')
-    assert "verified" in stream_text(outputs), outputs
 
 
 def engine_displays(outputs):

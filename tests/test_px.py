@@ -13,6 +13,8 @@ import pytest
 from conftest import (
     ARTIFACTS,
     RunningKernel,
+    alive,
+    descendants,
     engine_errors,
     engine_results,
     interrupt_and_wait,
@@ -366,32 +368,6 @@ def test_sigkill_of_one_engine_mid_cell(cluster):
     # The pool goes on without it.
     _, outputs = cluster.execute("%px id()")
     assert set(results(outputs)) == {0, 2}
-
-
-def descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid):
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_sigkilled_kernel_leaves_no_engine_behind(kernelspec):

@@ -140,6 +140,7 @@ fn main() -> ExitCode {
             rank_offset,
         } => run_engine(&connect, id, rank_offset),
     };
+    parallax_engine_protocol::shared::remove_own_dirs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -185,7 +186,9 @@ fn run_kernel(connection_file: &std::path::Path) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(jupyter::server::serve(info))?;
+    let served = runtime.block_on(jupyter::server::serve(info));
+    parallax_engine_protocol::shared::remove_own_dirs();
+    served?;
     // Exit without waiting for the evaluator: its process ends when our pipes close.
     std::process::exit(0)
 }

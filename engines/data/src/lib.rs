@@ -10,6 +10,7 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use std::any::{type_name, Any, TypeId};
+use std::borrow::Cow;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::marker::PhantomData;
 use std::os::unix::net::UnixStream;
@@ -36,7 +37,19 @@ pub mod kind {
     /// cell -> host: the results of chunk `id`; `start` is the compute time in nanoseconds,
     /// `extra` the failed items (postcard `Vec<(u64, String)>`: input index, panic message).
     pub const CHUNK_DONE: u8 = 9;
+    /// cell -> host: transfer `id` has `start` bytes; where may they go? The host answers
+    /// `SHARED` with one region of shared memory, or `ERROR` if it has none (then `PUT`).
+    pub const RESERVE: u8 = 10;
+    /// host -> cell: the bytes are (or go) in the regions of shared memory that `extra` lists
+    /// (see `encode_regions`), one after another; `meta` and `ends` describe them.
+    pub const SHARED: u8 = 11;
+    /// cell -> host: transfer `id` is written in the region reserved for it; `start` bytes.
+    pub const PUT_SHARED: u8 = 12;
 }
+
+/// Values at least this big go through shared memory when the host offers it; smaller ones
+/// are cheaper to send on the socket than a file is to make.
+pub const SHARED_FROM: u64 = 1 << 16;
 
 /// What a sequence of encoded values holds and how it is laid out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -273,24 +286,6 @@ fn number_bytes<P: 'static>(values: &[P]) -> &[u8] {
     }
 }
 
-/// Numbers from their raw little-endian bytes (`bytes.len()` is a multiple of their size).
-fn numbers_from<P: 'static>(bytes: &[u8]) -> Vec<P> {
-    debug_assert!(number_width::<P>().is_some());
-    let count = bytes.len() / std::mem::size_of::<P>();
-    let mut values: Vec<P> = Vec::with_capacity(count);
-    // SAFETY: P is a number type (any bit pattern is a valid value) and the capacity holds
-    // `count` of them; the copy is bytewise, so the source needs no alignment.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            values.as_mut_ptr() as *mut u8,
-            count * std::mem::size_of::<P>(),
-        );
-        values.set_len(count);
-    }
-    values
-}
-
 fn cast<A: 'static, B: 'static>(value: A) -> B {
     match (Box::new(value) as Box<dyn Any>).downcast::<B>() {
         Ok(b) => *b,
@@ -298,15 +293,41 @@ fn cast<A: 'static, B: 'static>(value: A) -> B {
     }
 }
 
-/// Values of type `T`, encoded.
-pub struct Encoded<T> {
+/// Values of type `T`, encoded. Numbers are their own encoding, so their bytes are borrowed
+/// where they are, not copied.
+pub struct Encoded<'a, T> {
     pub meta: Meta,
     pub ends: Vec<u64>,
-    pub data: Vec<u8>,
+    pub data: Cow<'a, [u8]>,
     item: PhantomData<fn() -> T>,
 }
 
-impl<T: Serialize + 'static> Encoded<T> {
+impl<'a, T: Serialize + 'static> Encoded<'a, T> {
+    /// Numbers as items, their bytes borrowed; `None` if `T` is not a number type.
+    pub fn of_numbers(values: &'a [T]) -> Option<Self> {
+        number_width::<T>()?;
+        let mut encoded = Encoded::new();
+        encoded.data = Cow::Borrowed(number_bytes(values));
+        encoded.meta.count = values.len() as u64;
+        Some(encoded)
+    }
+
+    /// One vector of numbers as the only item, its bytes borrowed; `None` if `T` is not one.
+    pub fn of_number_vec(value: &'a T) -> Option<Self> {
+        let mut bytes: Option<&'a [u8]> = None;
+        with_number_vec!(T, |P| {
+            if let Some(numbers) = (value as &dyn Any).downcast_ref::<Vec<P>>() {
+                bytes = Some(number_bytes(numbers));
+            }
+        });
+        let bytes = bytes?;
+        let mut encoded = Encoded::new();
+        encoded.data = Cow::Borrowed(bytes);
+        encoded.ends.push(bytes.len() as u64);
+        encoded.meta.count = 1;
+        Some(encoded)
+    }
+
     pub fn new() -> Self {
         let mut elem_width = 0;
         with_number_vec!(T, |P| {
@@ -320,34 +341,34 @@ impl<T: Serialize + 'static> Encoded<T> {
                 elem_width,
             },
             ends: Vec::new(),
-            data: Vec::new(),
+            data: Cow::Owned(Vec::new()),
             item: PhantomData,
         }
     }
 
     pub fn reserve(&mut self, items: usize) {
         if self.meta.width > 0 {
-            self.data.reserve(items * self.meta.width as usize);
+            self.data.to_mut().reserve(items * self.meta.width as usize);
         } else {
             self.ends.reserve(items);
         }
     }
 
     pub fn push(&mut self, item: &T) -> Result<(), String> {
+        let data = self.data.to_mut();
         if self.meta.width > 0 {
-            self.data
-                .extend_from_slice(number_bytes(std::slice::from_ref(item)));
+            data.extend_from_slice(number_bytes(std::slice::from_ref(item)));
         } else {
             let mut done = false;
             with_number_vec!(T, |P| {
                 if let Some(numbers) = (item as &dyn Any).downcast_ref::<Vec<P>>() {
-                    self.data.extend_from_slice(number_bytes(numbers));
+                    data.extend_from_slice(number_bytes(numbers));
                     done = true;
                 }
             });
             if !done {
-                let data = std::mem::take(&mut self.data);
-                self.data = postcard::to_extend(item, data).map_err(|e| {
+                let taken = std::mem::take(data);
+                *data = postcard::to_extend(item, taken).map_err(|e| {
                     format!(
                         "a value of type {} cannot be encoded: {e}",
                         type_name::<T>()
@@ -367,17 +388,186 @@ impl<T: Serialize + 'static> Encoded<T> {
     }
 }
 
-impl<T: Serialize + 'static> Default for Encoded<T> {
+impl<T: Serialize + 'static> Default for Encoded<'_, T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-/// Decodes items `start..end` of what `meta`, `ends` and `data` hold as values of type `T`.
+/// Where encoded bytes are to be read from: this process's memory, or regions of shared
+/// memory read straight into the values they become.
+pub enum Source<'a> {
+    Memory(&'a [u8]),
+    Owned(Vec<u8>),
+    Shared(Vec<OpenRegion>),
+}
+
+/// A region of a file of shared memory, opened.
+pub struct OpenRegion {
+    file: std::fs::File,
+    offset: u64,
+    len: u64,
+}
+
+impl Source<'_> {
+    /// The regions `list` names, opened for reading.
+    pub fn shared(list: &[SharedRegion]) -> io::Result<Source<'static>> {
+        let mut open = Vec::with_capacity(list.len());
+        for region in list {
+            let file = std::fs::File::open(&region.path).map_err(|e| {
+                io::Error::new(e.kind(), format!("shared memory {}: {e}", region.path))
+            })?;
+            open.push(OpenRegion {
+                file,
+                offset: region.offset,
+                len: region.len,
+            });
+        }
+        Ok(Source::Shared(open))
+    }
+
+    /// The bytes, when they are in this process's memory.
+    fn in_process(&self) -> Option<&[u8]> {
+        match self {
+            Source::Memory(bytes) => Some(bytes),
+            Source::Owned(bytes) => Some(bytes),
+            Source::Shared(_) => None,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            Source::Shared(regions) => regions.iter().map(|r| r.len).sum(),
+            _ => self.in_process().map_or(0, |bytes| bytes.len() as u64),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `into` with the bytes from `at` on (within `len()`).
+    pub fn read(&self, mut at: u64, mut into: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            Source::Memory(_) | Source::Owned(_) => {
+                let bytes = self.in_process().unwrap_or_default();
+                let from = at as usize;
+                into.copy_from_slice(&bytes[from..from + into.len()]);
+            }
+            Source::Shared(regions) => {
+                for region in regions {
+                    if into.is_empty() {
+                        break;
+                    }
+                    if at >= region.len {
+                        at -= region.len;
+                        continue;
+                    }
+                    let take = ((region.len - at) as usize).min(into.len());
+                    let (here, rest) = into.split_at_mut(take);
+                    region.file.read_exact_at(here, region.offset + at)?;
+                    into = rest;
+                    at = 0;
+                }
+                if !into.is_empty() {
+                    return Err(invalid("shared memory ends early".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// All the bytes in memory: borrowed if they are, read if they are in shared memory.
+    fn in_memory(&self) -> io::Result<Cow<'_, [u8]>> {
+        match self.in_process() {
+            Some(bytes) => Ok(Cow::Borrowed(bytes)),
+            None => {
+                let mut all = vec![0u8; self.len() as usize];
+                self.read(0, &mut all)?;
+                Ok(Cow::Owned(all))
+            }
+        }
+    }
+}
+
+/// `count` zero numbers, allocated zeroed (for big vectors, pages the system zeroes lazily).
+fn zeroed_numbers<P: 'static>(count: usize) -> Vec<P> {
+    debug_assert!(number_width::<P>().is_some());
+    let Ok(layout) = std::alloc::Layout::array::<P>(count) else {
+        panic!("parallax: {count} numbers do not fit in memory");
+    };
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout is P's array layout and non-empty; zero bytes are a valid number of
+    // every type `number_width` admits; the Vec takes the allocation with that same layout.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut P;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        populate(ptr as *mut u8, layout.size());
+        Vec::from_raw_parts(ptr, count, count)
+    }
+}
+
+/// Has the system back a big fresh allocation with memory in one call, instead of one page
+/// fault per page as it is first written: on a virtual machine the faults cost more than the
+/// copy that follows. Only a hint; nothing changes where it is not supported.
+fn populate(start: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        const MADV_POPULATE_WRITE: i32 = 23;
+        extern "C" {
+            fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
+        }
+        if len < (1 << 20) {
+            return;
+        }
+        let first = (start as usize).div_ceil(PAGE) * PAGE;
+        let end = (start as usize + len) / PAGE * PAGE;
+        // SAFETY: the range lies within an allocation this process just made and owns;
+        // MADV_POPULATE_WRITE only faults its pages in (they stay zero).
+        unsafe {
+            madvise(first as *mut u8, end - first, MADV_POPULATE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, len);
+}
+
+/// Numbers read from `len` bytes of `source` at `at`: one copy, into their vector.
+fn numbers_read<P: 'static>(source: &Source<'_>, at: u64, len: u64) -> io::Result<Vec<P>> {
+    let size = std::mem::size_of::<P>() as u64;
+    let mut values = zeroed_numbers::<P>((len / size) as usize);
+    // SAFETY: the numbers are initialised (zero) and any bytes written make valid numbers.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(values.as_slice()),
+        )
+    };
+    source.read(at, bytes)?;
+    Ok(values)
+}
+
+/// Decodes what `meta`, `ends` and `data` hold as values of type `T`.
 pub fn decode_items<T: DeserializeOwned + 'static>(
     meta: &Meta,
     ends: &[u64],
     data: &[u8],
+) -> Result<Vec<T>, String> {
+    decode_from::<T>(meta, ends, &Source::Memory(data))
+}
+
+/// Decodes what `meta` and `ends` describe in `source` as values of type `T`. Numbers and
+/// vectors of numbers are read straight into their vectors.
+pub fn decode_from<T: DeserializeOwned + 'static>(
+    meta: &Meta,
+    ends: &[u64],
+    source: &Source<'_>,
 ) -> Result<Vec<T>, String> {
     if meta.type_name != type_name::<T>() {
         return Err(format!(
@@ -386,7 +576,8 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
             type_name::<T>()
         ));
     }
-    validate(meta, ends, data.len() as u64)?;
+    validate(meta, ends, source.len())?;
+    let unreadable = |e: io::Error| format!("cannot read the values: {e}");
     if meta.width > 0 {
         if number_width::<T>() != Some(meta.width) {
             return Err(format!(
@@ -398,7 +589,8 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
         macro_rules! numbers {
             ($($t:ty),*) => {$(
                 if out.is_none() && TypeId::of::<T>() == TypeId::of::<$t>() {
-                    out = Some(cast::<Vec<$t>, Vec<T>>(numbers_from::<$t>(data)));
+                    let values = numbers_read::<$t>(source, 0, source.len()).map_err(unreadable)?;
+                    out = Some(cast::<Vec<$t>, Vec<T>>(values));
                 }
             )*};
         }
@@ -406,19 +598,19 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
         return out.ok_or_else(|| format!("`{}` is not a number type", meta.type_name));
     }
     let mut items = Vec::with_capacity(meta.count as usize);
-    let mut begin = 0usize;
-    for (index, &end) in ends.iter().enumerate() {
-        let bytes = &data[begin..end as usize];
-        begin = end as usize;
-        if meta.elem_width > 0 {
+    if meta.elem_width > 0 {
+        let mut begin = 0u64;
+        for (index, &end) in ends.iter().enumerate() {
+            let len = end - begin;
             let mut item = None;
             with_number_vec!(T, |P| {
-                if std::mem::size_of::<P>() as u32 == meta.elem_width
-                    && bytes.len().is_multiple_of(std::mem::size_of::<P>())
-                {
-                    item = Some(cast::<Vec<P>, T>(numbers_from::<P>(bytes)));
+                let size = std::mem::size_of::<P>() as u64;
+                if size as u32 == meta.elem_width && len.is_multiple_of(size) {
+                    let values = numbers_read::<P>(source, begin, len).map_err(unreadable)?;
+                    item = Some(cast::<Vec<P>, T>(values));
                 }
             });
+            begin = end;
             match item {
                 Some(item) => items.push(item),
                 None => {
@@ -428,8 +620,14 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
                     ))
                 }
             }
-            continue;
         }
+        return Ok(items);
+    }
+    let data = source.in_memory().map_err(unreadable)?;
+    let mut begin = 0usize;
+    for (index, &end) in ends.iter().enumerate() {
+        let bytes = &data[begin..end as usize];
+        begin = end as usize;
         match postcard::from_bytes::<T>(bytes) {
             Ok(item) => items.push(item),
             Err(e) => {
@@ -441,6 +639,66 @@ pub fn decode_items<T: DeserializeOwned + 'static>(
         }
     }
     Ok(items)
+}
+
+/// A region of a file of shared memory, as the host names it to a cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedRegion {
+    pub path: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Regions as a `SHARED` frame's `extra` lists them: per region, its offset, its length, the
+/// length of its path and the path.
+pub fn encode_regions(regions: &[SharedRegion]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for region in regions {
+        out.extend_from_slice(&region.offset.to_le_bytes());
+        out.extend_from_slice(&region.len.to_le_bytes());
+        out.extend_from_slice(&(region.path.len() as u32).to_le_bytes());
+        out.extend_from_slice(region.path.as_bytes());
+    }
+    out
+}
+
+pub fn decode_regions(mut bytes: &[u8]) -> Result<Vec<SharedRegion>, String> {
+    let mut regions = Vec::new();
+    let take = |n: usize, bytes: &mut &[u8]| -> Result<Vec<u8>, String> {
+        if bytes.len() < n {
+            return Err("a truncated list of shared memory regions".into());
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head.to_vec())
+    };
+    while !bytes.is_empty() {
+        let number = |b: Vec<u8>| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        let offset = number(take(8, &mut bytes)?);
+        let len = number(take(8, &mut bytes)?);
+        let path_len = u32::from_le_bytes(take(4, &mut bytes)?.try_into().unwrap_or([0; 4]));
+        let path = String::from_utf8(take(path_len as usize, &mut bytes)?)
+            .map_err(|_| "a shared memory path that is not UTF-8".to_string())?;
+        regions.push(SharedRegion { path, offset, len });
+    }
+    Ok(regions)
+}
+
+/// Writes `data` into the regions, one after another.
+fn write_regions(regions: &[SharedRegion], mut data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for region in regions {
+        let file = std::fs::OpenOptions::new().write(true).open(&region.path)?;
+        let take = (region.len as usize).min(data.len());
+        let (here, rest) = data.split_at(take);
+        file.write_all_at(here, region.offset)?;
+        data = rest;
+    }
+    if data.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid("the shared memory reserved is too small".into()))
+    }
 }
 
 /// Where an engine's evaluation process finds its engine's data socket, and its token.
@@ -507,15 +765,48 @@ impl Link {
         }
     }
 
-    fn receive(&mut self) -> Frame {
-        match read_frame(&mut self.reader, u64::MAX) {
-            Ok(frame) if frame.kind == kind::ERROR => panic!("parallax: {}", frame.text),
-            Ok(frame) => frame,
-            Err(e) => panic!("parallax: lost the data socket while receiving: {e}"),
-        }
+    /// The next frame, an `ERROR` included.
+    fn receive_any(&mut self) -> Frame {
+        read_frame(&mut self.reader, u64::MAX)
+            .unwrap_or_else(|e| panic!("parallax: lost the data socket while receiving: {e}"))
     }
 
-    fn put<T>(&mut self, id: u64, encoded: &Encoded<T>) {
+    fn receive(&mut self) -> Frame {
+        let frame = self.receive_any();
+        if frame.kind == kind::ERROR {
+            panic!("parallax: {}", frame.text);
+        }
+        frame
+    }
+
+    /// Hands `encoded` to the host: big values into shared memory the host reserves (written
+    /// once, from where they are), others on the socket.
+    fn put<T>(&mut self, id: u64, encoded: &Encoded<'_, T>) {
+        let data: &[u8] = &encoded.data;
+        let len = data.len() as u64;
+        if len >= SHARED_FROM {
+            self.send(kind::RESERVE, id, len, "", &Meta::default(), &[], &[], &[]);
+            let answer = self.receive_any();
+            // An `ERROR` says the host has no shared memory: the socket it is.
+            if answer.kind == kind::SHARED {
+                let regions =
+                    decode_regions(&answer.extra).unwrap_or_else(|e| panic!("parallax: {e}"));
+                write_regions(&regions, data)
+                    .unwrap_or_else(|e| panic!("parallax: cannot write to shared memory: {e}"));
+                self.send(
+                    kind::PUT_SHARED,
+                    id,
+                    len,
+                    "",
+                    &encoded.meta,
+                    &encoded.ends,
+                    &[],
+                    &[],
+                );
+                self.receive();
+                return;
+            }
+        }
         self.send(
             kind::PUT,
             id,
@@ -523,16 +814,25 @@ impl Link {
             "",
             &encoded.meta,
             &encoded.ends,
-            &encoded.data,
+            data,
             &[],
         );
         // The host answers once it holds the data, so that the cell ends after the transfer.
         self.receive();
     }
 
-    fn get(&mut self, id: u64) -> Frame {
+    /// Fetches transfer `id`: its layout, and where its bytes are.
+    fn get(&mut self, id: u64) -> (Frame, Source<'static>) {
         self.send(kind::GET, id, 0, "", &Meta::default(), &[], &[], &[]);
-        self.receive()
+        let mut frame = self.receive();
+        if frame.kind == kind::SHARED {
+            let source = decode_regions(&frame.extra)
+                .and_then(|regions| Source::shared(&regions).map_err(|e| e.to_string()))
+                .unwrap_or_else(|e| panic!("parallax: {e}"));
+            return (frame, source);
+        }
+        let data = std::mem::take(&mut frame.data);
+        (frame, Source::Owned(data))
     }
 }
 
@@ -549,19 +849,50 @@ impl<T> Sent<T> {
 /// The input of a transfer or a map: any expression that yields items, borrowed.
 pub struct Input<'a, X: ?Sized>(pub &'a X);
 
-/// For inputs that can be iterated by reference (`Vec`, slices, arrays, sets): nothing is
-/// copied or moved. Chosen first by method resolution: `(&&Input(&x)).parallax_items()`.
-pub trait ViaRef {
+/// Items chosen by the shape of their input, not yet encoded. The choice asks nothing of the
+/// item type, `Serialize` is asked only when they are encoded: evcxr names a cell's variable
+/// types with rust-analyzer, which does not see derived impls, so a choice that asked for
+/// `Serialize` would leave the type of what a cell sends unnamed.
+pub trait Items<'a> {
     type Item;
-    fn parallax_items(&self) -> Encoded<Self::Item>;
+    fn encode(self) -> Encoded<'a, Self::Item>
+    where
+        Self::Item: Serialize + 'static;
 }
 
-impl<'a, X: ?Sized, T: Serialize + 'static> ViaRef for &Input<'a, X>
+/// The items of a slice: numbers are sent from where they are, in one piece.
+pub struct SliceItems<'a, T>(&'a [T]);
+
+impl<'a, T> Items<'a> for SliceItems<'a, T> {
+    type Item = T;
+    fn encode(self) -> Encoded<'a, T>
+    where
+        T: Serialize + 'static,
+    {
+        let items = self.0;
+        Encoded::of_numbers(items).unwrap_or_else(|| {
+            let mut encoded = Encoded::new();
+            encoded.reserve(items.len());
+            for item in items {
+                encoded.push_or_panic(item);
+            }
+            encoded
+        })
+    }
+}
+
+/// The items of something iterable by reference, read where they are.
+pub struct RefItems<'a, X: ?Sized, T>(&'a X, PhantomData<fn() -> T>);
+
+impl<'a, X: ?Sized, T: 'a> Items<'a> for RefItems<'a, X, T>
 where
     &'a X: IntoIterator<Item = &'a T>,
 {
     type Item = T;
-    fn parallax_items(&self) -> Encoded<T> {
+    fn encode(self) -> Encoded<'a, T>
+    where
+        T: Serialize + 'static,
+    {
         let mut encoded = Encoded::new();
         let items = self.0.into_iter();
         encoded.reserve(items.size_hint().0);
@@ -572,19 +903,16 @@ where
     }
 }
 
-/// For inputs that yield items by value (ranges, iterator chains): they are cloned, so that the
-/// notebook's own variables are never moved away.
-pub trait ViaClone {
-    type Item;
-    fn parallax_items(&self) -> Encoded<Self::Item>;
-}
+/// The items a clone of the input yields, so that the notebook's own variables are never
+/// moved away.
+pub struct ClonedItems<'a, X>(&'a X);
 
-impl<X: Clone + IntoIterator> ViaClone for Input<'_, X>
-where
-    X::Item: Serialize + 'static,
-{
+impl<'a, X: Clone + IntoIterator> Items<'a> for ClonedItems<'a, X> {
     type Item = X::Item;
-    fn parallax_items(&self) -> Encoded<X::Item> {
+    fn encode(self) -> Encoded<'a, X::Item>
+    where
+        X::Item: Serialize + 'static,
+    {
         let mut encoded = Encoded::new();
         let items = self.0.clone().into_iter();
         encoded.reserve(items.size_hint().0);
@@ -595,24 +923,73 @@ where
     }
 }
 
+/// For inputs that are slices of items (`Vec`, slices, arrays). Chosen first by method
+/// resolution: `(&&&Input(&x)).parallax_items()`.
+pub trait ViaSlice<'a, T> {
+    fn parallax_items(&self) -> SliceItems<'a, T>;
+}
+
+impl<'a, X: ?Sized + AsRef<[T]>, T> ViaSlice<'a, T> for &&Input<'a, X> {
+    fn parallax_items(&self) -> SliceItems<'a, T> {
+        SliceItems(self.0.as_ref())
+    }
+}
+
+/// For inputs that can be iterated by reference (sets, maps' keys): nothing is copied or
+/// moved. Chosen next.
+pub trait ViaRef {
+    type Items;
+    fn parallax_items(&self) -> Self::Items;
+}
+
+impl<'a, X: ?Sized, T: 'a> ViaRef for &Input<'a, X>
+where
+    &'a X: IntoIterator<Item = &'a T>,
+{
+    type Items = RefItems<'a, X, T>;
+    fn parallax_items(&self) -> RefItems<'a, X, T> {
+        RefItems(self.0, PhantomData)
+    }
+}
+
+/// For inputs that yield items by value (ranges, iterator chains): they are cloned.
+pub trait ViaClone {
+    type Items;
+    fn parallax_items(&self) -> Self::Items;
+}
+
+impl<'a, X: Clone + IntoIterator> ViaClone for Input<'a, X> {
+    type Items = ClonedItems<'a, X>;
+    fn parallax_items(&self) -> ClonedItems<'a, X> {
+        ClonedItems(self.0)
+    }
+}
+
 /// Sends items to the host as transfer `id`.
-pub fn send_items<T>(path: &str, token: &str, id: u64, items: Encoded<T>) -> Sent<T> {
-    Link::connect(path, token).put(id, &items);
+pub fn send_items<'a, T, S>(path: &str, token: &str, id: u64, items: S) -> Sent<T>
+where
+    S: Items<'a, Item = T>,
+    T: Serialize + 'static,
+{
+    Link::connect(path, token).put(id, &items.encode());
     Sent::new()
 }
 
 /// Sends one value to the host as transfer `id`; the value stays where it is.
 pub fn send_value<T: Serialize + 'static>(path: &str, token: &str, id: u64, value: &T) -> Sent<T> {
-    let mut encoded = Encoded::new();
-    encoded.push_or_panic(value);
+    let encoded = Encoded::of_number_vec(value).unwrap_or_else(|| {
+        let mut encoded = Encoded::new();
+        encoded.push_or_panic(value);
+        encoded
+    });
     Link::connect(path, token).put(id, &encoded);
     Sent::new()
 }
 
 /// Fetches transfer `id` from the host as a vector of `T`.
 pub fn receive_items<T: DeserializeOwned + 'static>(path: &str, token: &str, id: u64) -> Vec<T> {
-    let frame = Link::connect(path, token).get(id);
-    decode_items(&frame.meta, &frame.ends, &frame.data)
+    let (frame, source) = Link::connect(path, token).get(id);
+    decode_from(&frame.meta, &frame.ends, &source)
         .unwrap_or_else(|e| panic!("parallax: cannot store the data: {e}"))
 }
 
@@ -755,7 +1132,7 @@ where
 }
 
 #[cfg(test)]
-// `(&&Input(&x))` is how generated cells pick the by-reference or by-clone encoding.
+// `(&&&Input(&x))` is how generated cells pick the by-slice, by-reference or by-clone encoding.
 #[allow(clippy::needless_borrow)]
 mod tests {
     use super::*;
@@ -763,7 +1140,7 @@ mod tests {
     fn round_trip<T: Serialize + DeserializeOwned + 'static + PartialEq + std::fmt::Debug>(
         values: Vec<T>,
     ) {
-        let encoded = (&&Input(&values)).parallax_items();
+        let encoded = (&&&Input(&values)).parallax_items().encode();
         assert_eq!(encoded.meta.count, values.len() as u64);
         let decoded: Vec<T> = decode_items(&encoded.meta, &encoded.ends, &encoded.data).unwrap();
         assert_eq!(decoded, values);
@@ -785,11 +1162,13 @@ mod tests {
 
     #[test]
     fn numbers_are_raw_bytes_and_vectors_of_numbers_too() {
-        let encoded = (&&Input(&vec![1u32, 2])).parallax_items();
+        let values = vec![1u32, 2];
+        let encoded = (&&&Input(&values)).parallax_items().encode();
         assert_eq!(encoded.meta.width, 4);
         assert_eq!(encoded.data, vec![1, 0, 0, 0, 2, 0, 0, 0]);
         assert!(encoded.ends.is_empty());
-        let encoded = (&&Input(&vec![vec![7u16]])).parallax_items();
+        let nested = vec![vec![7u16]];
+        let encoded = (&&&Input(&nested)).parallax_items().encode();
         assert_eq!((encoded.meta.width, encoded.meta.elem_width), (0, 2));
         assert_eq!(encoded.data, vec![7, 0]);
     }
@@ -797,21 +1176,77 @@ mod tests {
     #[test]
     fn ranges_are_cloned_and_literals_follow_the_expected_type() {
         let range = 0..5;
-        let encoded: Encoded<u64> = (&&Input(&range)).parallax_items();
+        let encoded: Encoded<u64> = (&&&Input(&range)).parallax_items().encode();
         assert_eq!(encoded.meta.type_name, "u64");
         assert_eq!(range.end, 5, "the range was not consumed");
     }
 
     #[test]
+    fn slices_of_numbers_are_borrowed_and_other_inputs_still_encode() {
+        let values = vec![0.5f64, 1.5];
+        let encoded = (&&&Input(&values)).parallax_items().encode();
+        assert!(matches!(encoded.data, Cow::Borrowed(_)));
+        assert_eq!(encoded.data.len(), 16);
+        let array = [1u8, 2, 3];
+        let encoded: Encoded<u8> = (&&&Input(&array)).parallax_items().encode();
+        assert!(matches!(encoded.data, Cow::Borrowed(_)));
+        let set: std::collections::BTreeSet<u16> = [3, 1].into_iter().collect();
+        let encoded: Encoded<u16> = (&&&Input(&set)).parallax_items().encode();
+        assert_eq!(&*encoded.data, &[1, 0, 3, 0]);
+        let words = vec!["a".to_string()];
+        let encoded: Encoded<String> = (&&&Input(&words)).parallax_items().encode();
+        assert_eq!(encoded.ends, vec![2]);
+        let single = Encoded::of_number_vec(&values).unwrap();
+        assert_eq!((single.meta.count, single.ends.clone()), (1, vec![16]));
+        assert!(Encoded::of_number_vec(&words).is_none());
+    }
+
+    #[test]
+    fn values_are_read_from_regions_of_shared_memory_in_order() {
+        let dir = std::env::temp_dir().join(format!("parallax-data-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values: Vec<u32> = (0..1000).collect();
+        let bytes = number_bytes(&values);
+        let regions = vec![
+            SharedRegion {
+                path: dir.join("a").to_string_lossy().into(),
+                offset: 8,
+                len: 1000,
+            },
+            SharedRegion {
+                path: dir.join("b").to_string_lossy().into(),
+                offset: 0,
+                len: 3000,
+            },
+        ];
+        std::fs::write(&regions[0].path, vec![9u8; 1008]).unwrap();
+        std::fs::write(&regions[1].path, vec![9u8; 3000]).unwrap();
+        write_regions(&regions, bytes).unwrap();
+        assert_eq!(decode_regions(&encode_regions(&regions)).unwrap(), regions);
+        let source = Source::shared(&regions).unwrap();
+        let meta = Meta {
+            type_name: "u32".into(),
+            count: 1000,
+            width: 4,
+            elem_width: 0,
+        };
+        assert_eq!(decode_from::<u32>(&meta, &[], &source).unwrap(), values);
+        assert!(decode_regions(&encode_regions(&regions)[..20]).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_type_mismatch_is_an_error_not_garbage() {
-        let encoded = (&&Input(&vec![1i32, 2])).parallax_items();
+        let values = vec![1i32, 2];
+        let encoded = (&&&Input(&values)).parallax_items().encode();
         let err = decode_items::<u64>(&encoded.meta, &encoded.ends, &encoded.data).unwrap_err();
         assert!(err.contains("`i32`, not `u64`"), "{err}");
     }
 
     #[test]
     fn frames_round_trip_and_slices_follow_item_ends() {
-        let encoded = (&&Input(&vec!["ab".to_string(), "c".into(), "def".into()])).parallax_items();
+        let words = vec!["ab".to_string(), "c".into(), "def".into()];
+        let encoded = (&&&Input(&words)).parallax_items().encode();
         let mut wire = Vec::new();
         let frame = FrameRef {
             kind: kind::PUT,

@@ -3,8 +3,8 @@
 //! the engines of a host share, and what it sends back goes out before the task's `Done`.
 
 use crate::sharing::{self, outcome_of, Core};
-use crate::{DataWork, Outbound};
-use parallax_engine_protocol::{FromEngine, Outcome, Share};
+use crate::{DataWork, Fetch, Outbound, Store};
+use parallax_engine_protocol::{FromEngine, Outcome, Payload, Share};
 use parallax_eval::ipc::Locked;
 use parallax_eval::{cells, CellError, MapInput, MapOutput, StreamSink};
 use std::time::Instant;
@@ -26,73 +26,11 @@ pub(crate) async fn run_data_work(
     // Engine cells name no socket: each store finds its engine's in its environment.
     let via = cells::Via::Environment;
     match work {
-        DataWork::Store {
-            name,
-            type_src,
-            value,
-            payload,
-        } => {
-            let began = Instant::now();
-            let refused = match payload {
-                Ok(payload) => {
-                    port.offer(id, payload);
-                    None
-                }
-                Err(e) => Some(e),
-            };
-            let code = if value {
-                cells::receive_value(via, id, &name, &type_src)
-            } else {
-                cells::receive_items(via, id, &name, &type_src)
-            };
-            let ended = run_data_cell(core, task, share, code, preludes, false, sink).await;
-            tracing::debug!(
-                "store of `{name}` took {:.3} s",
-                began.elapsed().as_secs_f64()
-            );
-            match refused {
-                Some(e) => outcome_of(Err(CellError::plain(
-                    "DataError",
-                    format!("the values for `{name}` did not arrive intact: {e}"),
-                ))),
-                None => ended.outcome,
-            }
+        DataWork::Store(stored, payload) => {
+            store(core, task, share, stored, payload, preludes, sink).await
         }
-        DataWork::Fetch { name, value } => {
-            let began = Instant::now();
-            let arrived = port.expect(id);
-            let code = if value {
-                cells::send_value(via, id, &name)
-            } else {
-                cells::send_items(via, id, &name, None)
-            };
-            let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
-            if let Outcome::Error { .. } = ended.outcome {
-                return ended.outcome;
-            }
-            match (arrived.await, ended.sent_type) {
-                (Ok(payload), Some(type_src)) => {
-                    tracing::debug!(
-                        "fetch of `{name}`: {} bytes in {:.3} s",
-                        payload.data.len(),
-                        began.elapsed().as_secs_f64()
-                    );
-                    let buffers = payload.wire_buffers();
-                    let fetched = FromEngine::Fetched {
-                        task,
-                        type_src,
-                        meta: payload.meta.into(),
-                    };
-                    let _ = outbound.send((fetched, buffers));
-                    Outcome::Ok {
-                        data: Default::default(),
-                    }
-                }
-                (Err(_), _) => outcome_of(Err(CellError::internal("the values never arrived"))),
-                (_, None) => outcome_of(Err(CellError::internal(&format!(
-                    "evcxr did not name the type of `{name}`"
-                )))),
-            }
+        DataWork::Fetch(fetch) => {
+            fetch_value(core, task, share, fetch, preludes, sink, outbound).await
         }
         DataWork::Map { func } => {
             let session = port.open_map(id);
@@ -122,6 +60,112 @@ pub(crate) async fn run_data_work(
                 data: Default::default(),
             }
         }
+    }
+}
+
+/// Stores pushed or scattered values: offers them to the cell that stores them.
+async fn store(
+    core: &mut Core,
+    task: u64,
+    share: &Share,
+    stored: Store,
+    payload: Result<Payload, String>,
+    preludes: Vec<String>,
+    sink: StreamSink,
+) -> Outcome {
+    let Store {
+        name,
+        type_src,
+        value,
+    } = stored;
+    let id = share.cell;
+    let port = core.port.clone();
+    let via = cells::Via::Environment;
+    let began = Instant::now();
+    let refused = match payload {
+        Ok(payload) => {
+            port.offer(id, payload);
+            None
+        }
+        Err(e) => Some(e),
+    };
+    let code = if value {
+        cells::receive_value(via, id, &name, &type_src)
+    } else {
+        cells::receive_items(via, id, &name, &type_src)
+    };
+    let ended = run_data_cell(core, task, share, code, preludes, false, sink).await;
+    tracing::debug!(
+        "store of `{name}` took {:.3} s",
+        began.elapsed().as_secs_f64()
+    );
+    match refused {
+        Some(e) => outcome_of(Err(CellError::plain(
+            "DataError",
+            format!("the values for `{name}` did not arrive intact: {e}"),
+        ))),
+        None => ended.outcome,
+    }
+}
+
+/// Sends a variable back: a cell hands its values to this engine, which passes them on.
+async fn fetch_value(
+    core: &mut Core,
+    task: u64,
+    share: &Share,
+    fetch: Fetch,
+    preludes: Vec<String>,
+    sink: StreamSink,
+    outbound: &Outbound,
+) -> Outcome {
+    let Fetch { name, value, into } = fetch;
+    let id = share.cell;
+    let port = core.port.clone();
+    let via = cells::Via::Environment;
+    let began = Instant::now();
+    // Shared memory of this engine's own is of no use to a controller on another host.
+    let controller_reads_shared = into.is_some();
+    let arrived = match into {
+        Some(path) => port.expect_into(id, path),
+        None => port.expect(id),
+    };
+    let code = if value {
+        cells::send_value(via, id, &name)
+    } else {
+        cells::send_items(via, id, &name, None)
+    };
+    let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
+    if let Outcome::Error { .. } = ended.outcome {
+        return ended.outcome;
+    }
+    match (arrived.await, ended.sent_type) {
+        (Ok(payload), Some(type_src)) => {
+            tracing::debug!(
+                "fetch of `{name}`: {} bytes in {:.3} s",
+                payload.data.len(),
+                began.elapsed().as_secs_f64()
+            );
+            // Written where the controller asked: it reads the bytes there.
+            let region = payload.region().filter(|_| controller_reads_shared);
+            let buffers = match region {
+                Some(_) => payload.ends_buffer(),
+                None => payload.wire_buffers(),
+            };
+            let fetched = FromEngine::Fetched {
+                task,
+                type_src,
+                meta: payload.meta.into(),
+                region,
+            };
+            let _ = outbound.send((fetched, buffers));
+            Outcome::Ok {
+                data: Default::default(),
+            }
+        }
+        (Err(_), _) => outcome_of(Err(CellError::internal("the values never arrived"))),
+        (_, None) => outcome_of(Err(CellError::internal(&format!(
+            "evcxr did not name the type of `{name}`"
+        )))),
     }
 }
 

@@ -2,7 +2,7 @@
 //! cell's step on, feed a map its chunks, interrupt, answer a ping.
 
 use crate::sharing::Inbox;
-use crate::{end_map, DataWork, Outbound, SharedMaps, Work, MAP_STOP_GRACE};
+use crate::{end_map, DataWork, Fetch, Outbound, SharedMaps, Store, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
 use parallax_engine_protocol::{
     FromEngine, Payload, ProcessUsage, Share, ToEngine, TIMED_PING_NONCES,
@@ -43,19 +43,21 @@ impl Handler {
                 value,
                 meta,
                 share,
+                region,
             } => {
                 // Values that did not arrive intact are dropped, but the engine still takes
-                // part in the shared cell: the others of its group may wait for it.
-                let payload = Payload::from_wire(meta, buffers);
+                // part in the shared cell: the others of its group may wait for it. Values in
+                // shared memory are the controller's: mapped, never removed here.
+                let payload = Payload::from_message(meta, buffers, region, false);
                 if let Err(e) = &payload {
                     tracing::warn!("engine {engine}: dropped a store: {e}");
                 }
-                let work = Work::Data(DataWork::Store {
+                let stored = Store {
                     name,
                     type_src,
                     value,
-                    payload,
-                });
+                };
+                let work = Work::Data(DataWork::Store(stored, payload));
                 let _ = self.tasks.send((task, share, work));
             }
             ToEngine::Fetch {
@@ -63,8 +65,10 @@ impl Handler {
                 name,
                 value,
                 share,
+                into,
             } => {
-                let work = Work::Data(DataWork::Fetch { name, value });
+                let into = into.map(std::path::PathBuf::from);
+                let work = Work::Data(DataWork::Fetch(Fetch { name, value, into }));
                 let _ = self.tasks.send((task, share, work));
             }
             ToEngine::Map { task, func, share } => {

@@ -22,7 +22,7 @@ use parallax_eval::{cells, places};
 use parallax_eval::{private_base, MapInput, StreamSink};
 use sharing::{Core, DEPENDENCY_CACHE};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -149,19 +149,23 @@ pub(crate) enum Work {
 
 /// Work that moves values through the engine's data socket.
 pub(crate) enum DataWork {
-    Store {
-        name: String,
-        type_src: String,
-        value: bool,
-        payload: Result<Payload, String>,
-    },
-    Fetch {
-        name: String,
-        value: bool,
-    },
-    Map {
-        func: String,
-    },
+    Store(Store, Result<Payload, String>),
+    Fetch(Fetch),
+    Map { func: String },
+}
+
+/// What a `Store` keeps: the variable's name, its type, and whether it is one value.
+pub(crate) struct Store {
+    pub(crate) name: String,
+    pub(crate) type_src: String,
+    pub(crate) value: bool,
+}
+
+/// What a `Fetch` sends back, and where its bytes go on the controller's host, if there.
+pub(crate) struct Fetch {
+    pub(crate) name: String,
+    pub(crate) value: bool,
+    pub(crate) into: Option<PathBuf>,
 }
 
 pub(crate) type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
@@ -358,16 +362,27 @@ pub(crate) fn end_map(maps: &SharedMaps, task: u64) {
 }
 
 /// The commands every engine context executes before its first cell: the dependency cache,
-/// and the helper crate cells use without a `:dep` of their own.
+/// and the helper crates cells use without a `:dep` of their own. All of them come first:
+/// a crate added after a cell defined a type makes evcxr drop the variables of that type.
 fn preludes() -> Vec<String> {
     let mut preludes = vec![DEPENDENCY_CACHE.to_owned()];
     if offline::is_offline() {
         // A compute node with no route out builds from the cargo cache it shares.
         preludes.insert(0, ":offline 1".to_owned());
     }
-    match helper_crate_dep("parallax_env", ENV_CRATE_MANIFEST, ENV_CRATE_SOURCE) {
-        Ok(dep) => preludes.push(dep),
-        Err(e) => tracing::warn!("could not write the parallax_env crate: {e}"),
+    let helpers = [
+        ("parallax_env", ENV_CRATE_MANIFEST, ENV_CRATE_SOURCE),
+        (
+            "parallax_data",
+            cells::DATA_CRATE_MANIFEST,
+            cells::DATA_CRATE_SOURCE,
+        ),
+    ];
+    for (name, manifest, source) in helpers {
+        match helper_crate_dep(name, manifest, source) {
+            Ok(dep) => preludes.push(dep),
+            Err(e) => tracing::warn!("could not write the {name} crate: {e}"),
+        }
     }
     preludes
 }
@@ -380,11 +395,6 @@ async fn run_tasks(
     running: Arc<AtomicU64>,
 ) {
     let preludes = preludes();
-    let data_dep = helper_crate_dep(
-        "parallax_data",
-        cells::DATA_CRATE_MANIFEST,
-        cells::DATA_CRATE_SOURCE,
-    );
     while let Some((task, share, work)) = tasks.recv().await {
         let sink_outbound = outbound.clone();
         let sink: StreamSink = Arc::new(move |name, text| {
@@ -411,11 +421,7 @@ async fn run_tasks(
                 core.execute(task, &share, &work, sink).await.outcome
             }
             Work::Data(work) => {
-                let mut needs = preludes.clone();
-                match &data_dep {
-                    Ok(dep) => needs.push(dep.clone()),
-                    Err(e) => tracing::warn!("could not write the parallax_data crate: {e}"),
-                }
+                let needs = preludes.clone();
                 data_work::run_data_work(&mut core, task, &share, work, needs, sink, &outbound)
                     .await
             }

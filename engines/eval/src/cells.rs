@@ -42,10 +42,12 @@ fn unborrowed(expr: &str) -> &str {
 /// `0..10` becomes the `u64`s a function expects); `None` lets Rust infer it.
 pub fn send_items(via: Via, id: u64, expr: &str, item_type: Option<&str>) -> String {
     let expr = unborrowed(expr);
+    // The items are borrowed for the call alone: a temporary input lives as long as it must.
     format!(
-        "let {SENT} = parallax_data::send_items::<{ty}>({args}, {{\n\
-         use parallax_data::{{ViaClone as _, ViaRef as _}};\n\
-         (&&parallax_data::Input(&(\n{expr}\n))).parallax_items()\n}});",
+        "let {SENT} = {{\n\
+         use parallax_data::{{ViaClone as _, ViaRef as _, ViaSlice as _}};\n\
+         parallax_data::send_items::<{ty}, _>({args}, \
+         (&&&parallax_data::Input(&(\n{expr}\n))).parallax_items())\n}};",
         ty = item_type.unwrap_or("_"),
         args = link_args(via, id),
     )

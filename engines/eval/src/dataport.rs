@@ -5,12 +5,14 @@
 
 use crate::ipc::{bind_private, same_secret, serve_connections, Locked, PrivateDir};
 use bytes::Bytes;
-use parallax_data::{kind, read_frame, write_frame, Frame, FrameRef, Meta};
+use parallax_data::SharedRegion;
+use parallax_data::{encode_regions, kind, read_frame, write_frame, Frame, FrameRef, Meta};
+use parallax_engine_protocol::shared::{shm_base, Segment, SegmentFile, SharedDir};
 use parallax_engine_protocol::Payload;
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,7 +58,13 @@ struct MapWaiting {
 #[derive(Default)]
 struct Table {
     expected: HashMap<u64, oneshot::Sender<Payload>>,
-    offered: HashMap<u64, Payload>,
+    /// Where an expected transfer's bytes go when not in this port's own shared memory: a
+    /// file another process named, which that process removes.
+    destinations: HashMap<u64, PathBuf>,
+    /// Shared memory handed to a cell that is writing a transfer into it.
+    reserved: HashMap<u64, Arc<SegmentFile>>,
+    /// Parts of a transfer a cell will fetch, joined in order.
+    offered: HashMap<u64, Vec<Payload>>,
     maps: HashMap<u64, MapWaiting>,
 }
 
@@ -64,6 +72,7 @@ struct Inner {
     dir: PrivateDir,
     socket: String,
     token: String,
+    shared: Option<Arc<SharedDir>>,
     table: Mutex<Table>,
 }
 
@@ -91,6 +100,7 @@ impl DataPort {
                 dir,
                 socket: socket_path.to_string_lossy().into_owned(),
                 token,
+                shared: SharedDir::open(&shm_base()),
                 table: Mutex::default(),
             }),
         };
@@ -127,9 +137,26 @@ impl DataPort {
         rx
     }
 
+    /// Like `expect`, with the bytes going into a new file of shared memory at `path`, which
+    /// the process that named it reads and removes.
+    pub fn expect_into(&self, id: u64, path: PathBuf) -> oneshot::Receiver<Payload> {
+        self.table().destinations.insert(id, path);
+        self.expect(id)
+    }
+
     /// Holds `payload` until a cell fetches transfer `id`.
     pub fn offer(&self, id: u64, payload: Payload) {
-        self.table().offered.insert(id, payload);
+        self.offer_parts(id, vec![payload]);
+    }
+
+    /// Holds `parts` until a cell fetches transfer `id`, as one value of their joined items.
+    pub fn offer_parts(&self, id: u64, parts: Vec<Payload>) {
+        self.table().offered.insert(id, parts);
+    }
+
+    /// This port's shared memory, if the host has any.
+    pub fn shared(&self) -> Option<&Arc<SharedDir>> {
+        self.inner.shared.as_ref()
     }
 
     /// Forgets a transfer that no cell took (its cell failed before it got there).
@@ -137,7 +164,66 @@ impl DataPort {
         let mut table = self.table();
         table.offered.remove(&id);
         table.expected.remove(&id);
+        table.destinations.remove(&id);
+        table.reserved.remove(&id);
         table.maps.remove(&id);
+    }
+
+    /// A file of `len` bytes for transfer `id`, which a cell is about to write: where the
+    /// transfer was told to go, else in this port's shared memory.
+    fn reserve(&self, id: u64, len: u64) -> Result<SharedRegion, String> {
+        let destination = {
+            let table = self.table();
+            if !table.expected.contains_key(&id) {
+                return Err("nobody expects this transfer".into());
+            }
+            table.destinations.get(&id).cloned()
+        };
+        let file = match (destination, self.shared()) {
+            (Some(path), _) => SegmentFile::create_for_another(path, len),
+            (None, Some(dir)) => dir.create("put", len),
+            (None, None) => return Err("no shared memory on this host".into()),
+        }
+        .map_err(|e| format!("cannot make shared memory: {e}"))?;
+        let region = SharedRegion {
+            path: file.path().to_string_lossy().into_owned(),
+            offset: 0,
+            len,
+        };
+        self.table().reserved.insert(id, file);
+        Ok(region)
+    }
+
+    /// The values a cell wrote into the shared memory reserved for transfer `id`.
+    fn written(&self, id: u64, meta: Meta, ends: Vec<u64>, len: u64) -> Result<Payload, String> {
+        let file = self
+            .table()
+            .reserved
+            .remove(&id)
+            .ok_or("no shared memory was reserved for this transfer")?;
+        let data = file
+            .map(0, len)
+            .map_err(|e| format!("cannot map shared memory: {e}"))?;
+        let payload = Payload {
+            meta,
+            ends,
+            data,
+            segment: Some(Segment { file, offset: 0 }),
+        };
+        payload.validate()?;
+        Ok(payload)
+    }
+
+    fn deliver(&self, id: u64, payload: Result<Payload, String>) -> Result<(), String> {
+        let waiting = self.table().expected.remove(&id);
+        match (waiting, payload) {
+            (Some(waiting), Ok(payload)) => {
+                let _ = waiting.send(payload);
+                Ok(())
+            }
+            (None, _) => Err("nobody expects this transfer".into()),
+            (_, Err(e)) => Err(e),
+        }
     }
 
     /// Prepares map task `task` for the cell that will serve it.
@@ -180,34 +266,30 @@ impl DataPort {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(format!("read failed: {e}")),
             };
+            let id = frame.id;
             match frame.kind {
                 kind::PUT => {
-                    let waiting = self.table().expected.remove(&frame.id);
-                    match (waiting, payload_of(frame.meta, frame.ends, frame.data)) {
-                        (Some(waiting), Ok(payload)) => {
-                            let _ = waiting.send(payload);
-                            reply(&mut writer, kind::DATA, frame.id, "", &Payload::default())?;
-                        }
-                        (None, _) => reply(
-                            &mut writer,
-                            kind::ERROR,
-                            frame.id,
-                            "nobody expects this transfer",
-                            &Payload::default(),
-                        )?,
-                        (_, Err(e)) => {
-                            reply(&mut writer, kind::ERROR, frame.id, &e, &Payload::default())?
-                        }
-                    }
+                    let delivered =
+                        self.deliver(id, payload_of(frame.meta, frame.ends, frame.data));
+                    acknowledge(&mut writer, id, delivered)?;
+                }
+                kind::RESERVE => match self.reserve(id, frame.start) {
+                    Ok(region) => shared_reply(&mut writer, id, &Meta::default(), &[], &[region])?,
+                    Err(e) => reply(&mut writer, kind::ERROR, id, &e, &Payload::default())?,
+                },
+                kind::PUT_SHARED => {
+                    let written = self.written(id, frame.meta, frame.ends, frame.start);
+                    acknowledge(&mut writer, id, self.deliver(id, written))?;
                 }
                 kind::GET => {
-                    let offered = self.table().offered.remove(&frame.id);
+                    // Kept until withdrawn: the cell reads shared memory after this answer.
+                    let offered = self.table().offered.get(&id).cloned();
                     match offered {
-                        Some(payload) => reply(&mut writer, kind::DATA, frame.id, "", &payload)?,
+                        Some(parts) => hand_over(&mut writer, id, parts)?,
                         None => reply(
                             &mut writer,
                             kind::ERROR,
-                            frame.id,
+                            id,
                             "no such transfer",
                             &Payload::default(),
                         )?,
@@ -301,9 +383,69 @@ fn payload_of(meta: Meta, ends: Vec<u64>, data: Vec<u8>) -> Result<Payload, Stri
         meta,
         ends,
         data: Bytes::from(data),
+        segment: None,
     };
     payload.validate()?;
     Ok(payload)
+}
+
+/// Tells the cell its transfer arrived, or why not.
+fn acknowledge(
+    writer: &mut BufWriter<UnixStream>,
+    id: u64,
+    delivered: Result<(), String>,
+) -> Result<(), String> {
+    match delivered {
+        Ok(()) => reply(writer, kind::DATA, id, "", &Payload::default()),
+        Err(e) => reply(writer, kind::ERROR, id, &e, &Payload::default()),
+    }
+}
+
+/// Hands a cell the parts of a transfer as one value: the regions of shared memory that hold
+/// them, for the cell to read in place, or, when a part is only in memory, their bytes.
+fn hand_over(
+    writer: &mut BufWriter<UnixStream>,
+    id: u64,
+    parts: Vec<Payload>,
+) -> Result<(), String> {
+    let type_name = parts
+        .first()
+        .map(|p| p.meta.type_name.clone())
+        .unwrap_or_default();
+    let regions: Option<Vec<SharedRegion>> = parts
+        .iter()
+        .map(|part| part.region().map(SharedRegion::from))
+        .collect();
+    match (regions, Payload::joined_layout(&type_name, &parts)) {
+        (_, Err(e)) => reply(writer, kind::ERROR, id, &e, &Payload::default()),
+        (Some(regions), Ok((meta, ends))) if !parts.is_empty() => {
+            shared_reply(writer, id, &meta, &ends, &regions)
+        }
+        _ => match Payload::concat(&type_name, &parts) {
+            Ok(joined) => reply(writer, kind::DATA, id, "", &joined),
+            Err(e) => reply(writer, kind::ERROR, id, &e, &Payload::default()),
+        },
+    }
+}
+
+fn shared_reply(
+    writer: &mut BufWriter<UnixStream>,
+    id: u64,
+    meta: &Meta,
+    ends: &[u64],
+    regions: &[SharedRegion],
+) -> Result<(), String> {
+    let frame = FrameRef {
+        kind: kind::SHARED,
+        id,
+        start: 0,
+        text: "",
+        meta,
+        ends,
+        data: &[],
+        extra: &encode_regions(regions),
+    };
+    write_frame(writer, &frame).map_err(|e| format!("write failed: {e}"))
 }
 
 fn reply(
@@ -352,6 +494,7 @@ mod tests {
                     .flat_map(|v| v.to_le_bytes())
                     .collect::<Vec<u8>>(),
             ),
+            segment: None,
         }
     }
 
@@ -370,6 +513,7 @@ mod tests {
             },
             ends: vec![1, 3, 6],
             data: Bytes::from_static(b"abbccc"),
+            segment: None,
         };
         let tail = strings.slice(1, 3);
         assert_eq!(
@@ -427,5 +571,86 @@ mod tests {
         let ack = read_frame(&mut cell, 1 << 20).unwrap();
         assert_eq!(ack.kind, kind::DATA);
         assert_eq!(expected.blocking_recv().unwrap(), sent);
+    }
+
+    fn cell(port: &DataPort) -> UnixStream {
+        let mut cell = UnixStream::connect(port.socket()).unwrap();
+        let hello = FrameRef {
+            kind: kind::HELLO,
+            id: 0,
+            start: 0,
+            text: port.token(),
+            meta: &Meta::default(),
+            ends: &[],
+            data: &[],
+            extra: &[],
+        };
+        write_frame(&mut cell, &hello).unwrap();
+        cell
+    }
+
+    fn ask(cell: &mut UnixStream, kind: u8, id: u64, start: u64, payload: &Payload) -> Frame {
+        let frame = FrameRef {
+            kind,
+            id,
+            start,
+            text: "",
+            meta: &payload.meta,
+            ends: &payload.ends,
+            data: &[],
+            extra: &[],
+        };
+        write_frame(cell, &frame).unwrap();
+        read_frame(cell, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn values_in_shared_memory_are_handed_over_in_place_and_removed_after_use() {
+        let base = std::env::temp_dir().join(format!("parallax-shm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        std::env::set_var("PARALLAX_SHM_DIR", &base);
+        let port = DataPort::open(&std::env::temp_dir()).unwrap();
+        let shared = port.shared().expect("shared memory").path().to_owned();
+        let sent = numbers(&(0..20_000).collect::<Vec<u64>>());
+        // A cell reserves room, writes there, and says so: the host maps what it wrote.
+        let expected = port.expect(9);
+        let mut writer = cell(&port);
+        let reserved = ask(&mut writer, kind::RESERVE, 9, sent.data.len() as u64, &sent);
+        assert_eq!(reserved.kind, kind::SHARED);
+        let region = &parallax_data::decode_regions(&reserved.extra).unwrap()[0];
+        assert!(Path::new(&region.path).starts_with(&shared), "{region:?}");
+        std::fs::write(&region.path, &sent.data).unwrap();
+        let ack = ask(
+            &mut writer,
+            kind::PUT_SHARED,
+            9,
+            sent.data.len() as u64,
+            &sent,
+        );
+        assert_eq!(ack.kind, kind::DATA);
+        let arrived = expected.blocking_recv().unwrap();
+        assert_eq!((&arrived.meta, &arrived.data), (&sent.meta, &sent.data));
+        // Parts in shared memory are named to the fetching cell, not copied to it.
+        port.offer_parts(10, vec![arrived.slice(0, 5), arrived.slice(5, 20_000)]);
+        let mut reader = cell(&port);
+        let answer = ask(&mut reader, kind::GET, 10, 0, &Payload::default());
+        assert_eq!((answer.kind, answer.meta.count), (kind::SHARED, 20_000));
+        let regions = parallax_data::decode_regions(&answer.extra).unwrap();
+        assert_eq!(
+            regions
+                .iter()
+                .map(|r| (r.offset, r.len))
+                .collect::<Vec<_>>(),
+            vec![(0, 40), (40, 159_960)]
+        );
+        drop(arrived);
+        assert!(Path::new(&region.path).exists(), "offered until withdrawn");
+        port.withdraw(10);
+        assert!(
+            !Path::new(&region.path).exists(),
+            "the file goes with its last user"
+        );
+        std::env::remove_var("PARALLAX_SHM_DIR");
+        std::fs::remove_dir_all(base).unwrap();
     }
 }

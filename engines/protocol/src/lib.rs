@@ -9,10 +9,12 @@
 
 mod connection;
 mod payload;
+pub mod shared;
 pub mod signing;
 
 pub use connection::{Connection, RANK_VARIABLES};
 pub use payload::{DataMeta, Payload};
+pub use shared::Region;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -40,8 +42,9 @@ pub enum ToEngine {
     },
     /// Exit cleanly.
     Shutdown,
-    /// Store the values in the buffers (item ends, then bytes) as variable `name`, as task
-    /// `task`: one value of type `type_src` (`%push`), or a `Vec<type_src>` (`%scatter`).
+    /// Store the values in the buffers (item ends, then bytes, or the bytes in `region` of
+    /// shared memory on the engine's host) as variable `name`, as task `task`: one value of
+    /// type `type_src` (`%push`), or a `Vec<type_src>` (`%scatter`).
     Store {
         task: u64,
         name: String,
@@ -49,14 +52,19 @@ pub enum ToEngine {
         value: bool,
         meta: DataMeta,
         share: Share,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<Region>,
     },
     /// Send variable `name` back as task `task`: as one value (`%pull`), or its items
-    /// (`%gather`). The engine answers `Fetched`, then `Done`.
+    /// (`%gather`). The engine answers `Fetched`, then `Done`. With `into` (the controller's
+    /// host), the bytes go into a new file of shared memory at that path.
     Fetch {
         task: u64,
         name: String,
         value: bool,
         share: Share,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        into: Option<String>,
     },
     /// Serve a map as task `task`: apply `func` (a function's name or a closure) to the
     /// chunks that follow until `MapEnd`.
@@ -218,12 +226,14 @@ pub enum FromEngine {
         #[serde(default)]
         usage: Option<ProcessUsage>,
     },
-    /// The values a `Fetch` asked for (buffers: item ends, then bytes); `type_src` is their
-    /// type as a cell writes it.
+    /// The values a `Fetch` asked for (buffers: item ends, then bytes, or the bytes in
+    /// `region`, the file the `Fetch` named); `type_src` is their type as a cell writes it.
     Fetched {
         task: u64,
         type_src: String,
         meta: DataMeta,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<Region>,
     },
     /// A map's cell is serving; the types are `std::any::type_name`s.
     MapReady {

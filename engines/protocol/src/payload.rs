@@ -1,17 +1,21 @@
 //! Values in transit: a `Payload` is what `parallax_data` encoded (its layout, the item ends and
-//! the bytes), and on the wire a message's `DataMeta` plus two binary buffers, the ends and the
-//! bytes. Both the controller and the engines read and write them here.
+//! the bytes), and on the wire a message's `DataMeta` plus binary buffers: the ends, then the
+//! bytes, unless the message names a region of shared memory on the receiver's host that
+//! holds them. Both the controller and the engines read and write them here.
 
+use crate::shared::{Region, Segment, SegmentFile};
 use bytes::Bytes;
 use parallax_data::Meta;
 use serde::{Deserialize, Serialize};
 
-/// Encoded values in transit: what `parallax_data::Meta` says, the item ends and the bytes.
+/// Encoded values in transit: what `parallax_data::Meta` says, the item ends and the bytes;
+/// and, when the bytes are a file of shared memory mapped, where in which file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Payload {
     pub meta: Meta,
     pub ends: Vec<u64>,
     pub data: Bytes,
+    pub segment: Option<Segment>,
 }
 
 impl Payload {
@@ -38,11 +42,35 @@ impl Payload {
             },
             ends,
             data: self.data.slice(from..to),
+            segment: self.segment.as_ref().map(|segment| Segment {
+                file: segment.file.clone(),
+                offset: segment.offset + from as u64,
+            }),
         }
     }
 
     /// The items of every part, in order, as one payload. Parts must hold one type.
     pub fn concat(type_name: &str, parts: &[Payload]) -> Result<Payload, String> {
+        let (meta, ends) = Payload::joined_layout(type_name, parts)?;
+        if parts.len() == 1 {
+            return Ok(parts[0].clone());
+        }
+        let total: usize = parts.iter().map(|p| p.data.len()).sum();
+        let mut data = Vec::with_capacity(total);
+        for part in parts {
+            data.extend_from_slice(&part.data);
+        }
+        Ok(Payload {
+            meta,
+            ends,
+            data: Bytes::from(data),
+            segment: None,
+        })
+    }
+
+    /// The layout of every part's items, in order, as one: what `concat` makes, without its
+    /// bytes. Parts must hold one type.
+    pub fn joined_layout(type_name: &str, parts: &[Payload]) -> Result<(Meta, Vec<u64>), String> {
         let mut meta = Meta {
             type_name: type_name.to_owned(),
             ..Meta::default()
@@ -62,23 +90,14 @@ impl Payload {
                 ));
             }
         }
-        if parts.len() == 1 {
-            return Ok(parts[0].clone());
-        }
-        let total: usize = parts.iter().map(|p| p.data.len()).sum();
-        let mut data = Vec::with_capacity(total);
         let mut ends = Vec::new();
+        let mut base = 0u64;
         for part in parts {
-            let base = data.len() as u64;
             ends.extend(part.ends.iter().map(|e| e + base));
-            data.extend_from_slice(&part.data);
+            base += part.data.len() as u64;
             meta.count += part.meta.count;
         }
-        Ok(Payload {
-            meta,
-            ends,
-            data: Bytes::from(data),
-        })
+        Ok((meta, ends))
     }
 }
 
@@ -86,14 +105,49 @@ impl Payload {
     /// The payload a message carried: its `meta` and its two buffers, checked, since they came
     /// from another process.
     pub fn from_wire(meta: DataMeta, buffers: Vec<Bytes>) -> Result<Payload, String> {
-        let [ends, data]: [Bytes; 2] = buffers
-            .try_into()
-            .map_err(|b: Vec<Bytes>| format!("{} buffers, expected 2", b.len()))?;
+        Payload::from_message(meta, buffers, None, false)
+    }
+
+    /// The payload a message carried: its `meta`, the item ends in its first buffer, and the
+    /// bytes in the second or, when it names one, in a region of shared memory on this host
+    /// (mapped, not read; removed when the payload goes if `owned`). Checked, since it came
+    /// from another process.
+    pub fn from_message(
+        meta: DataMeta,
+        mut buffers: Vec<Bytes>,
+        region: Option<Region>,
+        owned: bool,
+    ) -> Result<Payload, String> {
+        let expected = if region.is_some() { 1 } else { 2 };
+        if buffers.len() != expected {
+            return Err(format!("{} buffers, expected {expected}", buffers.len()));
+        }
+        let (data, segment) = match region {
+            Some(region) => {
+                let path = std::path::PathBuf::from(&region.path);
+                let file = if owned {
+                    SegmentFile::expected(path)
+                } else {
+                    SegmentFile::borrowed(path)
+                };
+                let data = file
+                    .map(region.offset, region.len)
+                    .map_err(|e| format!("cannot map {}: {e}", region.path))?;
+                let segment = Segment {
+                    file,
+                    offset: region.offset,
+                };
+                (data, Some(segment))
+            }
+            None => (buffers.pop().unwrap_or_default(), None),
+        };
+        let ends = buffers.pop().unwrap_or_default();
         let ends = ends_from_bytes(&ends).ok_or("item ends are not 8-byte numbers")?;
         let payload = Payload {
             meta: meta.into(),
             ends,
             data,
+            segment,
         };
         payload.validate()?;
         Ok(payload)
@@ -103,6 +157,21 @@ impl Payload {
     /// copied).
     pub fn wire_buffers(&self) -> Vec<Bytes> {
         vec![ends_to_bytes(&self.ends), self.data.clone()]
+    }
+
+    /// Where these bytes are in shared memory on this host, if they are.
+    pub fn region(&self) -> Option<Region> {
+        self.segment.as_ref().map(|segment| Region {
+            path: segment.file.path().to_string_lossy().into_owned(),
+            offset: segment.offset,
+            len: self.data.len() as u64,
+        })
+    }
+
+    /// The buffers of a message that names this payload's region instead of carrying its
+    /// bytes: the item ends alone.
+    pub fn ends_buffer(&self) -> Vec<Bytes> {
+        vec![ends_to_bytes(&self.ends)]
     }
 
     /// Numbers as `usize` items (indices, as a cell reads them).
@@ -120,6 +189,7 @@ impl Payload {
             },
             ends: Vec::new(),
             data: Bytes::from(data),
+            segment: None,
         }
     }
 

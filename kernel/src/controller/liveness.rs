@@ -158,6 +158,8 @@ impl Controller {
                 },
             });
         }
+        // A killed engine of this host cannot remove its shared memory; nobody else needs it.
+        parallax_engine_protocol::shared::sweep(&parallax_engine_protocol::shared::shm_base());
         self.notify();
     }
 }

@@ -31,6 +31,7 @@ pub use pool::{BatchJob, EngineState, EngineStatus};
 
 use bytes::Bytes;
 use link::{Link, Outgoing};
+use parallax_engine_protocol::shared::{shm_base, SharedDir};
 use parallax_engine_protocol::{Outcome, Share, Signer, ToEngine, TIMED_PING_NONCES};
 use parallax_eval::ipc::Locked;
 use pool::Registry;
@@ -67,6 +68,9 @@ pub struct Controller {
     /// Held while a shared cell is sent to its engines, so that every engine receives shared
     /// cells in the same order (a follower waits for its leader, never the other way round).
     dispatching: Arc<tokio::sync::Mutex<()>>,
+    /// Where engines of this host write the values they send back, for the kernel to read in
+    /// place; `None` where the host has no shared memory.
+    shared: Option<Arc<SharedDir>>,
 }
 
 #[derive(Default)]
@@ -101,6 +105,8 @@ impl Controller {
                 url: String::new(),
             })),
             dispatching: Arc::default(),
+            // Opening it also sweeps what a killed kernel or engine left.
+            shared: SharedDir::open(&shm_base()),
         }
     }
 
@@ -265,6 +271,29 @@ impl Controller {
     }
 
     /// Ids of the engines that can take cells (registered and ready), ascending.
+    /// Whether `engine` runs on this host, so shares its memory.
+    pub fn is_local(&self, engine: u32) -> bool {
+        let here = parallax_eval::places::host_name();
+        self.registry()
+            .engines
+            .get(&engine)
+            .is_some_and(|e| e.host == here)
+    }
+
+    /// A fresh path in the kernel's shared memory for an engine of this host to write a value
+    /// into; `None` without shared memory.
+    pub fn shared_destination(&self) -> Option<std::path::PathBuf> {
+        self.shared.as_ref().map(|dir| dir.fresh_path("fetch"))
+    }
+
+    /// Whether `path` is one `shared_destination` could have given: an engine may name no
+    /// other file for the kernel to read and remove.
+    fn is_shared_destination(&self, path: &std::path::Path) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|dir| path.parent() == Some(dir.path()))
+    }
+
     pub fn ready_engines(&self) -> Vec<u32> {
         self.registry()
             .ids(|e| matches!(e.state, EngineState::Idle | EngineState::Busy))

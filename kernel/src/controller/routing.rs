@@ -9,8 +9,9 @@ use super::pool::{Engine, EngineState, Launch, Registry};
 use super::Controller;
 use bytes::Bytes;
 use parallax_engine_protocol::{
-    DataMeta, FromEngine, Outcome, Payload, StateReport, Step, StreamName, ToEngine,
+    DataMeta, FromEngine, Outcome, Payload, Region, StateReport, Step, StreamName, ToEngine,
 };
+use std::path::Path;
 use std::time::Duration;
 
 impl Controller {
@@ -64,8 +65,10 @@ impl Controller {
                 task,
                 type_src,
                 meta,
+                region,
             } => {
-                let event = Payload::from_wire(meta, buffers).map(|payload| {
+                let payload = self.fetched_payload(meta, buffers, region);
+                let event = payload.map(|payload| {
                     move |engine| TaskEvent::Fetched {
                         engine,
                         type_src,
@@ -128,6 +131,25 @@ impl Controller {
                 Ok(|_| TaskEvent::ResultType { type_src }),
             ),
             other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
+        }
+    }
+
+    /// The values an engine sent back: in its buffers, or in the kernel's shared memory at
+    /// the path the kernel gave it (an engine may name no other file for the kernel to read
+    /// and remove).
+    fn fetched_payload(
+        &self,
+        meta: DataMeta,
+        buffers: Vec<Bytes>,
+        region: Option<Region>,
+    ) -> Result<Payload, String> {
+        match region {
+            Some(region) if !self.is_shared_destination(Path::new(&region.path)) => Err(format!(
+                "named shared memory it was not given: {}",
+                region.path
+            )),
+            // The kernel's own file now: removed once the value is stored.
+            region => Payload::from_message(meta, buffers, region, true),
         }
     }
 

@@ -7,6 +7,7 @@ use super::select_engines;
 use crate::controller::{Controller, TaskEvent};
 use crate::jupyter::iopub::CellOut;
 use crate::text::{engine_list, human_bytes};
+use parallax_engine_protocol::shared::SegmentFile;
 use parallax_engine_protocol::Payload;
 use parallax_engine_protocol::{Outcome, ToEngine};
 use parallax_eval::{cells, CellError, CellOutput, DataPort, Evaluator};
@@ -98,9 +99,22 @@ impl DataMover {
         payload: Payload,
         out: &CellOut,
     ) -> Result<(), CellError> {
+        self.store_parts_local(name, item_type, vec![payload], out)
+            .await
+    }
+
+    /// Stores the items of `parts`, joined in order, in the notebook as `name: Vec<item_type>`.
+    /// Parts in shared memory are read from there by the cell, not copied here first.
+    pub async fn store_parts_local(
+        &self,
+        name: &str,
+        item_type: &str,
+        parts: Vec<Payload>,
+        out: &CellOut,
+    ) -> Result<(), CellError> {
         let port = self.port().await?;
         let id = self.next_transfer();
-        port.offer(id, payload);
+        port.offer_parts(id, parts);
         let ran = self
             .run_local(
                 cells::receive_items(cells::Via::Port(&port), id, name, item_type),
@@ -141,6 +155,12 @@ impl DataMover {
         self.controller
             .start_shared(&targets, &events, |engine, task, share| {
                 let part = part_of[&engine];
+                // An engine of this host reads the bytes where the notebook wrote them.
+                let region = part.region().filter(|_| self.controller.is_local(engine));
+                let buffers = match region {
+                    Some(_) => part.ends_buffer(),
+                    None => part.wire_buffers(),
+                };
                 let store = ToEngine::Store {
                     task,
                     name: command.name.clone(),
@@ -148,8 +168,9 @@ impl DataMover {
                     value: !scatter,
                     meta: part.meta.clone().into(),
                     share,
+                    region,
                 };
-                (store, part.wire_buffers())
+                (store, buffers)
             })
             .await;
         drop(events);
@@ -212,13 +233,24 @@ impl DataMover {
         let gather = command.movement == Movement::Gather;
         let began = std::time::Instant::now();
         let (events, mut event_rx) = mpsc::unbounded_channel();
+        // Files engines of this host write into: removed when this transfer ends, whether or
+        // not an engine got as far as making its file.
+        let mut destinations = Vec::new();
         self.controller
-            .start_shared(&targets, &events, |_, task, share| {
+            .start_shared(&targets, &events, |engine, task, share| {
+                let into = self
+                    .controller
+                    .shared_destination()
+                    .filter(|_| self.controller.is_local(engine));
+                if let Some(path) = &into {
+                    destinations.push(SegmentFile::expected(path.clone()));
+                }
                 let fetch = ToEngine::Fetch {
                     task,
                     name: command.name.clone(),
                     value: !gather,
                     share,
+                    into: into.map(|path| path.to_string_lossy().into_owned()),
                 };
                 (fetch, Vec::new())
             })
@@ -286,17 +318,19 @@ impl DataMover {
             .first()
             .map(|p| p.meta.type_name.clone())
             .unwrap_or_default();
-        let joined =
-            Payload::concat(&type_name, &parts).map_err(|e| CellError::plain("DataError", e))?;
-        let (count, bytes) = (joined.meta.count, joined.data.len() as u64);
+        let (joined, _) = Payload::joined_layout(&type_name, &parts)
+            .map_err(|e| CellError::plain("DataError", e))?;
+        let count = joined.count;
+        let bytes: u64 = parts.iter().map(|p| p.data.len() as u64).sum();
         tracing::debug!(
             "{:?}: {bytes} bytes from the engines in {:.3} s",
             command.movement,
             began.elapsed().as_secs_f64()
         );
         let began = std::time::Instant::now();
-        self.store_local(&command.local, &item_type, joined, out)
+        self.store_parts_local(&command.local, &item_type, parts, out)
             .await?;
+        drop(destinations);
         tracing::debug!(
             "{:?}: stored in the notebook in {:.3} s",
             command.movement,
