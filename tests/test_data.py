@@ -196,3 +196,4 @@ def test_a_sigkilled_kernel_leaves_shared_memory_that_the_next_start_removes(ker
         assert shared_dirs_of(kernel_pid) == []
     finally:
         second.stop()
+

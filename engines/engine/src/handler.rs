@@ -30,7 +30,12 @@ pub(crate) struct Handler {
 
 impl Handler {
     /// Breaks when the controller says to shut down.
-    pub fn handle(&self, message: ToEngine, buffers: Vec<Bytes>) -> ControlFlow<()> {
+    /// Acts on a message; `buffers` is why its values were refused if they were altered.
+    pub fn handle(
+        &self,
+        message: ToEngine,
+        buffers: Result<Vec<Bytes>, String>,
+    ) -> ControlFlow<()> {
         let engine = self.engine;
         match message {
             ToEngine::Execute { task, code, share } => {
@@ -48,7 +53,8 @@ impl Handler {
                 // Values that did not arrive intact are dropped, but the engine still takes
                 // part in the shared cell: the others of its group may wait for it. Values in
                 // shared memory are the controller's: mapped, never removed here.
-                let payload = Payload::from_message(meta, buffers, region, false);
+                let payload =
+                    buffers.and_then(|buffers| Payload::from_message(meta, buffers, region, false));
                 if let Err(e) = &payload {
                     tracing::warn!("engine {engine}: dropped a store: {e}");
                 }
@@ -82,7 +88,10 @@ impl Handler {
                 chunk,
                 start,
                 meta,
-            } => self.chunk(task, chunk, start, Payload::from_wire(meta, buffers)),
+            } => {
+                let items = buffers.and_then(|buffers| Payload::from_wire(meta, buffers));
+                self.chunk(task, chunk, start, items)
+            }
             ToEngine::MapEnd { task } => end_map(&self.maps, task),
             ToEngine::Interrupt { task } => self.interrupt(task),
             ToEngine::Ping { nonce } => {

@@ -259,7 +259,14 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
                     Err(e) => break Err(anyhow::anyhow!("controller connection failed: {e}")),
                 };
                 let (message, buffers) = match receiver.decode::<ToEngine>(raw.into_vec()) {
-                    Ok(envelope) => (envelope.body, envelope.buffers),
+                    Ok(envelope) => match envelope.damaged {
+                        Some(why) => {
+                            tracing::warn!("engine {engine}: refused the values of {}: {why}",
+                                parallax_engine_protocol::kind_of(&envelope.body));
+                            (envelope.body, Err(why))
+                        }
+                        None => (envelope.body, Ok(envelope.buffers)),
+                    },
                     Err(e) => {
                         tracing::warn!("engine {engine}: dropped a message: {e}");
                         continue;

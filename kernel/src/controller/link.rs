@@ -165,7 +165,16 @@ impl Controller {
             }
             let identity = frames.remove(0);
             match receiver.decode::<FromEngine>(frames) {
-                Ok(envelope) => self.route(identity, envelope.body, envelope.buffers),
+                Ok(envelope) => {
+                    if let Some(why) = &envelope.damaged {
+                        // Routed without its values: the task they belong to fails, named.
+                        tracing::warn!(
+                            "engines: refused the values of {}: {why}",
+                            parallax_engine_protocol::kind_of(&envelope.body)
+                        );
+                    }
+                    self.route(identity, envelope.body, envelope.buffers)
+                }
                 Err(e) => tracing::warn!("engines: dropped a message: {e}"),
             }
         }

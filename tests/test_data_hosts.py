@@ -1,0 +1,130 @@
+"""Data between hosts: values that cross a link to engines on other hosts (network namespaces of
+this machine, tests/testbed.py) with a real kernel driving them through jupyter_client."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from conftest import (
+    ARTIFACTS, RunningKernel, check, engine_results, ok, parallax_binary, stream_text, wait_until,
+)
+from testbed import HEAD_IP, Hosts
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@pytest.fixture(scope="module")
+def bed():
+    testbed = Hosts(count=2).up()
+    try:
+        yield testbed
+    finally:
+        testbed.down()
+
+
+@pytest.fixture
+def kernel(request, kernelspec, bed):
+    running = RunningKernel(ARTIFACTS / f"{request.node.name}.kernel.log")
+    yield running
+    running.stop()
+
+
+def engine_pids(kernel):
+    _, outputs = kernel.execute("%cluster status")
+    rows = [r.split() for r in stream_text(outputs).splitlines()[1:] if r[:6].strip().isdigit()]
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+class TamperingProxy:
+    """A TCP relay on the test bed's head between an engine and its controller that, once armed, alters
+    one byte of what the controller sends, `after` bytes later: inside a big value's bytes."""
+
+    def __init__(self, target_host, target_port, after):
+        self.target = (target_host, target_port)
+        self.after = after
+        self.armed = threading.Event()
+        self.altered = threading.Event()
+        # On the test bed's bridge: an address this test run made, reachable from its hosts.
+        self.listener = socket.create_server((HEAD_IP, 0))
+        self.port = self.listener.getsockname()[1]
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closing:
+            try:
+                engine_side, _ = self.listener.accept()
+            except OSError:
+                return
+            controller_side = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(engine_side, controller_side, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(controller_side, engine_side, True), daemon=True).start()
+
+    def _pipe(self, source, sink, from_controller):
+        seen = 0
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                if from_controller and self.armed.is_set() and not self.altered.is_set():
+                    if seen + len(data) > self.after:
+                        data = bytearray(data)
+                        data[self.after - seen] ^= 0xFF
+                        self.altered.set()
+                    seen += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
+
+
+def test_a_value_altered_on_the_wire_is_refused_and_nothing_is_stored(kernel, bed):
+    ok(kernel, f"%cluster start -n 1 --ip {HEAD_IP}", timeout=600)
+    connection_path = bed.dir / "engine.json"
+    ok(kernel, f"%cluster connection-file {connection_path}")
+    connection = json.loads(connection_path.read_text())
+    host, port = re.match(r"tcp://([\d.]+):(\d+)", connection["url"]).groups()
+    proxy = TamperingProxy(host, int(port), after=1 << 20)
+    relayed = bed.dir / "relayed.json"
+    relayed.write_text(json.dumps({**connection, "url": f"tcp://{HEAD_IP}:{proxy.port}"}))
+    relayed.chmod(0o600)
+    engine = subprocess.Popen(
+        bed.on_host("host1", [str(parallax_binary()), "engine", "--connect", str(relayed)]),
+        stderr=subprocess.PIPE, text=True)
+    try:
+        joined = lambda: engine.poll() is not None or len(engine_pids(kernel)) == 2
+        assert wait_until(joined, 600) and engine.poll() is None, engine_pids(kernel)
+        ok(kernel, "let value: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();")
+        ok(kernel, "%push -t 1 before = 7u8", timeout=600)
+        proxy.armed.set()
+        reply, outputs = kernel.execute("%push kept = value", timeout=600)
+        assert proxy.altered.is_set()
+        content = reply["content"]
+        assert content["status"] == "error", content
+        assert "engine 1" in content["evalue"] and "altered on the way" in content["evalue"], content
+        assert "engine 0" not in content["evalue"], content
+        # Nothing stored where the bytes were altered; the engine of this host has the value.
+        outputs = ok(kernel, "%px --targets 0 kept.len()")
+        assert [v.split(": ", 1)[1] for v in engine_results(outputs).values()] == ["4194304"]
+        reply, outputs = kernel.execute("%px --targets 1 kept.len()")
+        assert "cannot find value `kept`" in str(outputs), outputs
+        # The engine goes on: the same value, unaltered now, is stored and comes back equal.
+        ok(kernel, "%push -t 1 kept = value", timeout=600)
+        ok(kernel, "%pull -t 1 kept -o back")
+        check(kernel, "assert_eq!(back[0], value);")
+    finally:
+        engine.kill()
+        stderr = engine.communicate(timeout=30)[1]
+        proxy.close()
+    assert re.search(r"engine 1: refused the values of store: buffer 1 \(4194304 bytes\) altered", stderr), stderr
