@@ -8,7 +8,8 @@ cell (what a notebook user waits), through jupyter_client, medians of --runs.
 - A map with 4 engines: identity over 1 000 000 items and a CPU-heavy function (a 10 ms busy loop
   an item, 800 items): Parallax `%pmap` against ipyparallel's load-balanced `map` (chunked, and at
   chunksize 1 over fewer items) and DirectView `map_sync`.
-- push, scatter and pull of 100 MiB with 4 engines (a Vec<u8> / a numpy uint8 array).
+- push, scatter, pull and gather of 100 MiB and 1 GiB with 4 engines (a Vec<f64> / a numpy
+  float64 array), each against the same cell with 8 bytes: whole cells and marginal rates.
 - Control round trip without compiling: Parallax `%cluster ping` against ipyparallel's
   `apply_sync` of a no-op function and `execute('pass')` on every engine (timed in the kernel).
 
@@ -118,6 +119,73 @@ def ratio(ours, theirs):
     return f"{ours / theirs:.2f}"
 
 
+# Each move: (name, Parallax's cell, ipyparallel's cell, how many times the value's size it moves).
+MOVES = [
+    ("push", "%push {v}_e = {v}", "dv.push({{'{v}_e': {v}}}, block=True)", 4),
+    ("scatter", "%scatter {v}_p = {v}", "dv.scatter('{v}_p', {v}, block=True)", 1),
+    ("pull (the scattered parts)", "%pull {v}_p -o {v}_pulled", "{v}_pulled = dv.pull('{v}_p', block=True)", 1),
+    ("gather (the scattered parts)", "%gather {v}_p -o {v}_gathered", "{v}_gathered = dv.gather('{v}_p', block=True)", 1),
+]
+SIZES = [("100 MiB", 100 * MIB), ("1 GiB", 1024 * MIB)]
+
+
+def measure_moves(px, ipy, runs):
+    """Whole cells moving a vector of f64 (a numpy float64 array) and the same cells moving
+    8 bytes, on 4 engines: their difference is the cost of the bytes, without the fixed cost
+    of a cell (for Parallax, compiling its generated cells)."""
+    px.cell("let tiny: Vec<f64> = vec![7.0; 1];")
+    ipy.cell("tiny = numpy.full(1, 7.0)")
+    figures = {}
+    for label, size in SIZES:
+        n = size // 8
+        px.cell(f"let big: Vec<f64> = (0..{n}).map(|i| i as f64).collect();")
+        ipy.cell(f"big = numpy.arange({n}, dtype=numpy.float64)")
+        # Fewer runs of the big value: ipyparallel takes several seconds a cell.
+        big_runs = runs if size <= 100 * MIB else max(1, min(runs, 3))
+        for name, ours, theirs, times in MOVES:
+            row = {}
+            for kernel, cell in (("parallax", ours), ("ipyparallel", theirs)):
+                k = px if kernel == "parallax" else ipy
+                small = k.timed(cell.format(v="tiny"), big_runs)
+                whole = k.timed(cell.format(v="big"), big_runs)
+                row[kernel] = (whole, small)
+            figures[(label, name)] = (row, size * times)
+            # Both pools share 23 GiB: what a move left is let go before the next one.
+            drop_results(px, ipy, name)
+        px.cell("%px drop(big_p);")
+        ipy.cell("dv.execute('del big_p', block=True)")
+    return figures
+
+
+def drop_results(px, ipy, name):
+    if name == "push":
+        px.cell("%px drop(big_e);")
+        ipy.cell("dv.execute('del big_e', block=True)")
+    elif name.startswith("pull"):
+        px.cell("drop(big_pulled);")
+        ipy.cell("del big_pulled")
+    elif name.startswith("gather"):
+        px.cell("drop(big_gathered);")
+        ipy.cell("del big_gathered")
+
+
+def print_moves(figures):
+    print("\nData movement with 4 engines, a Vec<f64> (numpy float64): whole cell, the same cell with 8 "
+          "bytes, and the marginal rate (bytes moved over the difference; a push moves 4 copies):\n")
+    print("| value | move | Parallax cell (8 B cell) | Parallax marginal | ipyparallel cell (8 B cell) | "
+          "ipyparallel marginal | whole cell ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for (label, name), (row, moved) in figures.items():
+        cells = []
+        for kernel in ("parallax", "ipyparallel"):
+            whole, small = row[kernel]
+            extra = whole - small
+            rate = f"{moved / MIB / extra:,.0f} MiB/s" if extra > 0 else "-"
+            cells += [f"{whole:.2f} s ({small:.2f} s)", rate]
+        ratio_text = ratio(row["parallax"][0], row["ipyparallel"][0])
+        print(f"| {label} | {name} | {' | '.join(cells)} | {ratio_text} |")
+
+
 def main():
     kernels = []
     try:
@@ -181,23 +249,8 @@ def measure_all(kernels):
     ]
     maps = [(name, items, kernel.timed(code, args.runs)) for name, items, code, kernel in map_runs]
 
-    # Data movement, 4 engines, 100 MiB.
-    px.cell("let blob: Vec<u8> = vec![7u8; 100 << 20];")
-    ipy.cell("blob = numpy.full(100 << 20, 7, dtype=numpy.uint8)")
-    moves = {
-        "push": (
-            px.timed("%push blob = blob", args.runs),
-            ipy.timed("dv.push({'blob': blob}, block=True)", args.runs),
-        ),
-        "scatter": (
-            px.timed("%scatter part = blob", args.runs),
-            ipy.timed("dv.scatter('part', blob, block=True)", args.runs),
-        ),
-        "pull (the scattered parts, 100 MiB in all)": (
-            px.timed("%pull part -o back", args.runs),
-            ipy.timed("back = dv.pull('part', block=True)", args.runs),
-        ),
-    }
+    # Data movement, 4 engines, 100 MiB and 1 GiB.
+    moves = measure_moves(px, ipy, args.runs)
 
     # Control round trip, 4 engines, no compiling.
     _, text = px.cell("%cluster ping -n 200")
@@ -231,13 +284,7 @@ def measure_all(kernels):
     print("|---|---|---|---|")
     for name, items, seconds in maps:
         print(f"| {name} | {items:,} | {seconds:.3f} s | {items / seconds:,.0f} |")
-    print("\nData movement of 100 MiB with 4 engines (whole cell):\n")
-    print("| move | Parallax | ipyparallel | Parallax / ipyparallel |")
-    print("|---|---|---|---|")
-    for name, (ours, theirs) in moves.items():
-        print(
-            f"| {name} | {ours:.2f} s ({100 / ours:.0f} MiB/s) | {theirs:.2f} s ({100 / theirs:.0f} MiB/s) | {ratio(ours, theirs)} |"
-        )
+    print_moves(moves)
     print(
         f"\nControl round trip to 4 engines, no compiling: Parallax `%cluster ping` {ping:.3f} ms; "
         f"ipyparallel apply_sync(noop) {ipp_apply:.2f} ms, execute('pass') {ipp_execute:.2f} ms "
