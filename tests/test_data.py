@@ -54,6 +54,13 @@ def cluster(kernelspec):
     running.stop()
 
 
+def test_a_value_of_a_cell_defined_type_outlives_the_first_transfer(cluster):
+    """Runs first, before any transfer: the data crate must not be added under its feet."""
+    ok(cluster, 'let before = Record { id: 3, name: "r".into(), values: vec![0.5], inner: None };')
+    ok(cluster, "%push first = 1u8")
+    check(cluster, "assert_eq!(before.id, 3);")
+
+
 VALUES = {
     "empty": ("f64", "Vec::<f64>::new()"),
     "seven-bytes": ("u8", "(0..7u8).collect::<Vec<u8>>()"),
@@ -140,6 +147,22 @@ def start(cluster, code, timeout=600):
 
 # Strings take their engines seconds to decode: long enough to be caught reading.
 SLOW_VALUE = "let slow: Vec<String> = (0..12_000_000).map(|i| format!(\"item number {i}\")).collect();"
+
+
+def test_a_long_transfer_shows_its_progress_in_place(cluster):
+    ok(cluster, SLOW_VALUE)
+    outputs = ok(cluster, "%push slow_copy = slow")
+    shown = [m for m in outputs if m["msg_type"] == "display_data"
+             and m["content"].get("transient", {}).get("display_id", "").startswith("transfer-")]
+    assert len(shown) == 1, outputs
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    frames = [shown[0]["content"]["data"]["text/plain"]] + [
+        m["content"]["data"]["text/plain"] for m in outputs
+        if m["msg_type"] == "update_display_data" and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert frames[0].startswith("%push slow_copy: "), frames
+    last = frames[-1]
+    assert re.search(r"of [\d.]+ [KMG]iB on the engines, [\d.]+ \w+/s; 4 of 4 engines done \(0, 1, 2, 3\)", last), frames
 
 
 def test_the_stop_button_interrupts_a_transfer_and_leaves_every_context_usable(cluster):

@@ -322,14 +322,15 @@ def test_a_slurm_job_that_cannot_start_says_why_and_is_cancelled(remote_kernel, 
     time.sleep(2)
     interrupt_and_wait(kernel, worker, limit=10)
     said = "".join(m["content"]["text"] for _, m in result["heard"] if m["msg_type"] == "stream")
-    assert re.search(r"Slurm job \d+ PENDING \(PartitionConfig\): it asks for more", said), said
+    # Slurm names the reason PartitionConfig or PartitionNodeLimit, depending on when it looks.
+    assert re.search(r"Slurm job \d+ PENDING \(Partition(Config|NodeLimit)\): it asks for more", said), said
     assert wait_until(lambda: not bed.jobs(), 10), bed.jobs()
 
     # In the background: %cluster status shows the job waiting, and %cluster stop cancels it.
     ok(kernel, f"%cluster start {options} --noblock")
     assert wait_until(lambda: bed.jobs(), 10)
     assert wait_until(
-        lambda: re.search(r"Slurm job \d+ PENDING \(PartitionConfig\)",
+        lambda: re.search(r"Slurm job \d+ PENDING \(Partition(Config|NodeLimit)\)",
                           stream_text(ok(kernel, "%cluster status"))), 10)
     ok(kernel, "%cluster stop")
     assert wait_until(lambda: not bed.jobs(), 10), bed.jobs()

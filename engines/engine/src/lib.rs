@@ -34,33 +34,6 @@ use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 const ENV_CRATE_SOURCE: &str = include_str!("../../env/src/lib.rs");
 const ENV_CRATE_MANIFEST: &str = include_str!("../../env/Cargo.toml");
 
-/// The `:dep` line for a helper crate carried in this binary. The crate is written once per
-/// host and version, to a path named by its content, so that the line is the same on every
-/// engine of the host (and so are the cells compiled after it).
-fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result<String> {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (manifest, source).hash(&mut hasher);
-    let base = places::cache_base().join("parallax").join("crates");
-    let dir = base.join(format!("{name}-{:016x}", hasher.finish()));
-    if !dir.join("src").join("lib.rs").exists() {
-        // Written beside it and renamed, so that no engine sees half a crate.
-        let scratch = base.join(format!(".{name}-{}", std::process::id()));
-        std::fs::create_dir_all(scratch.join("src"))?;
-        std::fs::write(scratch.join("Cargo.toml"), manifest)?;
-        std::fs::write(scratch.join("src").join("lib.rs"), source)?;
-        if std::fs::rename(&scratch, &dir).is_err() {
-            // Another engine got there first.
-            let _ = std::fs::remove_dir_all(&scratch);
-        }
-    }
-    let path = dir
-        .to_string_lossy()
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
-    Ok(format!(":dep {name} = {{ path = \"{path}\" }}"))
-}
-
 /// Gives the engines of a host other than the kernel's a cache directory of that host's own:
 /// evcxr's compiled-crate cache is safe for the engines of one host, which compile in turn,
 /// but not for hosts compiling at once into the home they share. Called before any thread
@@ -386,7 +359,7 @@ fn preludes() -> Vec<String> {
         ),
     ];
     for (name, manifest, source) in helpers {
-        match helper_crate_dep(name, manifest, source) {
+        match cells::helper_crate_dep(name, manifest, source) {
             Ok(dep) => preludes.push(dep),
             Err(e) => tracing::warn!("could not write the {name} crate: {e}"),
         }

@@ -12,6 +12,40 @@ pub const SENT: &str = "parallax_sent";
 pub const DATA_CRATE_SOURCE: &str = include_str!("../../data/src/lib.rs");
 pub const DATA_CRATE_MANIFEST: &str = include_str!("../../data/Cargo.toml");
 
+/// The `:dep` line for a helper crate carried in this binary. The crate is written once per
+/// host and version, to a path named by its content, so that the line is the same on every
+/// engine of the host (and so are the cells compiled after it).
+pub fn helper_crate_dep(name: &str, manifest: &str, source: &str) -> std::io::Result<String> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (manifest, source).hash(&mut hasher);
+    let base = crate::places::cache_base().join("parallax").join("crates");
+    let dir = base.join(format!("{name}-{:016x}", hasher.finish()));
+    if !dir.join("src").join("lib.rs").exists() {
+        // Written beside it and renamed, so that no engine sees half a crate.
+        let scratch = base.join(format!(".{name}-{}", std::process::id()));
+        std::fs::create_dir_all(scratch.join("src"))?;
+        std::fs::write(scratch.join("Cargo.toml"), manifest)?;
+        std::fs::write(scratch.join("src").join("lib.rs"), source)?;
+        if std::fs::rename(&scratch, &dir).is_err() {
+            // Another engine got there first.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    let path = dir
+        .to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    Ok(format!(":dep {name} = {{ path = \"{path}\" }}"))
+}
+
+/// The `:dep` line of the `parallax_data` crate, which every context gets before its first cell:
+/// added later, evcxr would drop the variables whose types cells defined (their `TypeId`s
+/// change when the crate is rebuilt with a new dependency).
+pub fn data_crate_dep() -> std::io::Result<String> {
+    helper_crate_dep("parallax_data", DATA_CRATE_MANIFEST, DATA_CRATE_SOURCE)
+}
+
 /// How a cell reaches its host's data socket.
 #[derive(Clone, Copy)]
 pub enum Via<'a> {

@@ -184,6 +184,9 @@ pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Opti
                 if let Err(e) = engine.install_panic_hook() {
                     tracing::warn!("could not install the panic hook: {e}");
                 }
+                // The notebook's context: its helpers come before any cell (an engine's
+                // arrive with its first cell's preludes instead).
+                engine.add_helpers(&interrupter);
             }
             tracing::info!(
                 "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
@@ -355,6 +358,24 @@ impl Engine {
             .variables_and_types()
             .map(|(name, _)| name.to_owned())
             .collect()
+    }
+
+    /// The dependency cache and the data crate, before any cell. A failure is logged: cells
+    /// that move data then say the crate is missing.
+    fn add_helpers(&mut self, interrupter: &Interrupter) {
+        let lines = crate::cells::data_crate_dep()
+            .map(|dep| [":cache 4000".to_owned(), dep])
+            .map_err(|e| format!("writing the parallax_data crate: {e}"));
+        let added = lines.and_then(|lines| {
+            lines.iter().try_for_each(|line| {
+                self.execute(line, discard_output(), None, interrupter)
+                    .map(|_| ())
+                    .map_err(|e| format!("{line}: {}", e.evalue))
+            })
+        });
+        if let Err(e) = added {
+            tracing::warn!("the notebook's data crate: {e}");
+        }
     }
 
     fn execute(

@@ -419,6 +419,9 @@ fn hand_over(
     match (regions, Payload::joined_layout(&type_name, &parts)) {
         (_, Err(e)) => reply(writer, kind::ERROR, id, &e, &Payload::default()),
         (Some(regions), Ok((meta, ends))) if !parts.is_empty() => {
+            // This copy goes before the answer: once the cell has read the regions, the
+            // transfer's own handles alone decide when the files go.
+            drop(parts);
             shared_reply(writer, id, &meta, &ends, &regions)
         }
         _ => match Payload::concat(&type_name, &parts) {

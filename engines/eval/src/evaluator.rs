@@ -6,7 +6,7 @@ use crate::dataport::DataPort;
 use crate::diagnostics::CellError;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
-use crate::outputs::{discard_output, CellOutput, InputAsker, StreamSink};
+use crate::outputs::{CellOutput, InputAsker, StreamSink};
 use crossbeam_channel::Sender;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 pub struct Evaluator {
     jobs: Sender<Job>,
     interrupter: Interrupter,
-    /// The data socket, opened and the `parallax_data` crate added on the first data cell.
+    /// The data socket, opened on the first data cell (the context has the crate from its start).
     data: Arc<tokio::sync::OnceCell<DataPort>>,
 }
 
@@ -133,33 +133,8 @@ impl Evaluator {
     pub async fn data_port(&self) -> Result<DataPort, CellError> {
         self.data
             .get_or_try_init(|| async {
-                let port = DataPort::open(&private_base())
-                    .map_err(|e| CellError::internal(&format!("opening the data socket: {e}")))?;
-                let dir = port.dir().join("parallax_data");
-                write_crate(&dir).map_err(|e| {
-                    CellError::internal(&format!("writing the parallax_data crate: {e}"))
-                })?;
-                let quiet: StreamSink = discard_output();
-                // The notebook's context does not otherwise cache dependencies; engines do.
-                self.execute(":cache 4000".into(), quiet.clone(), None)
-                    .await?;
-                let path = dir
-                    .to_string_lossy()
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"");
-                self.execute(
-                    format!(":dep parallax_data = {{ path = \"{path}\" }}"),
-                    quiet,
-                    None,
-                )
-                .await
-                .map_err(|e| {
-                    CellError::plain(
-                        "DataError",
-                        format!("could not build the parallax_data crate: {}", e.evalue),
-                    )
-                })?;
-                Ok(port)
+                DataPort::open(&private_base())
+                    .map_err(|e| CellError::internal(&format!("opening the data socket: {e}")))
             })
             .await
             .cloned()
@@ -176,13 +151,4 @@ pub fn private_base() -> std::path::PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(std::env::temp_dir)
-}
-
-fn write_crate(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir.join("src"))?;
-    std::fs::write(dir.join("Cargo.toml"), crate::cells::DATA_CRATE_MANIFEST)?;
-    std::fs::write(
-        dir.join("src").join("lib.rs"),
-        crate::cells::DATA_CRATE_SOURCE,
-    )
 }

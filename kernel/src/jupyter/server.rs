@@ -73,14 +73,6 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     publisher.status(&OutputRoute::default(), "starting");
 
     let evaluator = parallax_eval::Evaluator::start();
-    // The data crate goes into the notebook's context before any cell: added later, it would
-    // make evcxr drop every variable whose type a cell defined (it rebuilds their types).
-    let warming = evaluator.clone();
-    tokio::spawn(async move {
-        if let Err(e) = warming.data_port().await {
-            tracing::warn!("the notebook's data crate: {}", e.evalue);
-        }
-    });
     let monitor = Monitor::default();
     let controller = Controller::new(&info.key, Arc::new(monitor.clone()));
     let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());

@@ -10,6 +10,7 @@ mod pmap_report;
 mod progress;
 mod px;
 mod transfer;
+mod transfer_progress;
 
 use crate::controller::Controller;
 use crate::dashboard::jobs::JobKind;

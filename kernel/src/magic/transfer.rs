@@ -3,7 +3,9 @@
 //! data socket; they go to the engines as binary buffers of signed messages, and the engines'
 //! generated cells store them. Values never appear in source code.
 
+use super::progress::REDRAW_EVERY;
 use super::select_engines;
+use super::transfer_progress::TransferProgress;
 use crate::controller::{Controller, TaskEvent};
 use crate::jupyter::iopub::CellOut;
 use crate::text::{engine_list, human_bytes};
@@ -133,8 +135,14 @@ impl DataMover {
     ) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let scatter = command.movement == Movement::Scatter;
+        let magic = if scatter { "%scatter" } else { "%push" };
+        let what = format!("{magic} {}", command.name);
+        let mut progress = TransferProgress::new(out, what, targets.len());
         let began = std::time::Instant::now();
-        let (payload, type_src) = self.take_local(&command.expr, scatter, None, out).await?;
+        let taking = self.take_local(&command.expr, scatter, None, out);
+        let (payload, type_src) = progress
+            .during("taking the values in the notebook", taking)
+            .await?;
         tracing::debug!(
             "{:?}: took {} bytes from the notebook in {:.3} s",
             command.movement,
@@ -174,19 +182,33 @@ impl DataMover {
             })
             .await;
         drop(events);
+        progress.moving(parts.iter().map(|p| p.data.len() as u64).sum());
         let mut failed = Vec::new();
         let mut done = 0;
-        while let Some(event) = event_rx.recv().await {
+        let mut tick = tokio::time::interval(REDRAW_EVERY);
+        loop {
+            let event = tokio::select! {
+                event = event_rx.recv() => event,
+                _ = tick.tick() => {
+                    progress.tick();
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
             if let TaskEvent::Done {
                 engine, outcome, ..
             } = event
             {
                 done += 1;
-                if let Outcome::Error { ename, evalue, .. } = outcome {
-                    failed.push(format!("engine {engine}: {ename}: {evalue}"));
+                match outcome {
+                    Outcome::Error { ename, evalue, .. } => {
+                        failed.push(format!("engine {engine}: {ename}: {evalue}"))
+                    }
+                    _ => progress.engine_done(engine, part_of[&engine].data.len() as u64),
                 }
             }
         }
+        progress.finish(!failed.is_empty());
         if done < targets.len() {
             failed.push("the pool stopped before every engine answered".into());
         }
@@ -231,6 +253,8 @@ impl DataMover {
     pub async fn collect(&self, command: Collect, out: &CellOut) -> Result<CellOutput, CellError> {
         let targets = self.select(&command.targets)?;
         let gather = command.movement == Movement::Gather;
+        let magic = if gather { "%gather" } else { "%pull" };
+        let mut progress = TransferProgress::new(out, format!("{magic} {}", command.name), 0);
         let began = std::time::Instant::now();
         let (events, mut event_rx) = mpsc::unbounded_channel();
         // Files engines of this host write into: removed when this transfer ends, whether or
@@ -256,28 +280,8 @@ impl DataMover {
             })
             .await;
         drop(events);
-        let mut fetched: BTreeMap<u32, (String, Payload)> = BTreeMap::new();
-        let mut failed = Vec::new();
-        while let Some(event) = event_rx.recv().await {
-            match event {
-                TaskEvent::Fetched {
-                    engine,
-                    type_src,
-                    payload,
-                } => {
-                    fetched.insert(engine, (type_src, payload));
-                }
-                TaskEvent::Done {
-                    engine,
-                    outcome: Outcome::Error { ename, evalue, .. },
-                    ..
-                } => failed.push(format!(
-                    "engine {engine}: {}",
-                    explain_fetch_error(&ename, &evalue, &command.name, gather)
-                )),
-                _ => {}
-            }
-        }
+        let fetching = fetched_values(&mut event_rx, &command.name, gather);
+        let (fetched, mut failed) = progress.during("fetching from the engines", fetching).await;
         for engine in &targets {
             if !fetched.contains_key(engine)
                 && failed
@@ -328,8 +332,10 @@ impl DataMover {
             began.elapsed().as_secs_f64()
         );
         let began = std::time::Instant::now();
-        self.store_parts_local(&command.local, &item_type, parts, out)
-            .await?;
+        let storing = self.store_parts_local(&command.local, &item_type, parts, out);
+        let stored = progress.during("storing in the notebook", storing).await;
+        progress.finish(stored.is_err());
+        stored?;
         drop(destinations);
         tracing::debug!(
             "{:?}: stored in the notebook in {:.3} s",
@@ -345,6 +351,37 @@ impl DataMover {
         ));
         Ok(CellOutput::default())
     }
+}
+
+/// What the engines sent back for a `Fetch`, by engine, and what failed where, in words.
+async fn fetched_values(
+    events: &mut mpsc::UnboundedReceiver<TaskEvent>,
+    name: &str,
+    gather: bool,
+) -> (BTreeMap<u32, (String, Payload)>, Vec<String>) {
+    let mut fetched = BTreeMap::new();
+    let mut failed = Vec::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            TaskEvent::Fetched {
+                engine,
+                type_src,
+                payload,
+            } => {
+                fetched.insert(engine, (type_src, payload));
+            }
+            TaskEvent::Done {
+                engine,
+                outcome: Outcome::Error { ename, evalue, .. },
+                ..
+            } => failed.push(format!(
+                "engine {engine}: {}",
+                explain_fetch_error(&ename, &evalue, name, gather)
+            )),
+            _ => {}
+        }
+    }
+    (fetched, failed)
 }
 
 /// What an engine's failure to send `name` back means, in the user's words.
