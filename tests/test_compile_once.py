@@ -230,6 +230,7 @@ def test_the_engines_following_a_leader_that_dies_keep_what_ran(cluster):
     }
     outputs = []
     worker = threading.Thread(
+        daemon=True,
         target=lambda: cluster.kc.execute_interactive(
             '%px println!("going"); std::thread::sleep(std::time::Duration::from_secs(4)); '
             "let b = a + id() as u64;",

@@ -188,7 +188,7 @@ def test_a_cut_link_and_a_stopped_engine_are_named_and_the_map_completes(remote_
         result["reply"], result["heard"] = timed_cell(
             kernel, "%pmap -o tripled slow 0..24_000u64", timeout=600)
 
-    worker = threading.Thread(target=run_map)
+    worker = threading.Thread(target=run_map, daemon=True)
     worker.start()
     # Once every engine maps: host2's link goes down, and engine 0 (host1) is stopped.
     assert wait_until(lambda: len(list(marks.iterdir())) == 4, 120), list(marks.iterdir())
@@ -295,7 +295,7 @@ def test_the_stop_button_stops_every_engine_on_both_hosts(remote_kernel, bed):
             f'%%px\nstd::fs::write(format!("{marks}/{{}}", parallax_env::engine_id().unwrap()), "")'
             ".unwrap();\nstd::thread::sleep(std::time::Duration::from_secs(120));", timeout=300)
 
-    worker = threading.Thread(target=long_cell)
+    worker = threading.Thread(target=long_cell, daemon=True)
     worker.start()
     assert wait_until(lambda: len(list(marks.iterdir())) == 4, 120), list(marks.iterdir())
     elapsed = interrupt_and_wait(kernel, worker, limit=2)
@@ -316,7 +316,7 @@ def test_a_slurm_job_that_cannot_start_says_why_and_is_cancelled(remote_kernel, 
     def start():
         result["reply"], result["heard"] = timed_cell(kernel, f"%cluster start {options}")
 
-    worker = threading.Thread(target=start)
+    worker = threading.Thread(target=start, daemon=True)
     worker.start()
     assert wait_until(lambda: bed.jobs() and bed.jobs()[0][1] == "PENDING", 20), bed.jobs()
     time.sleep(2)

@@ -228,6 +228,7 @@ def start_long_map(cluster, code):
             progress.set()
 
     worker = threading.Thread(
+        daemon=True,
         target=lambda: result.setdefault(
             "reply", cluster.kc.execute_interactive(code, timeout=300, output_hook=hook)
         )

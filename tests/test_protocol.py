@@ -33,7 +33,7 @@ def test_interrupt_stops_an_endless_cell_and_the_next_cell_runs(kernel):
             output_hook=on_output,
         )
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     assert started.wait(120), "the endless cell never started"
     elapsed = interrupt_and_wait(kernel, worker)
@@ -53,6 +53,7 @@ def test_interrupt_during_compilation_loses_nothing(kernel):
     # Building a dependency keeps cargo busy for many seconds: long enough to interrupt it.
     code = ':dep regex = "1"\nregex::Regex::new("a+").unwrap().is_match("aaa")'
     worker = threading.Thread(
+        daemon=True,
         target=lambda: result.setdefault("reply", kernel.kc.execute_interactive(code, timeout=300))
     )
     worker.start()

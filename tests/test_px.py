@@ -175,7 +175,7 @@ def test_interrupt_during_long_px(cluster):
             code, timeout=120, output_hook=lambda m: (outputs.append(m), hook(m))
         )
 
-    worker = threading.Thread(target=run)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     assert started.wait(120)
     time.sleep(0.5)  # let every engine reach its loop
@@ -343,6 +343,7 @@ def test_sigkill_of_one_engine_mid_cell(cluster):
     outputs = []
     result = {}
     worker = threading.Thread(
+        daemon=True,
         target=lambda: result.setdefault(
             "reply",
             cluster.kc.execute_interactive(
