@@ -22,7 +22,7 @@ use parallax_eval::{cells, places};
 use parallax_eval::{private_base, MapInput, StreamSink};
 use sharing::{Core, DEPENDENCY_CACHE};
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -201,7 +201,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         ("PARALLAX_ENGINES", engines.to_string()),
         ("PARALLAX_HOST", host),
     ];
-    sweep_stale_dirs(&private_base());
+    sweep_stale_dirs();
     let core = Core::new(engine, outbound.clone(), &private_base(), &environment)
         .context("starting the engine's evaluation process")?;
     let own_dirs = core.dirs();
@@ -302,29 +302,14 @@ async fn register(
     }
 }
 
-/// Removes the private directories killed engines and kernels left behind (a socket or a key
-/// file each): those named after a process that no longer exists.
-fn sweep_stale_dirs(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        // An engine's gateway and data directories, and a kernel's key directory
-        // (`parallax-PID`), each named after the process that made it.
-        let pid = name
-            .strip_prefix("parallax-gateway-")
-            .or_else(|| name.strip_prefix("parallax-data-"))
-            .or_else(|| name.strip_prefix("parallax-"))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+/// Removes the private directories killed engines and kernels left behind: an engine's gateway
+/// and data directories, and a kernel's key directory (`parallax-PID`), each named after the
+/// process that made it.
+fn sweep_stale_dirs() {
+    parallax_engine_protocol::shared::sweep_dead(
+        &private_base(),
+        &["parallax-gateway-", "parallax-data-", "parallax-"],
+    );
 }
 
 const NO_TASK: u64 = u64::MAX;

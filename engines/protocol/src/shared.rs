@@ -225,19 +225,27 @@ impl PartialEq for Segment {
 
 /// Removes the directories of shared memory whose process is gone (killed before it could).
 pub fn sweep(base: &Path) {
+    sweep_dead(base, &[DIR_PREFIX]);
+}
+
+/// Removes the directories under `base` named `PREFIX` + pid (+ anything) whose process is gone:
+/// what a killed process of ours left. The first prefix that matches a name decides its pid.
+pub fn sweep_dead(base: &Path, prefixes: &[&str]) {
     let Ok(entries) = std::fs::read_dir(base) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let pid = name
-            .to_str()
-            .and_then(|name| name.strip_prefix(DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
+        let pid = name.to_str().and_then(|name| {
+            prefixes
+                .iter()
+                .find_map(|prefix| name.strip_prefix(prefix))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+        });
         if let Some(pid) = pid {
             if !is_running(pid) {
-                tracing::info!("removing shared memory a dead process left: {name:?}");
+                tracing::info!("removing what a dead process left: {name:?}");
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
