@@ -1,5 +1,7 @@
 """Data between hosts: values that cross a link to engines on other hosts (network namespaces of
-this machine, tests/testbed.py) with a real kernel driving them through jupyter_client."""
+this machine, tests/testbed.py, reached with ssh) with a real kernel driving them through
+jupyter_client: round trips equal to their source, one crossing of a host's link for all its
+engines, and a value altered on the way refused."""
 
 import json
 import os
@@ -7,12 +9,14 @@ import re
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
 from conftest import (
     ARTIFACTS, RunningKernel, check, engine_results, ok, parallax_binary, stream_text, wait_until,
 )
+from test_data import MIB, TYPES, VALUES, shared_files
 from testbed import HEAD_IP, Hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 def bed():
     testbed = Hosts(count=2).up()
     try:
+        testbed.start_sshd()
         yield testbed
     finally:
         testbed.down()
@@ -32,6 +37,73 @@ def kernel(request, kernelspec, bed):
     running = RunningKernel(ARTIFACTS / f"{request.node.name}.kernel.log")
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def pool(kernelspec, bed):
+    """Two engines on each of host1 and host2, none on this one."""
+    running = RunningKernel(ARTIFACTS / "test_data_hosts.pool.kernel.log")
+    try:
+        ok(running, f"%cluster start --launcher ssh --hosts host1:2,host2:2 --ssh-config "
+                    f"{bed.ssh_config} --remote-parallax {parallax_binary()} --ip {HEAD_IP}",
+           timeout=600)
+        ok(running, TYPES, timeout=600)
+        yield running
+    finally:
+        running.stop()
+
+
+def hosts_of(kernel):
+    """engine id -> its host, from %cluster status."""
+    _, outputs = kernel.execute("%cluster status")
+    rows = [r.split() for r in stream_text(outputs).splitlines()[1:] if r[:6].strip().isdigit()]
+    return {int(r[0]): r[2] for r in rows}
+
+
+@pytest.mark.parametrize("name", list(VALUES))
+def test_round_trips_to_two_other_hosts_equal_the_source(pool, name):
+    item, expr = VALUES[name]
+    ok(pool, f"let source: Vec<{item}> = {expr};")
+    ok(pool, "%scatter part = source", timeout=600)
+    ok(pool, "%gather part -o gathered", timeout=600)
+    check(pool, "assert_eq!(gathered, source);")
+    ok(pool, "%push whole = source", timeout=600)
+    ok(pool, "%pull whole -o pulled", timeout=600)
+    check(pool, "assert_eq!(pulled.len(), 4); assert!(pulled.iter().all(|w| w == &source));")
+    assert shared_files() == []
+
+
+def test_a_gibibyte_round_trips_to_two_other_hosts(pool):
+    ok(pool, f"let big: Vec<f64> = (0..{128 * MIB}).map(|i| i as f64).collect();")
+    ok(pool, "%scatter part = big", timeout=600)
+    ok(pool, "%gather part -o big_back", timeout=600)
+    check(pool, "assert_eq!(big_back, big); drop(big_back);")
+    ok(pool, "%px drop(part);")
+    ok(pool, "%push big = big", timeout=600)
+    outputs = ok(pool, "%px (big.len(), big[big.len() - 1])")
+    assert {v.split(": ", 1)[1] for v in engine_results(outputs).values()} == {"(134217728, 134217727.0)"}
+    ok(pool, "%pull -t 3 big -o pulled_big", timeout=600)
+    check(pool, "assert_eq!(pulled_big.len(), 1); assert!(pulled_big[0] == big);")
+    ok(pool, "drop(pulled_big); drop(big);")
+    ok(pool, "%px drop(big);")
+    assert shared_files() == []
+
+
+def test_a_push_to_two_engines_of_a_host_crosses_its_link_once(pool, bed):
+    host1 = sorted(e for e, host in hosts_of(pool).items() if host == "host1")
+    assert len(host1) == 2, hosts_of(pool)
+    ok(pool, f"let hundred: Vec<f64> = (0..{100 * MIB // 8}).map(|i| i as f64).collect();")
+    # What the head sends to host1: the bridge's side of host1's veth pair.
+    counter = Path(f"/sys/class/net/{bed.bridge}v1/statistics/tx_bytes")
+    before = int(counter.read_text())
+    ok(pool, f"%push -t {','.join(map(str, host1))} copy = hundred", timeout=600)
+    sent = int(counter.read_text()) - before
+    print(f"a 100 MiB push to host1's 2 engines sent {sent / MIB:.1f} MiB to host1")
+    assert 100 * MIB < sent < 1.2 * 100 * MIB, sent
+    outputs = ok(pool, f"%px -t {','.join(map(str, host1))} copy.len() == {100 * MIB // 8}")
+    assert [v.split(": ", 1)[1] for v in engine_results(outputs).values()] == ["true"] * 2
+    ok(pool, "%px -t {} drop(copy);".format(",".join(map(str, host1))))
+    assert shared_files() == []
 
 
 def engine_pids(kernel):
@@ -127,4 +199,5 @@ def test_a_value_altered_on_the_wire_is_refused_and_nothing_is_stored(kernel, be
         engine.kill()
         stderr = engine.communicate(timeout=30)[1]
         proxy.close()
-    assert re.search(r"engine 1: refused the values of store: buffer 1 \(4194304 bytes\) altered", stderr), stderr
+    # The value crossed to host1 once, carried into its shared memory: that is where it was refused.
+    assert re.search(r"engine 1: refused the values of carry: buffer 0 \(4194304 bytes\) altered", stderr), stderr

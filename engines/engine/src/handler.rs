@@ -1,6 +1,7 @@
 //! What an engine does with each message from the controller: queue a task, pass a shared
 //! cell's step on, feed a map its chunks, interrupt, answer a ping.
 
+use crate::carrying::Carries;
 use crate::sharing::Inbox;
 use crate::{end_map, DataWork, Fetch, Outbound, SharedMaps, Store, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
@@ -26,6 +27,8 @@ pub(crate) struct Handler {
     /// The task running now.
     pub running: Arc<AtomicU64>,
     pub outbound: Outbound,
+    /// Values carried to this host for its engines.
+    pub carries: Carries,
 }
 
 impl Handler {
@@ -93,6 +96,14 @@ impl Handler {
                 self.chunk(task, chunk, start, items)
             }
             ToEngine::MapEnd { task } => end_map(&self.maps, task),
+            ToEngine::Carry {
+                task,
+                offset,
+                total,
+            } => self
+                .carries
+                .part(engine, task, offset, total, buffers, &self.outbound),
+            ToEngine::Release { task } => self.carries.release(task, &self.outbound),
             ToEngine::Interrupt { task } => self.interrupt(task),
             ToEngine::Ping { nonce } => {
                 if nonce >= TIMED_PING_NONCES {

@@ -5,6 +5,7 @@
 //! follow it, or by the leader's when it follows. It exits when told to, or when it has heard
 //! nothing from the controller for a while (the kernel is gone).
 
+mod carrying;
 mod data_work;
 mod handler;
 mod offline;
@@ -217,6 +218,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         inbox: core.inbox.clone(),
         running: running.clone(),
         outbound: outbound.clone(),
+        carries: Default::default(),
     };
     tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running));
     let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));

@@ -86,6 +86,18 @@ pub enum ToEngine {
     MapEnd {
         task: u64,
     },
+    /// Bytes `offset..` (the one buffer) of a value `total` bytes long that task `task` carries
+    /// to the engine's host once for all its engines: the engine writes them, in order, into a
+    /// file of shared memory of its own and answers `Carried`.
+    Carry {
+        task: u64,
+        offset: u64,
+        total: u64,
+    },
+    /// Carry `task` is over: the engine removes its file and answers `Done`.
+    Release {
+        task: u64,
+    },
     /// A step of shared cell `cell` from the engine that compiles it (`from`).
     Shared {
         cell: u64,
@@ -260,6 +272,14 @@ pub enum FromEngine {
     },
     /// After a map: its result type as a cell writes it.
     ResultType { task: u64, type_src: String },
+    /// How many bytes of carry `task` the engine holds; with all of them, where they are on
+    /// its host.
+    Carried {
+        task: u64,
+        received: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<Region>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

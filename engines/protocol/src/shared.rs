@@ -199,6 +199,56 @@ impl Drop for SegmentFile {
     }
 }
 
+/// A value arriving in parts, written in order into a new file of shared memory this process
+/// owns: what a host's engines then map, instead of each receiving the bytes.
+pub struct Assembly {
+    segment: Arc<SegmentFile>,
+    file: File,
+    total: u64,
+    received: u64,
+}
+
+impl Assembly {
+    /// Room for `total` bytes in `dir`, named after `what`.
+    pub fn new(dir: &SharedDir, what: &str, total: u64) -> std::io::Result<Assembly> {
+        let segment = dir.create(what, total)?;
+        let file = OpenOptions::new().write(true).open(segment.path())?;
+        Ok(Assembly {
+            segment,
+            file,
+            total,
+            received: 0,
+        })
+    }
+
+    /// Writes the part that starts at `offset`, which must be the next one; returns the bytes
+    /// held so far.
+    pub fn write(&mut self, offset: u64, part: &[u8]) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let end = offset.saturating_add(part.len() as u64);
+        if offset != self.received || end > self.total {
+            return Err(format!(
+                "a part at {offset}..{end} of {} bytes, when {} had arrived",
+                self.total, self.received
+            ));
+        }
+        self.file
+            .write_all_at(part, offset)
+            .map_err(|e| format!("cannot write {}: {e}", self.segment.path().display()))?;
+        self.received = end;
+        Ok(end)
+    }
+
+    /// Where the whole value is, once every part has arrived.
+    pub fn region(&self) -> Option<Region> {
+        (self.received == self.total).then(|| Region {
+            path: self.segment.path().to_string_lossy().into_owned(),
+            offset: 0,
+            len: self.total,
+        })
+    }
+}
+
 struct Mapped {
     map: memmap2::Mmap,
     _file: Arc<SegmentFile>,

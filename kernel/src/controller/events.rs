@@ -2,7 +2,7 @@
 //! an observer (the dashboard's monitor) hears every task start and end, deaths and output.
 //! Both are given to the controller, which knows nothing of who listens.
 
-use parallax_engine_protocol::{Outcome, Payload, StreamName, ToEngine};
+use parallax_engine_protocol::{Outcome, Payload, Region, StreamName, ToEngine};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -45,6 +45,12 @@ pub enum TaskEvent {
     },
     /// A map's result type, as a cell writes it.
     ResultType { type_src: String },
+    /// How many bytes of a carry its engine holds; with all of them, where they are on its
+    /// host.
+    Carried {
+        received: u64,
+        region: Option<Region>,
+    },
 }
 
 /// Where a job hears about its tasks.

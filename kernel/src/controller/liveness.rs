@@ -103,7 +103,7 @@ impl Controller {
         let mut expected = false;
         let orphaned = {
             let mut registry = self.registry();
-            let running = match registry.engines.get_mut(&id) {
+            match registry.engines.get_mut(&id) {
                 // Declared dead already (silent): its process's end is no news.
                 Some(engine) if engine.is_dead() => return,
                 Some(engine) => {
@@ -111,10 +111,11 @@ impl Controller {
                     if !engine.is_dead() {
                         engine.state = EngineState::Dead(cause.to_owned());
                     }
-                    std::mem::take(&mut engine.running)
+                    engine.running.clear();
                 }
-                None => Vec::new(),
+                None => {}
             };
+            let running = registry.tasks_of(id);
             // Followers waiting for its compiled cells hear that it is gone.
             for (cell, followers) in registry.cells_led_by(id) {
                 for follower in followers {

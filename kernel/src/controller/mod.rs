@@ -5,6 +5,7 @@
 //! - `pool`: what is known of each engine, task and shared cell;
 //! - `plan`: which engines share a compiled cell, and who compiles it (pure);
 //! - `launch`: starting engines here or on other hosts (ssh, mpiexec, Slurm), stopping them;
+//! - `carry`: a value carried to another host once, for all its engines there;
 //! - `link`: the signed socket, where it listens, sending, receiving;
 //! - `liveness`: heartbeats, and engines declared dead;
 //! - `routing`: what each message from an engine does;
@@ -12,6 +13,7 @@
 //! - `scheduler`: a map's chunks handed out, measured and run again (pure);
 //! - here: the handle, and what the rest of the kernel asks of it.
 
+mod carry;
 mod collect;
 mod events;
 mod launch;
@@ -22,6 +24,7 @@ mod pool;
 mod routing;
 pub mod scheduler;
 
+pub use carry::Carried;
 pub use collect::{collect, JobView, Piece, Report};
 pub use events::{Events, Observer, TaskEvent, TaskKey};
 pub use launch::{LaunchPlan, Launcher, Mpi, Slurm, Ssh, REGISTER_TIMEOUT};
@@ -270,7 +273,6 @@ impl Controller {
         }
     }
 
-    /// Ids of the engines that can take cells (registered and ready), ascending.
     /// Whether `engine` runs on this host, so shares its memory.
     pub fn is_local(&self, engine: u32) -> bool {
         let here = parallax_eval::places::host_name();
@@ -278,6 +280,17 @@ impl Controller {
             .engines
             .get(&engine)
             .is_some_and(|e| e.host == here)
+    }
+
+    /// The host of `engine`, when it is not this one (whose engines share the kernel's
+    /// memory).
+    pub fn other_host(&self, engine: u32) -> Option<String> {
+        let here = parallax_eval::places::host_name();
+        self.registry()
+            .engines
+            .get(&engine)
+            .filter(|e| e.host != here)
+            .map(|e| e.host.clone())
     }
 
     /// A fresh path in the kernel's shared memory for an engine of this host to write a value
@@ -294,6 +307,7 @@ impl Controller {
             .is_some_and(|dir| path.parent() == Some(dir.path()))
     }
 
+    /// Ids of the engines that can take cells (registered and ready), ascending.
     pub fn ready_engines(&self) -> Vec<u32> {
         self.registry()
             .ids(|e| matches!(e.state, EngineState::Idle | EngineState::Busy))

@@ -246,6 +246,28 @@ impl Registry {
         task
     }
 
+    /// Opens a task that is no cell (a carry): not queued among the engine's cells, not counted
+    /// as an execution, but routed and ended like any task, also by the engine's death.
+    pub fn open_side_task(&mut self, engine: u32, events: &Events) -> u64 {
+        let task = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(task, (engine, events.clone()));
+        self.uncounted.insert(task);
+        task
+    }
+
+    /// Every open task of `engine`: its cells and its side tasks.
+    pub fn tasks_of(&self, engine: u32) -> Vec<u64> {
+        let mut tasks: Vec<u64> = self
+            .tasks
+            .iter()
+            .filter(|(_, (e, _))| *e == engine)
+            .map(|(task, _)| *task)
+            .collect();
+        tasks.sort_unstable();
+        tasks
+    }
+
     /// Task `task` is over: returns its engine, where its events went, and whether it counts
     /// as an execution, if it was open.
     pub fn close_task(&mut self, task: u64) -> Option<ClosedTask> {

@@ -130,6 +130,16 @@ impl Controller {
                 task,
                 Ok(|_| TaskEvent::ResultType { type_src }),
             ),
+            FromEngine::Carried {
+                task,
+                received,
+                region,
+            } => forward(
+                &registry,
+                sender,
+                task,
+                Ok(|_| TaskEvent::Carried { received, region }),
+            ),
             other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
         }
     }

@@ -510,7 +510,18 @@ impl Observer for Monitor {
             ToEngine::Fetch { task, name, .. } => {
                 self.started(TaskKey::Task(*task), engine, &format!("fetch {name}"))
             }
+            ToEngine::Carry {
+                task,
+                offset: 0,
+                total,
+            } => self.started(
+                TaskKey::Task(*task),
+                engine,
+                &format!("carry {}", crate::text::human_bytes(*total)),
+            ),
             ToEngine::Interrupt { .. }
+            | ToEngine::Carry { .. }
+            | ToEngine::Release { .. }
             | ToEngine::Ping { .. }
             | ToEngine::Shutdown
             | ToEngine::MapEnd { .. }

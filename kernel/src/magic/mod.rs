@@ -3,6 +3,7 @@
 //! `pmap`, `transfer` (`%scatter`, `%push`, `%gather`, `%pull`) and `dashboard`. Parsing is
 //! the `parallax-magics` crate's; here is what each command does.
 
+mod carrying;
 mod cluster;
 mod dashboard;
 mod pmap;

@@ -370,7 +370,7 @@ impl<'a> MapRun<'a> {
             TaskEvent::ResultType { type_src } => {
                 self.results.type_src.get_or_insert(type_src);
             }
-            TaskEvent::Fetched { .. } => {}
+            TaskEvent::Fetched { .. } | TaskEvent::Carried { .. } => {}
         }
         None
     }

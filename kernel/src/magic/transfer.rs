@@ -3,6 +3,7 @@
 //! data socket; they go to the engines as binary buffers of signed messages, and the engines'
 //! generated cells store them. Values never appear in source code.
 
+use super::carrying;
 use super::progress::REDRAW_EVERY;
 use super::select_engines;
 use super::transfer_progress::TransferProgress;
@@ -158,13 +159,38 @@ impl DataMover {
         } else {
             vec![payload.clone(); targets.len()]
         };
-        let (events, mut event_rx) = mpsc::unbounded_channel();
         let part_of: BTreeMap<u32, &Payload> = targets.iter().copied().zip(&parts).collect();
+        // Values for other hosts cross each link once, into shared memory there.
+        let plans = carrying::plan_carries(&part_of, scatter, |e| self.controller.other_host(e));
+        let to_carry: u64 = plans
+            .iter()
+            .map(|plan| part_of[&plan.carrier].data.len() as u64)
+            .sum();
+        let carried = AtomicU64::new(0);
+        let carrying = carrying::carry_all(&self.controller, plans, &part_of, &carried);
+        let carries = progress
+            .counting("carrying to other hosts", &carried, to_carry, carrying)
+            .await;
+        let mut failed: Vec<String> = carries
+            .failed
+            .iter()
+            .map(|(engine, why)| format!("engine {engine}: {why}"))
+            .collect();
+        let storing: Vec<u32> = targets
+            .iter()
+            .copied()
+            .filter(|engine| !carries.failed.contains_key(engine))
+            .collect();
+        let (events, mut event_rx) = mpsc::unbounded_channel();
         self.controller
-            .start_shared(&targets, &events, |engine, task, share| {
+            .start_shared(&storing, &events, |engine, task, share| {
                 let part = part_of[&engine];
-                // An engine of this host reads the bytes where the notebook wrote them.
-                let region = part.region().filter(|_| self.controller.is_local(engine));
+                // An engine of this host reads the bytes where the notebook wrote them; one of
+                // another host, where they were carried to.
+                let region = match carries.regions.get(&engine) {
+                    Some(carried) => Some(carried.clone()),
+                    None => part.region().filter(|_| self.controller.is_local(engine)),
+                };
                 let buffers = match region {
                     Some(_) => part.ends_buffer(),
                     None => part.wire_buffers(),
@@ -183,7 +209,6 @@ impl DataMover {
             .await;
         drop(events);
         progress.moving(parts.iter().map(|p| p.data.len() as u64).sum());
-        let mut failed = Vec::new();
         let mut done = 0;
         let mut tick = tokio::time::interval(REDRAW_EVERY);
         loop {
@@ -209,7 +234,9 @@ impl DataMover {
             }
         }
         progress.finish(!failed.is_empty());
-        if done < targets.len() {
+        // Every engine has its own copy now: the carried files can go.
+        drop(carries);
+        if done < storing.len() {
             failed.push("the pool stopped before every engine answered".into());
         }
         tracing::debug!(

@@ -52,6 +52,46 @@ impl TransferProgress {
         }
     }
 
+    /// Awaits `work`, redrawing the block with `doing`, the bytes `counted` of `total` and
+    /// their rate meanwhile.
+    pub async fn counting<T>(
+        &mut self,
+        doing: &str,
+        counted: &std::sync::atomic::AtomicU64,
+        total: u64,
+        work: impl Future<Output = T>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        let mut tick = tokio::time::interval(REDRAW_EVERY);
+        let began = Instant::now();
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = tick.tick() => {
+                    if self.block.due() {
+                        let bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
+                        let rate = bytes as f64 / began.elapsed().as_secs_f64().max(1e-3);
+                        let text = format!(
+                            "{}: {doing}: {} of {}, {}/s ({:.1} s)",
+                            self.what,
+                            human_bytes(bytes),
+                            human_bytes(total),
+                            human_bytes(rate as u64),
+                            began.elapsed().as_secs_f64()
+                        );
+                        let percent = 100.0 * bytes as f64 / total.max(1) as f64;
+                        let html = format!(
+                            "<div style=\"display:flex;align-items:center;gap:8px\">{}<span>{}</span></div>",
+                            bar(percent, 10, "#4a90d9"),
+                            html_escape(&text)
+                        );
+                        self.block.draw(&text, &html);
+                    }
+                }
+            }
+        }
+    }
+
     /// The values are on their way: `total` bytes for the engines to hold in all.
     pub fn moving(&mut self, total: u64) {
         self.moving = Some(Moving {

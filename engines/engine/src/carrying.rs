@@ -1,0 +1,102 @@
+//! Values carried to this engine's host once for all its engines: the controller streams a
+//! value's bytes here in parts, this engine writes them into a file of shared memory of its own,
+//! and the host's engines then store the value from that file. The file goes when the
+//! controller releases it, or with the engine's directory when the engine ends.
+
+use crate::Outbound;
+use bytes::Bytes;
+use parallax_engine_protocol::shared::{shm_base, Assembly, SharedDir};
+use parallax_engine_protocol::{FromEngine, Outcome, Region};
+use parallax_eval::ipc::Locked;
+use std::collections::hash_map::{Entry, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The carries this engine holds, by task.
+#[derive(Default)]
+pub(crate) struct Carries {
+    dir: OnceLock<Option<Arc<SharedDir>>>,
+    held: Mutex<HashMap<u64, Assembly>>,
+}
+
+impl Carries {
+    /// Writes one part of carry `task` and says how much has arrived; a part that cannot be
+    /// taken ends the carry with an error.
+    pub fn part(
+        &self,
+        engine: u32,
+        task: u64,
+        offset: u64,
+        total: u64,
+        buffers: Result<Vec<Bytes>, String>,
+        outbound: &Outbound,
+    ) {
+        let written = buffers.and_then(|buffers| match buffers.as_slice() {
+            [part] => self.write(task, offset, total, part),
+            other => Err(format!("a part in {} buffers, not one", other.len())),
+        });
+        let answer = match written {
+            Ok(Some((received, region))) => FromEngine::Carried {
+                task,
+                received,
+                region,
+            },
+            // A later part of a carry that already failed: its failure was said.
+            Ok(None) => return,
+            Err(why) => {
+                tracing::warn!("engine {engine}: dropped carry {task}: {why}");
+                self.held.locked().remove(&task);
+                FromEngine::Done {
+                    task,
+                    outcome: Outcome::Error {
+                        ename: "DataError".into(),
+                        evalue: why.clone(),
+                        traceback: vec![format!("DataError: {why}\n")],
+                    },
+                    state: None,
+                }
+            }
+        };
+        let _ = outbound.send((answer, Vec::new()));
+    }
+
+    fn write(
+        &self,
+        task: u64,
+        offset: u64,
+        total: u64,
+        part: &[u8],
+    ) -> Result<Option<(u64, Option<Region>)>, String> {
+        let mut held = self.held.locked();
+        let assembly = match held.entry(task) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            // A later part of a carry that already failed.
+            Entry::Vacant(_) if offset != 0 => return Ok(None),
+            Entry::Vacant(entry) => {
+                let dir = self
+                    .dir
+                    .get_or_init(|| SharedDir::open(&shm_base()))
+                    .as_ref()
+                    .ok_or("this host has no shared memory for a carried value")?;
+                let assembly = Assembly::new(dir, "carried", total)
+                    .map_err(|e| format!("no room for {total} bytes of shared memory: {e}"))?;
+                entry.insert(assembly)
+            }
+        };
+        let received = assembly.write(offset, part)?;
+        Ok(Some((received, assembly.region())))
+    }
+
+    /// Removes carry `task`'s file (the engines that stored it hold their own copies) and
+    /// says so.
+    pub fn release(&self, task: u64, outbound: &Outbound) {
+        self.held.locked().remove(&task);
+        let done = FromEngine::Done {
+            task,
+            outcome: Outcome::Ok {
+                data: Default::default(),
+            },
+            state: None,
+        };
+        let _ = outbound.send((done, Vec::new()));
+    }
+}

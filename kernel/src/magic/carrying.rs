@@ -1,0 +1,140 @@
+//! Values for engines on other hosts cross each host's link once: a pushed value is carried to
+//! one engine of each host and the others there store it from that host's shared memory; a
+//! scattered part is carried to its own engine. Small values still travel in the messages.
+
+use crate::controller::{Carried, Controller};
+use bytes::Bytes;
+use parallax_engine_protocol::{Payload, Region};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Values smaller than this travel in the store's message itself: carrying them costs a round
+/// trip more than it saves.
+pub const CARRY_FROM: u64 = 64 << 10;
+
+/// One value's bytes for one host: who receives them, and which engines there store them.
+#[derive(Debug, PartialEq)]
+pub struct CarryPlan {
+    pub carrier: u32,
+    pub engines: Vec<u32>,
+}
+
+/// The carries a transfer needs: `parts` by engine (the same payload for every engine of a
+/// push), `host_of` each engine's host, or `None` for this host's engines, which read the
+/// notebook's shared memory instead.
+pub fn plan_carries(
+    parts: &BTreeMap<u32, &Payload>,
+    scatter: bool,
+    host_of: impl Fn(u32) -> Option<String>,
+) -> Vec<CarryPlan> {
+    let mut by_host: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut plans = Vec::new();
+    for (&engine, part) in parts {
+        if (part.data.len() as u64) < CARRY_FROM {
+            continue;
+        }
+        let Some(host) = host_of(engine) else {
+            continue;
+        };
+        if scatter {
+            plans.push(CarryPlan {
+                carrier: engine,
+                engines: vec![engine],
+            });
+        } else {
+            by_host.entry(host).or_default().push(engine);
+        }
+    }
+    plans.extend(by_host.into_values().map(|engines| CarryPlan {
+        carrier: engines[0],
+        engines,
+    }));
+    plans
+}
+
+/// What carrying gave: where each engine served reads its bytes, the carries to release once
+/// the engines have stored them, and the engines whose carry failed, with why.
+#[derive(Default)]
+pub struct Carries {
+    pub regions: BTreeMap<u32, Region>,
+    pub held: Vec<Carried>,
+    pub failed: BTreeMap<u32, String>,
+}
+
+/// Runs every plan at once; `carried` counts the bytes written on the other hosts so far.
+pub async fn carry_all(
+    controller: &Controller,
+    plans: Vec<CarryPlan>,
+    parts: &BTreeMap<u32, &Payload>,
+    carried: &AtomicU64,
+) -> Carries {
+    let runs = plans.iter().map(|plan| {
+        let data: Bytes = parts[&plan.carrier].data.clone();
+        let mut last = 0;
+        controller.carry(plan.carrier, data, move |now| {
+            carried.fetch_add(now - last, Ordering::Relaxed);
+            last = now;
+        })
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let mut carries = Carries::default();
+    for (plan, result) in plans.into_iter().zip(results) {
+        match result {
+            Ok(held) => {
+                for &engine in &plan.engines {
+                    carries.regions.insert(engine, held.region.clone());
+                }
+                carries.held.push(held);
+            }
+            Err(why) => {
+                let why = if plan.engines.len() > 1 {
+                    format!("carrying the value to engine {}: {why}", plan.carrier)
+                } else {
+                    why
+                };
+                for &engine in &plan.engines {
+                    carries.failed.insert(engine, why.clone());
+                }
+            }
+        }
+    }
+    carries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(bytes: usize) -> Payload {
+        Payload::usizes(&vec![7; bytes / 8])
+    }
+
+    #[test]
+    fn a_push_crosses_to_each_other_host_once() {
+        let big = payload(1 << 20);
+        let parts: BTreeMap<u32, &Payload> = (0..6).map(|e| (e, &big)).collect();
+        // Engines 0-1 here, 2-3 on host a, 4-5 on host b.
+        let host_of = |e: u32| (e >= 2).then(|| if e < 4 { "a" } else { "b" }.to_owned());
+        let plans = plan_carries(&parts, false, host_of);
+        let expected = vec![
+            CarryPlan {
+                carrier: 2,
+                engines: vec![2, 3],
+            },
+            CarryPlan {
+                carrier: 4,
+                engines: vec![4, 5],
+            },
+        ];
+        assert_eq!(plans, expected);
+    }
+
+    #[test]
+    fn scattered_parts_go_each_to_its_engine_and_small_values_in_messages() {
+        let (big, small) = (payload(1 << 20), payload(64));
+        let parts: BTreeMap<u32, &Payload> = [(0, &big), (1, &big), (2, &small)].into();
+        let plans = plan_carries(&parts, true, |_| Some("a".to_owned()));
+        let carriers: Vec<u32> = plans.iter().map(|p| p.carrier).collect();
+        assert_eq!(carriers, vec![0, 1]);
+    }
+}
