@@ -87,6 +87,11 @@ def test_a_gibibyte_round_trips_to_two_other_hosts(pool):
     ok(pool, "drop(pulled_big); drop(big);")
     ok(pool, "%px drop(big);")
     assert shared_files() == []
+    # Parts in flight, not whole values: the kernel never holds a second copy of the value.
+    status = Path(f"/proc/{pool.km.provisioner.pid}/status").read_text()
+    peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    print(f"kernel peak resident memory after 1 GiB to and from two other hosts: {peak_kib / 1024:.0f} MiB")
+    assert peak_kib * 1024 < 2 * 1024 * MIB, peak_kib
 
 
 def test_a_push_to_two_engines_of_a_host_crosses_its_link_once(pool, bed):

@@ -4,11 +4,76 @@
 
 use crate::sharing::{self, outcome_of, Core};
 use crate::{DataWork, Fetch, Outbound, Store};
+use bytes::Bytes;
 use parallax_engine_protocol::{FromEngine, Outcome, Payload, Share};
 use parallax_eval::ipc::Locked;
 use parallax_eval::{cells, CellError, MapInput, MapOutput, StreamSink};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// The bytes of one part of a value sent back in parts, and how many may be unanswered: a
+/// bounded buffer on both sides (the socket copies what it sends).
+const PART: u64 = 8 << 20;
+const PARTS_IN_FLIGHT: u64 = 4;
+/// Values smaller than this go back in the `Fetched` message itself.
+const PARTS_FROM: u64 = 64 << 10;
+
+/// The fetches sending values back in parts, by task: where the controller's `Received`
+/// answers go.
+pub(crate) type Receipts = Arc<Mutex<HashMap<u64, watch::Sender<u64>>>>;
+
+/// What the controller has received of one fetch's parts; forgotten when dropped.
+pub(crate) struct Acks {
+    task: u64,
+    received: watch::Receiver<u64>,
+    receipts: Receipts,
+}
+
+impl Acks {
+    pub(crate) fn open(task: u64, receipts: &Receipts) -> Acks {
+        let (sender, received) = watch::channel(0);
+        receipts.locked().insert(task, sender);
+        Acks {
+            task,
+            received,
+            receipts: receipts.clone(),
+        }
+    }
+
+    /// Sends `data` in parts, at most `PARTS_IN_FLIGHT` of them unanswered.
+    async fn send_in_parts(&mut self, data: &Bytes, outbound: &Outbound) -> Result<(), String> {
+        let total = data.len() as u64;
+        let mut sent = 0;
+        while sent < total {
+            while sent - *self.received.borrow() >= PARTS_IN_FLIGHT * PART {
+                self.received
+                    .changed()
+                    .await
+                    .map_err(|_| "the engine is stopping".to_owned())?;
+            }
+            let end = (sent + PART).min(total);
+            let part = FromEngine::FetchedPart {
+                task: self.task,
+                offset: sent,
+                total,
+            };
+            let bytes = data.slice(sent as usize..end as usize);
+            outbound
+                .send((part, vec![bytes]))
+                .map_err(|_| "the engine is stopping".to_owned())?;
+            sent = end;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Acks {
+    fn drop(&mut self) {
+        self.receipts.locked().remove(&self.task);
+    }
+}
 
 /// Runs the cell of a data task; what it sends back goes out before the task's `Done`. The
 /// cell's transfer id is the shared cell's number, the same on every engine that runs it.
@@ -118,7 +183,12 @@ async fn fetch_value(
     sink: StreamSink,
     outbound: &Outbound,
 ) -> Outcome {
-    let Fetch { name, value, into } = fetch;
+    let Fetch {
+        name,
+        value,
+        into,
+        mut acks,
+    } = fetch;
     let id = share.cell;
     let port = core.port.clone();
     let via = cells::Via::Environment;
@@ -147,15 +217,26 @@ async fn fetch_value(
             );
             // Written where the controller asked: it reads the bytes there.
             let region = payload.region().filter(|_| controller_reads_shared);
-            let buffers = match region {
-                Some(_) => payload.ends_buffer(),
-                None => payload.wire_buffers(),
+            // A big value for another host goes ahead in parts.
+            let streamed = match &mut acks {
+                Some(acks) if region.is_none() && payload.data.len() as u64 >= PARTS_FROM => {
+                    if let Err(e) = acks.send_in_parts(&payload.data, outbound).await {
+                        return outcome_of(Err(CellError::internal(&e)));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            let buffers = match region.is_some() || streamed {
+                true => payload.ends_buffer(),
+                false => payload.wire_buffers(),
             };
             let fetched = FromEngine::Fetched {
                 task,
                 type_src,
                 meta: payload.meta.into(),
                 region,
+                streamed,
             };
             let _ = outbound.send((fetched, buffers));
             Outcome::Ok {

@@ -2,6 +2,7 @@
 //! cell's step on, feed a map its chunks, interrupt, answer a ping.
 
 use crate::carrying::Carries;
+use crate::data_work::{Acks, Receipts};
 use crate::sharing::Inbox;
 use crate::{end_map, DataWork, Fetch, Outbound, SharedMaps, Store, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
@@ -29,6 +30,8 @@ pub(crate) struct Handler {
     pub outbound: Outbound,
     /// Values carried to this host for its engines.
     pub carries: Carries,
+    /// Fetches sending their values back in parts.
+    pub receipts: Receipts,
 }
 
 impl Handler {
@@ -75,9 +78,17 @@ impl Handler {
                 value,
                 share,
                 into,
+                parts,
             } => {
                 let into = into.map(std::path::PathBuf::from);
-                let work = Work::Data(DataWork::Fetch(Fetch { name, value, into }));
+                let acks = parts.then(|| Acks::open(task, &self.receipts));
+                let fetch = Fetch {
+                    name,
+                    value,
+                    into,
+                    acks,
+                };
+                let work = Work::Data(DataWork::Fetch(fetch));
                 let _ = self.tasks.send((task, share, work));
             }
             ToEngine::Map { task, func, share } => {
@@ -104,6 +115,11 @@ impl Handler {
                 .carries
                 .part(engine, task, offset, total, buffers, &self.outbound),
             ToEngine::Release { task } => self.carries.release(task, &self.outbound),
+            ToEngine::Received { task, received } => {
+                if let Some(acks) = self.receipts.locked().get(&task) {
+                    acks.send_replace(received);
+                }
+            }
             ToEngine::Interrupt { task } => self.interrupt(task),
             ToEngine::Ping { nonce } => {
                 if nonce >= TIMED_PING_NONCES {

@@ -140,6 +140,8 @@ pub(crate) struct Fetch {
     pub(crate) name: String,
     pub(crate) value: bool,
     pub(crate) into: Option<PathBuf>,
+    /// Set when the values go back in parts: the controller's answers to them.
+    pub(crate) acks: Option<data_work::Acks>,
 }
 
 pub(crate) type Outbound = mpsc::UnboundedSender<(FromEngine, Vec<Bytes>)>;
@@ -219,6 +221,7 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         running: running.clone(),
         outbound: outbound.clone(),
         carries: Default::default(),
+        receipts: Default::default(),
     };
     tokio::spawn(run_tasks(core, task_rx, outbound.clone(), running));
     let _ = outbound.send((FromEngine::Ready { engine }, Vec::new()));

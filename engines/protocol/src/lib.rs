@@ -68,6 +68,9 @@ pub enum ToEngine {
         share: Share,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         into: Option<String>,
+        /// Send the bytes ahead in `FetchedPart`s, each answered by `Received`.
+        #[serde(default)]
+        parts: bool,
     },
     /// Serve a map as task `task`: apply `func` (a function's name or a closure) to the
     /// chunks that follow until `MapEnd`.
@@ -97,6 +100,11 @@ pub enum ToEngine {
     /// Carry `task` is over: the engine removes its file and answers `Done`.
     Release {
         task: u64,
+    },
+    /// The controller holds `received` bytes of what fetch `task` sends in parts.
+    Received {
+        task: u64,
+        received: u64,
     },
     /// A step of shared cell `cell` from the engine that compiles it (`from`).
     Shared {
@@ -249,7 +257,13 @@ pub enum FromEngine {
         meta: DataMeta,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         region: Option<Region>,
+        /// The bytes came ahead in `FetchedPart`s; the buffers hold the item ends alone.
+        #[serde(default)]
+        streamed: bool,
     },
+    /// Bytes `offset..` (the one buffer) of the `total` bytes fetch `task` sends back, ahead
+    /// of its `Fetched`.
+    FetchedPart { task: u64, offset: u64, total: u64 },
     /// A map's cell is serving; the types are `std::any::type_name`s.
     MapReady {
         task: u64,

@@ -159,6 +159,20 @@ impl Payload {
         vec![ends_to_bytes(&self.ends), self.data.clone()]
     }
 
+    /// Bytes `start..end` of the data, to send on. From shared memory they are read from the
+    /// file rather than through the mapping, so that this process does not hold the whole
+    /// value resident by the time the last part goes.
+    pub fn read_part(&self, start: u64, end: u64) -> std::io::Result<Bytes> {
+        let Some(segment) = &self.segment else {
+            return Ok(self.data.slice(start as usize..end as usize));
+        };
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(segment.file.path())?;
+        let mut part = vec![0; (end - start) as usize];
+        file.read_exact_at(&mut part, segment.offset + start)?;
+        Ok(Bytes::from(part))
+    }
+
     /// Where these bytes are in shared memory on this host, if they are.
     pub fn region(&self) -> Option<Region> {
         self.segment.as_ref().map(|segment| Region {

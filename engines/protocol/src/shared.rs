@@ -113,7 +113,8 @@ pub fn remove_own_dirs() {
 #[derive(Debug)]
 pub struct SegmentFile {
     path: PathBuf,
-    owned: bool,
+    /// Cleared when another handle takes over the file's removal.
+    owned: std::sync::atomic::AtomicBool,
 }
 
 impl SegmentFile {
@@ -133,7 +134,10 @@ impl SegmentFile {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let segment = Arc::new(SegmentFile { path, owned });
+        let segment = Arc::new(SegmentFile {
+            path,
+            owned: owned.into(),
+        });
         file.set_len(len)?;
         Ok(segment)
     }
@@ -141,12 +145,18 @@ impl SegmentFile {
     /// The file at `path`, to be removed when the last handle goes, whether or not another
     /// process has made it yet (an engine writing what this process asked for).
     pub fn expected(path: PathBuf) -> Arc<SegmentFile> {
-        Arc::new(SegmentFile { path, owned: true })
+        Arc::new(SegmentFile {
+            path,
+            owned: true.into(),
+        })
     }
 
     /// A file another process owns.
     pub fn borrowed(path: PathBuf) -> Arc<SegmentFile> {
-        Arc::new(SegmentFile { path, owned: false })
+        Arc::new(SegmentFile {
+            path,
+            owned: false.into(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -193,7 +203,7 @@ impl SegmentFile {
 
 impl Drop for SegmentFile {
     fn drop(&mut self) {
-        if self.owned {
+        if *self.owned.get_mut() {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -237,6 +247,18 @@ impl Assembly {
             .map_err(|e| format!("cannot write {}: {e}", self.segment.path().display()))?;
         self.received = end;
         Ok(end)
+    }
+
+    /// The whole value's region, once every part has arrived, for a handle made from it
+    /// (`SegmentFile::expected`) that removes the file in this one's place.
+    pub fn hand_over(self) -> Result<Region, String> {
+        let region = self
+            .region()
+            .ok_or_else(|| format!("{} of {} bytes arrived", self.received, self.total))?;
+        self.segment
+            .owned
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(region)
     }
 
     /// Where the whole value is, once every part has arrived.

@@ -9,6 +9,7 @@ use super::events::TaskEvent;
 use super::pool::EngineState;
 use super::Controller;
 use parallax_engine_protocol::{Outcome, Step, ToEngine};
+use parallax_eval::ipc::Locked;
 use std::time::{Duration, Instant};
 
 /// A ping a second; engines exit after the heartbeat timeout without one.
@@ -116,6 +117,12 @@ impl Controller {
                 None => {}
             };
             let running = registry.tasks_of(id);
+            let mut arrivals = self.arrivals.locked();
+            for task in &running {
+                // What it was sending back in parts will not be complete.
+                arrivals.remove(task);
+            }
+            drop(arrivals);
             // Followers waiting for its compiled cells hear that it is gone.
             for (cell, followers) in registry.cells_led_by(id) {
                 for follower in followers {

@@ -74,6 +74,8 @@ pub struct Controller {
     /// Where engines of this host write the values they send back, for the kernel to read in
     /// place; `None` where the host has no shared memory.
     shared: Option<Arc<SharedDir>>,
+    /// Values engines of other hosts send back in parts, as they arrive.
+    arrivals: Arc<Mutex<carry::Arrivals>>,
 }
 
 #[derive(Default)]
@@ -110,6 +112,7 @@ impl Controller {
             dispatching: Arc::default(),
             // Opening it also sweeps what a killed kernel or engine left.
             shared: SharedDir::open(&shm_base()),
+            arrivals: Arc::default(),
         }
     }
 
@@ -297,6 +300,12 @@ impl Controller {
     /// into; `None` without shared memory.
     pub fn shared_destination(&self) -> Option<std::path::PathBuf> {
         self.shared.as_ref().map(|dir| dir.fresh_path("fetch"))
+    }
+
+    /// Whether an engine of another host should send fetched values in parts, into the
+    /// kernel's shared memory.
+    pub fn takes_parts(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Whether `path` is one `shared_destination` could have given: an engine may name no

@@ -66,8 +66,12 @@ impl Controller {
                 type_src,
                 meta,
                 region,
+                streamed,
             } => {
-                let payload = self.fetched_payload(meta, buffers, region);
+                let payload = match streamed {
+                    true => self.streamed_payload(task, meta, buffers),
+                    false => self.fetched_payload(meta, buffers, region),
+                };
                 let event = payload.map(|payload| {
                     move |engine| TaskEvent::Fetched {
                         engine,
@@ -76,6 +80,20 @@ impl Controller {
                     }
                 });
                 forward(&registry, sender, task, event);
+            }
+            FromEngine::FetchedPart {
+                task,
+                offset,
+                total,
+            } => {
+                let owner = registry.tasks.get(&task).map(|(engine, _)| *engine);
+                drop(registry);
+                match sender.filter(|engine| owner == Some(*engine)) {
+                    Some(engine) => self.part_arrived(engine, task, offset, total, buffers),
+                    None => tracing::warn!(
+                        "engines: {sender:?} sent a part of task {task} it does not own"
+                    ),
+                }
             }
             FromEngine::MapReady {
                 task,

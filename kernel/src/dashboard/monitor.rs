@@ -522,6 +522,7 @@ impl Observer for Monitor {
             ToEngine::Interrupt { .. }
             | ToEngine::Carry { .. }
             | ToEngine::Release { .. }
+            | ToEngine::Received { .. }
             | ToEngine::Ping { .. }
             | ToEngine::Shutdown
             | ToEngine::MapEnd { .. }

@@ -3,7 +3,6 @@
 //! scattered part is carried to its own engine. Small values still travel in the messages.
 
 use crate::controller::{Carried, Controller};
-use bytes::Bytes;
 use parallax_engine_protocol::{Payload, Region};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,9 +68,8 @@ pub async fn carry_all(
     carried: &AtomicU64,
 ) -> Carries {
     let runs = plans.iter().map(|plan| {
-        let data: Bytes = parts[&plan.carrier].data.clone();
         let mut last = 0;
-        controller.carry(plan.carrier, data, move |now| {
+        controller.carry(plan.carrier, parts[&plan.carrier], move |now| {
             carried.fetch_add(now - last, Ordering::Relaxed);
             last = now;
         })

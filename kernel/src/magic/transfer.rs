@@ -296,12 +296,15 @@ impl DataMover {
                 if let Some(path) = &into {
                     destinations.push(SegmentFile::expected(path.clone()));
                 }
+                // An engine of another host sends big values in parts.
+                let parts = into.is_none() && self.controller.takes_parts();
                 let fetch = ToEngine::Fetch {
                     task,
                     name: command.name.clone(),
                     value: !gather,
                     share,
                     into: into.map(|path| path.to_string_lossy().into_owned()),
+                    parts,
                 };
                 (fetch, Vec::new())
             })
