@@ -61,40 +61,9 @@ impl Controller {
                     self.answered(engine, nonce);
                 }
             }
-            FromEngine::Fetched {
-                task,
-                type_src,
-                meta,
-                region,
-                streamed,
-            } => {
-                let payload = match streamed {
-                    true => self.streamed_payload(task, meta, buffers),
-                    false => self.fetched_payload(meta, buffers, region),
-                };
-                let event = payload.map(|payload| {
-                    move |engine| TaskEvent::Fetched {
-                        engine,
-                        type_src,
-                        payload,
-                    }
-                });
-                forward(&registry, sender, task, event);
-            }
-            FromEngine::FetchedPart {
-                task,
-                offset,
-                total,
-            } => {
-                let owner = registry.tasks.get(&task).map(|(engine, _)| *engine);
-                drop(registry);
-                match sender.filter(|engine| owner == Some(*engine)) {
-                    Some(engine) => self.part_arrived(engine, task, offset, total, buffers),
-                    None => tracing::warn!(
-                        "engines: {sender:?} sent a part of task {task} it does not own"
-                    ),
-                }
-            }
+            message @ (FromEngine::Fetched { .. }
+            | FromEngine::FetchedPart { .. }
+            | FromEngine::Carried { .. }) => self.values(registry, sender, message, buffers),
             FromEngine::MapReady {
                 task,
                 arg_type,
@@ -148,6 +117,54 @@ impl Controller {
                 task,
                 Ok(|_| TaskEvent::ResultType { type_src }),
             ),
+            other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
+        }
+    }
+
+    /// Values an engine sends back (whole, or in parts ahead of them) or says it holds for
+    /// its host (a carry).
+    fn values(
+        &self,
+        registry: std::sync::MutexGuard<'_, Registry>,
+        sender: Option<u32>,
+        message: FromEngine,
+        buffers: Vec<Bytes>,
+    ) {
+        match message {
+            FromEngine::Fetched {
+                task,
+                type_src,
+                meta,
+                region,
+                streamed,
+            } => {
+                let payload = match streamed {
+                    true => self.streamed_payload(task, meta, buffers),
+                    false => self.fetched_payload(meta, buffers, region),
+                };
+                let event = payload.map(|payload| {
+                    move |engine| TaskEvent::Fetched {
+                        engine,
+                        type_src,
+                        payload,
+                    }
+                });
+                forward(&registry, sender, task, event);
+            }
+            FromEngine::FetchedPart {
+                task,
+                offset,
+                total,
+            } => {
+                let owner = registry.tasks.get(&task).map(|(engine, _)| *engine);
+                drop(registry);
+                match sender.filter(|engine| owner == Some(*engine)) {
+                    Some(engine) => self.part_arrived(engine, task, offset, total, buffers),
+                    None => tracing::warn!(
+                        "engines: {sender:?} sent a part of task {task} it does not own"
+                    ),
+                }
+            }
             FromEngine::Carried {
                 task,
                 received,
@@ -158,7 +175,7 @@ impl Controller {
                 task,
                 Ok(|_| TaskEvent::Carried { received, region }),
             ),
-            other => tracing::warn!("engines: unexpected {other:?} from {sender:?}"),
+            _ => {}
         }
     }
 

@@ -2,6 +2,7 @@
 //! one engine of each host and the others there store it from that host's shared memory; a
 //! scattered part is carried to its own engine. Small values still travel in the messages.
 
+use super::transfer_progress::TransferProgress;
 use crate::controller::{Carried, Controller};
 use parallax_engine_protocol::{Payload, Region};
 use std::collections::BTreeMap;
@@ -60,8 +61,28 @@ pub struct Carries {
     pub failed: BTreeMap<u32, String>,
 }
 
+/// Carries what `parts` has for engines of other hosts there, showing the bytes carried so
+/// far in `progress`.
+pub async fn carry_to_other_hosts(
+    controller: &Controller,
+    parts: &BTreeMap<u32, &Payload>,
+    scatter: bool,
+    progress: &mut TransferProgress,
+) -> Carries {
+    let plans = plan_carries(parts, scatter, |e| controller.other_host(e));
+    let to_carry: u64 = plans
+        .iter()
+        .map(|plan| parts[&plan.carrier].data.len() as u64)
+        .sum();
+    let carried = AtomicU64::new(0);
+    let carrying = carry_all(controller, plans, parts, &carried);
+    progress
+        .counting("carrying to other hosts", &carried, to_carry, carrying)
+        .await
+}
+
 /// Runs every plan at once; `carried` counts the bytes written on the other hosts so far.
-pub async fn carry_all(
+async fn carry_all(
     controller: &Controller,
     plans: Vec<CarryPlan>,
     parts: &BTreeMap<u32, &Payload>,

@@ -161,16 +161,9 @@ impl DataMover {
         };
         let part_of: BTreeMap<u32, &Payload> = targets.iter().copied().zip(&parts).collect();
         // Values for other hosts cross each link once, into shared memory there.
-        let plans = carrying::plan_carries(&part_of, scatter, |e| self.controller.other_host(e));
-        let to_carry: u64 = plans
-            .iter()
-            .map(|plan| part_of[&plan.carrier].data.len() as u64)
-            .sum();
-        let carried = AtomicU64::new(0);
-        let carrying = carrying::carry_all(&self.controller, plans, &part_of, &carried);
-        let carries = progress
-            .counting("carrying to other hosts", &carried, to_carry, carrying)
-            .await;
+        let carries =
+            carrying::carry_to_other_hosts(&self.controller, &part_of, scatter, &mut progress)
+                .await;
         let mut failed: Vec<String> = carries
             .failed
             .iter()
@@ -209,30 +202,8 @@ impl DataMover {
             .await;
         drop(events);
         progress.moving(parts.iter().map(|p| p.data.len() as u64).sum());
-        let mut done = 0;
-        let mut tick = tokio::time::interval(REDRAW_EVERY);
-        loop {
-            let event = tokio::select! {
-                event = event_rx.recv() => event,
-                _ = tick.tick() => {
-                    progress.tick();
-                    continue;
-                }
-            };
-            let Some(event) = event else { break };
-            if let TaskEvent::Done {
-                engine, outcome, ..
-            } = event
-            {
-                done += 1;
-                match outcome {
-                    Outcome::Error { ename, evalue, .. } => {
-                        failed.push(format!("engine {engine}: {ename}: {evalue}"))
-                    }
-                    _ => progress.engine_done(engine, part_of[&engine].data.len() as u64),
-                }
-            }
-        }
+        let (done, store_failures) = stores_done(&mut event_rx, &mut progress, &part_of).await;
+        failed.extend(store_failures);
         progress.finish(!failed.is_empty());
         // Every engine has its own copy now: the carried files can go.
         drop(carries);
@@ -254,24 +225,12 @@ impl DataMover {
                 ),
             ));
         }
-        let what = if scatter {
-            let sizes: Vec<String> = parts.iter().map(|p| p.meta.count.to_string()).collect();
-            format!(
-                "{}: Vec<{type_src}> on engines {} ({} items each)",
-                command.name,
-                engine_list(&targets),
-                sizes.join("/")
-            )
-        } else {
-            format!(
-                "{}: {type_src} on engines {}",
-                command.name,
-                engine_list(&targets)
-            )
-        };
-        out.stdout(&format!(
-            "Stored {what}, {}.\n",
-            human_bytes(parts.iter().map(|p| p.data.len() as u64).sum())
+        out.stdout(&stored_summary(
+            &command.name,
+            &type_src,
+            &targets,
+            &parts,
+            scatter,
         ));
         Ok(CellOutput::default())
     }
@@ -412,6 +371,64 @@ async fn fetched_values(
         }
     }
     (fetched, failed)
+}
+
+/// Waits for every store's end, drawing the progress meanwhile: how many ended, and how
+/// those that failed did.
+async fn stores_done(
+    event_rx: &mut mpsc::UnboundedReceiver<TaskEvent>,
+    progress: &mut TransferProgress,
+    part_of: &BTreeMap<u32, &Payload>,
+) -> (usize, Vec<String>) {
+    let (mut done, mut failed) = (0, Vec::new());
+    let mut tick = tokio::time::interval(REDRAW_EVERY);
+    loop {
+        let event = tokio::select! {
+            event = event_rx.recv() => event,
+            _ = tick.tick() => {
+                progress.tick();
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        if let TaskEvent::Done {
+            engine, outcome, ..
+        } = event
+        {
+            done += 1;
+            match outcome {
+                Outcome::Error { ename, evalue, .. } => {
+                    failed.push(format!("engine {engine}: {ename}: {evalue}"))
+                }
+                _ => progress.engine_done(engine, part_of[&engine].data.len() as u64),
+            }
+        }
+    }
+    (done, failed)
+}
+
+/// What a push or scatter stored where, in one line.
+fn stored_summary(
+    name: &str,
+    type_src: &str,
+    targets: &[u32],
+    parts: &[Payload],
+    scatter: bool,
+) -> String {
+    let what = if scatter {
+        let sizes: Vec<String> = parts.iter().map(|p| p.meta.count.to_string()).collect();
+        format!(
+            "{name}: Vec<{type_src}> on engines {} ({} items each)",
+            engine_list(targets),
+            sizes.join("/")
+        )
+    } else {
+        format!("{name}: {type_src} on engines {}", engine_list(targets))
+    };
+    format!(
+        "Stored {what}, {}.\n",
+        human_bytes(parts.iter().map(|p| p.data.len() as u64).sum())
+    )
 }
 
 /// What an engine's failure to send `name` back means, in the user's words.
