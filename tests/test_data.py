@@ -210,6 +210,12 @@ def test_a_sigkilled_kernel_leaves_shared_memory_that_the_next_start_removes(ker
         os.kill(kernel_pid, signal.SIGKILL)
         left = shared_dirs_of(kernel_pid)
         assert left and any(d.iterdir() for d in left), left
+        # The next start comes once the killed kernel is gone, as Jupyter restarts a dead
+        # kernel: a process with gigabytes mapped takes a while to end after SIGKILL, and
+        # until it has, its directories are rightly left alone.
+        killed = time.monotonic()
+        assert wait_until(lambda: not first.km.is_alive(), 60)
+        print(f"the killed kernel ended {time.monotonic() - killed:.1f} s after SIGKILL")
     finally:
         first.log_file.close()
         first.kc.stop_channels()

@@ -324,13 +324,13 @@ pub fn sweep_dead(base: &Path, prefixes: &[&str]) {
     }
 }
 
-/// Whether process `pid` exists and has not ended (a zombie has, though not yet reaped).
+/// Whether process `pid` exists and has not ended (a zombie, or one being reaped, has).
 fn is_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z"),
+            .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
 }
