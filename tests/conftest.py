@@ -44,11 +44,12 @@ def kernelspec():
 class RunningKernel:
     """A real kernel process, its client, and its log (the kernel's stderr)."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, env: dict = None):
         self.log_path = log_path
         self.log_file = open(log_path, "w")
         self.km = KernelManager(kernel_name="parallax")
-        self.km.start_kernel(stderr=self.log_file)
+        extra = {"env": {**os.environ, **env}} if env else {}
+        self.km.start_kernel(stderr=self.log_file, **extra)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)

@@ -5,6 +5,7 @@ shared memory is looked for in /dev/shm after each transfer, interrupt, and kill
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -112,6 +113,31 @@ def test_a_gibibyte_round_trips_and_the_kernel_stays_small(cluster):
     assert shared_files() == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_values_too_big_for_shared_memory_go_through_the_sockets(kernelspec, tmp_path):
+    """A container's /dev/shm is often 64 MiB: a value that does not fit still moves."""
+    small = tmp_path / "small-shm"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=1777", "tmpfs", str(small)], check=True)
+    try:
+        kernel = RunningKernel(ARTIFACTS / "test_data_small_shm.kernel.log",
+                               env={"PARALLAX_SHM_DIR": str(small)})
+        try:
+            ok(kernel, "%cluster start -n 2", timeout=600)
+            ok(kernel, f"let source: Vec<f64> = (0..{40 * MIB // 8}).map(|i| i as f64 * 0.5).collect();")
+            ok(kernel, "%push whole = source", timeout=600)
+            ok(kernel, "%pull whole -o pulled", timeout=600)
+            check(kernel, "assert_eq!(pulled.len(), 2); assert!(pulled.iter().all(|w| w == &source));")
+            ok(kernel, "%scatter part = source", timeout=600)
+            ok(kernel, "%gather part -o gathered", timeout=600)
+            check(kernel, "assert_eq!(gathered, source);")
+            assert [f for d in small.iterdir() for f in d.iterdir()] == []
+        finally:
+            kernel.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
 def engine_pids(cluster):
     _, outputs = cluster.execute("%cluster status")
     rows = [r.split() for r in stream_text(outputs).splitlines()[1:] if r[:6].strip().isdigit()]
@@ -163,6 +189,32 @@ def test_a_long_transfer_shows_its_progress_in_place(cluster):
     assert frames[0].startswith("%push slow_copy: "), frames
     last = frames[-1]
     assert re.search(r"of [\d.]+ [KMG]iB on the engines, [\d.]+ \w+/s; 4 of 4 engines done \(0, 1, 2, 3\)", last), frames
+
+
+def mapping_shared_memory(pid):
+    """Whether process `pid` has a file of Parallax shared memory mapped."""
+    try:
+        return "/parallax-shm-" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_a_map_reads_its_items_where_the_notebook_wrote_them(cluster):
+    ok(cluster, "%%px --local\nfn slow_half(x: f64) -> f64 {\n"
+                "    if x as u64 % 100_000 == 0 { std::thread::sleep(std::time::Duration::from_millis(300)); }\n"
+                "    x / 2.0\n}")
+    ok(cluster, "let many: Vec<f64> = (0..2_000_000).map(|i| i as f64).collect();")
+    pids = engine_pids(cluster)
+    assert not any(mapping_shared_memory(p) for p in pids.values())
+    worker, result = start(cluster, "%pmap -o halves slow_half many")
+    # Each engine maps the chunk it works on from the notebook's shared memory: no copy of
+    # the items passes through the kernel's socket.
+    assert wait_until(lambda: any(mapping_shared_memory(p) for p in pids.values()), 120)
+    worker.join(300)
+    assert result["reply"]["content"]["status"] == "ok", result
+    check(cluster, "assert_eq!(halves, many.iter().map(|x| x / 2.0).collect::<Vec<f64>>());")
+    ok(cluster, "drop(halves); drop(many);")
+    assert shared_files() == []
 
 
 def test_the_stop_button_interrupts_a_transfer_and_leaves_every_context_usable(cluster):

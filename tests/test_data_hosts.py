@@ -16,7 +16,7 @@ import pytest
 from conftest import (
     ARTIFACTS, RunningKernel, check, engine_results, ok, parallax_binary, stream_text, wait_until,
 )
-from test_data import MIB, TYPES, VALUES, shared_files
+from test_data import MIB, TYPES, VALUES, shared_files, start
 from testbed import HEAD_IP, Hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -109,6 +109,25 @@ def test_a_push_to_two_engines_of_a_host_crosses_its_link_once(pool, bed):
     assert [v.split(": ", 1)[1] for v in engine_results(outputs).values()] == ["true"] * 2
     ok(pool, "%px -t {} drop(copy);".format(",".join(map(str, host1))))
     assert shared_files() == []
+
+
+def test_the_stop_button_stops_a_value_on_its_way_to_other_hosts(pool):
+    ok(pool, f"let stopped: Vec<f64> = vec![0.5; {128 * MIB}];")
+    worker, result = start(pool, "%push stopped_copy = stopped")
+    # Once the first part is in a carrier's shared memory, the value is on its way.
+    assert wait_until(lambda: any("/carried-" in f for f in shared_files()), 120), shared_files()
+    pool.km.interrupt_kernel()
+    worker.join(60)
+    assert not worker.is_alive()
+    content = result["reply"]["content"]
+    assert content["status"] == "error" and content["ename"] == "Interrupted", content
+    assert "stored nowhere" in content["evalue"], content
+    assert wait_until(lambda: shared_files() == [], 10), shared_files()
+    outputs = ok(pool, "%px 20 + 1")
+    assert [v.split(": ", 1)[1] for v in engine_results(outputs).values()] == ["21"] * 4
+    reply, outputs = pool.execute("%px stopped_copy.len()")
+    assert "cannot find value `stopped_copy`" in str(outputs), outputs
+    ok(pool, "drop(stopped);")
 
 
 def engine_pids(kernel):

@@ -45,6 +45,9 @@ pub mod kind {
     pub const SHARED: u8 = 11;
     /// cell -> host: transfer `id` is written in the region reserved for it; `start` bytes.
     pub const PUT_SHARED: u8 = 12;
+    /// host -> cell: items `start..` of a map's input, as chunk `id`, in the regions of shared
+    /// memory that `extra` lists, as for `SHARED`.
+    pub const CHUNK_SHARED: u8 = 13;
 }
 
 /// Values at least this big go through shared memory when the host offers it; smaller ones
@@ -791,20 +794,22 @@ impl Link {
             if answer.kind == kind::SHARED {
                 let regions =
                     decode_regions(&answer.extra).unwrap_or_else(|e| panic!("parallax: {e}"));
-                write_regions(&regions, data)
-                    .unwrap_or_else(|e| panic!("parallax: cannot write to shared memory: {e}"));
-                self.send(
-                    kind::PUT_SHARED,
-                    id,
-                    len,
-                    "",
-                    &encoded.meta,
-                    &encoded.ends,
-                    &[],
-                    &[],
-                );
-                self.receive();
-                return;
+                // Too little shared memory (a container's small /dev/shm fills up): the
+                // socket it is; the host removes the file it reserved with the transfer.
+                if write_regions(&regions, data).is_ok() {
+                    self.send(
+                        kind::PUT_SHARED,
+                        id,
+                        len,
+                        "",
+                        &encoded.meta,
+                        &encoded.ends,
+                        &[],
+                        &[],
+                    );
+                    self.receive();
+                    return;
+                }
             }
         }
         self.send(
@@ -1073,11 +1078,16 @@ where
     let _quiet = QuietPanics::install();
     loop {
         let chunk = link.receive();
-        if chunk.kind != kind::CHUNK {
-            break;
-        }
+        let source = match chunk.kind {
+            kind::CHUNK => Ok(Source::Memory(&chunk.data)),
+            // Items the notebook wrote into shared memory on this host: read in place.
+            kind::CHUNK_SHARED => decode_regions(&chunk.extra)
+                .and_then(|regions| Source::shared(&regions).map_err(|e| e.to_string())),
+            _ => break,
+        };
         let started = Instant::now();
-        let items: Vec<T> = match decode_items(&chunk.meta, &chunk.ends, &chunk.data) {
+        let decoded = source.and_then(|source| decode_from::<T>(&chunk.meta, &chunk.ends, &source));
+        let items: Vec<T> = match decoded {
             Ok(items) => items,
             Err(e) => {
                 link.send(

@@ -5,11 +5,19 @@
 
 use crate::Outbound;
 use bytes::Bytes;
-use parallax_engine_protocol::shared::{shm_base, Assembly, SharedDir};
-use parallax_engine_protocol::{FromEngine, Outcome, Region};
+use parallax_engine_protocol::shared::{shm_base, Assembly, PartRefused, SharedDir};
+use parallax_engine_protocol::{FromEngine, Outcome};
 use parallax_eval::ipc::Locked;
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Why a carry failed: what arrived was not intact, or this host had no room for it (the
+/// controller then sends the value to each engine instead).
+const DATA_ERROR: &str = "DataError";
+const NO_ROOM: &str = parallax_engine_protocol::NO_SHARED_ROOM;
+
+/// Why a part was refused: the error's name and what went wrong.
+type Refusal = (&'static str, String);
 
 /// The carries this engine holds, by task.
 #[derive(Default)]
@@ -30,27 +38,27 @@ impl Carries {
         buffers: Result<Vec<Bytes>, String>,
         outbound: &Outbound,
     ) {
-        let written = buffers.and_then(|buffers| match buffers.as_slice() {
-            [part] => self.write(task, offset, total, part),
-            other => Err(format!("a part in {} buffers, not one", other.len())),
-        });
+        let written = match buffers.as_deref() {
+            Ok([part]) => self.write(task, offset, total, part),
+            Ok(other) => Err((
+                DATA_ERROR,
+                format!("a part in {} buffers, not one", other.len()),
+            )),
+            Err(why) => Err((DATA_ERROR, why.clone())),
+        };
         let answer = match written {
-            Ok(Some((received, region))) => FromEngine::Carried {
-                task,
-                received,
-                region,
-            },
+            Ok(Some(carried)) => carried,
             // A later part of a carry that already failed: its failure was said.
             Ok(None) => return,
-            Err(why) => {
+            Err((ename, why)) => {
                 tracing::warn!("engine {engine}: dropped carry {task}: {why}");
                 self.held.locked().remove(&task);
                 FromEngine::Done {
                     task,
                     outcome: Outcome::Error {
-                        ename: "DataError".into(),
+                        ename: ename.into(),
                         evalue: why.clone(),
-                        traceback: vec![format!("DataError: {why}\n")],
+                        traceback: vec![format!("{ename}: {why}\n")],
                     },
                     state: None,
                 }
@@ -65,7 +73,7 @@ impl Carries {
         offset: u64,
         total: u64,
         part: &[u8],
-    ) -> Result<Option<(u64, Option<Region>)>, String> {
+    ) -> Result<Option<FromEngine>, Refusal> {
         let mut held = self.held.locked();
         let assembly = match held.entry(task) {
             Entry::Occupied(entry) => entry.into_mut(),
@@ -76,14 +84,24 @@ impl Carries {
                     .dir
                     .get_or_init(|| SharedDir::open(&shm_base()))
                     .as_ref()
-                    .ok_or("this host has no shared memory for a carried value")?;
+                    .ok_or((NO_ROOM, "this host has no shared memory".to_owned()))?;
                 let assembly = Assembly::new(dir, "carried", total)
-                    .map_err(|e| format!("no room for {total} bytes of shared memory: {e}"))?;
+                    .map_err(|e| (NO_ROOM, format!("{total} bytes of shared memory: {e}")))?;
                 entry.insert(assembly)
             }
         };
-        let received = assembly.write(offset, part)?;
-        Ok(Some((received, assembly.region())))
+        let received = assembly
+            .write(offset, part)
+            .map_err(|refused| match refused {
+                // Shared memory filled up (a container's small /dev/shm).
+                PartRefused::NoRoom(why) => (NO_ROOM, why),
+                PartRefused::OutOfPlace(why) => (DATA_ERROR, why),
+            })?;
+        Ok(Some(FromEngine::Carried {
+            task,
+            received,
+            region: assembly.region(),
+        }))
     }
 
     /// Removes carry `task`'s file (the engines that stored it hold their own copies) and

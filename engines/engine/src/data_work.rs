@@ -227,10 +227,7 @@ async fn fetch_value(
                 }
                 _ => false,
             };
-            let buffers = match region.is_some() || streamed {
-                true => payload.ends_buffer(),
-                false => payload.wire_buffers(),
-            };
+            let buffers = payload.buffers_unless(region.is_some() || streamed);
             let fetched = FromEngine::Fetched {
                 task,
                 type_src,

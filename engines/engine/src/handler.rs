@@ -102,8 +102,11 @@ impl Handler {
                 chunk,
                 start,
                 meta,
+                region,
             } => {
-                let items = buffers.and_then(|buffers| Payload::from_wire(meta, buffers));
+                // Items in shared memory are the notebook's: mapped, never removed here.
+                let items =
+                    buffers.and_then(|buffers| Payload::from_message(meta, buffers, region, false));
                 self.chunk(task, chunk, start, items)
             }
             ToEngine::MapEnd { task } => end_map(&self.maps, task),

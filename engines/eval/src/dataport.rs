@@ -338,15 +338,23 @@ fn serve_map(
                 return reply(writer, kind::END, 0, "", &Payload::default());
             }
         };
+        // Items in shared memory on this host are named, not copied through the socket.
+        let shared = items
+            .region()
+            .map(|region| encode_regions(&[SharedRegion::from(region)]));
         let frame = FrameRef {
-            kind: kind::CHUNK,
+            kind: if shared.is_some() {
+                kind::CHUNK_SHARED
+            } else {
+                kind::CHUNK
+            },
             id: chunk,
             start,
             text: "",
             meta: &items.meta,
             ends: &items.ends,
-            data: &items.data,
-            extra: &[],
+            data: if shared.is_some() { &[] } else { &items.data },
+            extra: shared.as_deref().unwrap_or_default(),
         };
         write_frame(writer, &frame).map_err(|e| format!("map: write failed: {e}"))?;
         let done = read_frame(reader, u64::MAX).map_err(|e| format!("map: read failed: {e}"))?;

@@ -79,12 +79,15 @@ pub enum ToEngine {
         func: String,
         share: Share,
     },
-    /// Items `start..` of a map's input (buffers: item ends, then bytes).
+    /// Items `start..` of a map's input (buffers: item ends, then bytes, or the bytes in
+    /// `region` of shared memory on the engine's host).
     Chunk {
         task: u64,
         chunk: u64,
         start: u64,
         meta: DataMeta,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<Region>,
     },
     MapEnd {
         task: u64,
@@ -188,6 +191,10 @@ pub enum Step {
         reason: String,
     },
 }
+
+/// The error a carry ends with when the engine's host has no room in shared memory for it:
+/// the controller then sends the value in each engine's own message.
+pub const NO_SHARED_ROOM: &str = "NoSharedRoom";
 
 /// Pings with nonces from here up time the control path: their answers carry nothing else.
 pub const TIMED_PING_NONCES: u64 = 1 << 63;

@@ -188,6 +188,16 @@ impl Payload {
         vec![ends_to_bytes(&self.ends)]
     }
 
+    /// The buffers of a message for these values: the item ends alone when the bytes travel
+    /// otherwise (the message names where they are, or they went ahead in parts), else both.
+    pub fn buffers_unless(&self, bytes_elsewhere: bool) -> Vec<Bytes> {
+        if bytes_elsewhere {
+            self.ends_buffer()
+        } else {
+            self.wire_buffers()
+        }
+    }
+
     /// Numbers as `usize` items (indices, as a cell reads them).
     pub fn usizes(values: &[u64]) -> Payload {
         let mut data = Vec::with_capacity(values.len() * 8);

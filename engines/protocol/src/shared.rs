@@ -209,6 +209,23 @@ impl Drop for SegmentFile {
     }
 }
 
+/// Why a part of a value was not written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PartRefused {
+    /// Not the part that comes next.
+    OutOfPlace(String),
+    /// Shared memory is full (a container's small /dev/shm).
+    NoRoom(String),
+}
+
+impl std::fmt::Display for PartRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartRefused::OutOfPlace(why) | PartRefused::NoRoom(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A value arriving in parts, written in order into a new file of shared memory this process
 /// owns: what a host's engines then map, instead of each receiving the bytes.
 pub struct Assembly {
@@ -233,20 +250,36 @@ impl Assembly {
 
     /// Writes the part that starts at `offset`, which must be the next one; returns the bytes
     /// held so far.
-    pub fn write(&mut self, offset: u64, part: &[u8]) -> Result<u64, String> {
+    pub fn write(&mut self, offset: u64, part: &[u8]) -> Result<u64, PartRefused> {
         use std::os::unix::fs::FileExt;
         let end = offset.saturating_add(part.len() as u64);
         if offset != self.received || end > self.total {
-            return Err(format!(
+            return Err(PartRefused::OutOfPlace(format!(
                 "a part at {offset}..{end} of {} bytes, when {} had arrived",
                 self.total, self.received
-            ));
+            )));
         }
-        self.file
-            .write_all_at(part, offset)
-            .map_err(|e| format!("cannot write {}: {e}", self.segment.path().display()))?;
+        self.file.write_all_at(part, offset).map_err(|e| {
+            PartRefused::NoRoom(format!(
+                "cannot write {}: {e}",
+                self.segment.path().display()
+            ))
+        })?;
         self.received = end;
         Ok(end)
+    }
+
+    /// The bytes written so far, read back.
+    pub fn written(&self) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0; self.received as usize];
+        File::open(self.segment.path())?.read_exact_at(&mut bytes, 0)?;
+        Ok(bytes)
+    }
+
+    /// The length of the whole value.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 
     /// The whole value's region, once every part has arrived, for a handle made from it

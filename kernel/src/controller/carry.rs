@@ -7,21 +7,32 @@
 
 use super::events::TaskEvent;
 use super::Controller;
-use bytes::Bytes;
-use parallax_engine_protocol::shared::Assembly;
-use parallax_engine_protocol::{DataMeta, Outcome, Payload, Region, ToEngine};
+use bytes::{Bytes, BytesMut};
+use parallax_engine_protocol::shared::{Assembly, PartRefused, SharedDir};
+use parallax_engine_protocol::{DataMeta, Outcome, Payload, Region, ToEngine, NO_SHARED_ROOM};
 use parallax_eval::ipc::Locked;
 use std::collections::HashMap;
 use tokio::sync::mpsc;
 
-/// Fetched values arriving in parts, by task, or why their parts could not be kept.
-pub(super) type Arrivals = HashMap<u64, Result<Assembly, String>>;
+/// Fetched values arriving in parts, by task.
+pub(super) type Arrivals = HashMap<u64, Arrival>;
 
 /// The bytes of one part: big enough that a message's fixed cost vanishes, small enough that
 /// the parts in flight stay a bounded buffer.
 const CARRY_PART: u64 = 8 << 20;
 /// Parts sent and not yet written on the other side.
 const PARTS_IN_FLIGHT: u64 = 4;
+
+/// Why a carry did not finish.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CarryFailed {
+    /// The stop button was pressed.
+    Interrupted,
+    /// The host had no room in shared memory for it, in words.
+    NoRoom(String),
+    /// What went wrong, in words.
+    Error(String),
+}
 
 /// A value held in shared memory on an engine's host until this is dropped.
 pub struct Carried {
@@ -51,7 +62,7 @@ impl Controller {
         engine: u32,
         value: &Payload,
         mut progress: impl FnMut(u64),
-    ) -> Result<Carried, String> {
+    ) -> Result<Carried, CarryFailed> {
         let (events, mut event_rx) = mpsc::unbounded_channel();
         let task = self.registry().open_side_task(engine, &events);
         drop(events);
@@ -72,16 +83,16 @@ impl Controller {
                     offset: sent,
                     total,
                 };
-                let part = value
-                    .read_part(sent, end)
-                    .map_err(|e| format!("cannot read the value's bytes: {e}"))?;
+                let part = value.read_part(sent, end).map_err(|e| {
+                    CarryFailed::Error(format!("cannot read the value's bytes: {e}"))
+                })?;
                 self.send_to(engine, carry, vec![part]).await;
                 sent = end;
                 parts += 1;
             }
             let event = tokio::select! {
                 event = event_rx.recv() => event,
-                _ = interrupts.changed() => return Err("interrupted".into()),
+                _ = interrupts.changed() => return Err(CarryFailed::Interrupted),
             };
             match event {
                 Some(TaskEvent::Carried {
@@ -100,18 +111,94 @@ impl Controller {
                 Some(TaskEvent::Done {
                     outcome: Outcome::Error { ename, evalue, .. },
                     ..
-                }) => return Err(format!("{ename}: {evalue}")),
+                }) if ename == NO_SHARED_ROOM => return Err(CarryFailed::NoRoom(evalue)),
+                Some(TaskEvent::Done {
+                    outcome: Outcome::Error { ename, evalue, .. },
+                    ..
+                }) => return Err(CarryFailed::Error(format!("{ename}: {evalue}"))),
                 Some(_) => {}
-                None => return Err("the pool stopped".into()),
+                None => return Err(CarryFailed::Error("the pool stopped".into())),
             }
         }
     }
 }
 
+/// A fetched value arriving in parts: into the kernel's shared memory, or into memory where
+/// that is full or missing; or why its parts could not be kept.
+pub(super) enum Arrival {
+    Shared(Assembly),
+    Memory { bytes: BytesMut, total: u64 },
+    Failed(String),
+}
+
+impl Arrival {
+    fn new(dir: Option<&SharedDir>, total: u64) -> Arrival {
+        match dir.map(|dir| Assembly::new(dir, "fetch", total)) {
+            Some(Ok(assembly)) => Arrival::Shared(assembly),
+            _ => Arrival::Memory {
+                bytes: BytesMut::new(),
+                total,
+            },
+        }
+    }
+
+    /// Keeps the part at `offset`; returns the bytes kept so far.
+    fn write(&mut self, offset: u64, part: &[u8]) -> Result<u64, String> {
+        match self {
+            Arrival::Shared(assembly) => {
+                match assembly.write(offset, part) {
+                    Ok(received) => Ok(received),
+                    Err(PartRefused::NoRoom(why)) => {
+                        tracing::warn!("engines: shared memory is full ({why}); a fetched value is kept in memory");
+                        let bytes = assembly.written().map_err(|e| e.to_string())?;
+                        let total = assembly.total();
+                        *self = Arrival::Memory {
+                            bytes: BytesMut::from(&bytes[..]),
+                            total,
+                        };
+                        self.write(offset, part)
+                    }
+                    Err(refused) => Err(refused.to_string()),
+                }
+            }
+            Arrival::Memory { bytes, total } => {
+                let end = offset + part.len() as u64;
+                if offset != bytes.len() as u64 || end > *total {
+                    return Err(format!(
+                        "a part at {offset}..{end} of {total} bytes, when {} had arrived",
+                        bytes.len()
+                    ));
+                }
+                bytes.extend_from_slice(part);
+                Ok(end)
+            }
+            Arrival::Failed(why) => Err(why.clone()),
+        }
+    }
+
+    /// The whole value, with the item ends in `buffers`.
+    fn into_payload(self, meta: DataMeta, mut buffers: Vec<Bytes>) -> Result<Payload, String> {
+        match self {
+            Arrival::Shared(assembly) => {
+                let region = assembly.hand_over()?;
+                Payload::from_message(meta, buffers, Some(region), true)
+            }
+            Arrival::Memory { bytes, total } if bytes.len() as u64 == total => {
+                buffers.push(bytes.freeze());
+                Payload::from_message(meta, buffers, None, false)
+            }
+            Arrival::Memory { bytes, total } => {
+                Err(format!("{} of {total} bytes arrived", bytes.len()))
+            }
+            Arrival::Failed(why) => Err(why),
+        }
+    }
+}
+
 impl Controller {
-    /// A part of what fetch `task` of `engine` sends back: written into the kernel's shared
-    /// memory, and answered, so the engine sends more. A part that cannot be kept is still
-    /// answered (the engine finishes) and the fetch fails when its `Fetched` comes.
+    /// A part of what fetch `task` of `engine` sends back: kept, and answered, so the engine
+    /// sends more. A part that cannot be kept is still answered (the engine finishes) and the
+    /// fetch fails when its `Fetched` comes.
     pub(super) fn part_arrived(
         &self,
         engine: u32,
@@ -121,23 +208,17 @@ impl Controller {
         buffers: Vec<Bytes>,
     ) {
         let mut arrivals = self.arrivals.locked();
-        let arrival = arrivals.entry(task).or_insert_with(|| {
-            let dir = self
-                .shared
-                .as_ref()
-                .ok_or("no shared memory on the kernel's host")?;
-            Assembly::new(dir, "fetch", total)
-                .map_err(|e| format!("no room for {total} bytes: {e}"))
-        });
-        let written = match (arrival.as_mut(), buffers.as_slice()) {
-            (Ok(assembly), [part]) => assembly.write(offset, part),
-            (Ok(_), _) => Err(format!("a part in {} buffers, not one", buffers.len())),
-            (Err(e), _) => Err(e.clone()),
+        let arrival = arrivals
+            .entry(task)
+            .or_insert_with(|| Arrival::new(self.shared.as_deref(), total));
+        let written = match buffers.as_slice() {
+            [part] => arrival.write(offset, part),
+            _ => Err(format!("a part in {} buffers, not one", buffers.len())),
         };
         let received = match written {
             Ok(received) => received,
             Err(e) => {
-                *arrival = Err(e);
+                *arrival = Arrival::Failed(e);
                 total
             }
         };
@@ -155,10 +236,7 @@ impl Controller {
         let arrival = self.arrivals.locked().remove(&task);
         match arrival {
             None => Err("its parts never came".into()),
-            Some(arrival) => {
-                let region = arrival?.hand_over()?;
-                Payload::from_message(meta, buffers, Some(region), true)
-            }
+            Some(arrival) => arrival.into_payload(meta, buffers),
         }
     }
 }

@@ -24,7 +24,7 @@ mod pool;
 mod routing;
 pub mod scheduler;
 
-pub use carry::Carried;
+pub use carry::{Carried, CarryFailed};
 pub use collect::{collect, JobView, Piece, Report};
 pub use events::{Events, Observer, TaskEvent, TaskKey};
 pub use launch::{LaunchPlan, Launcher, Mpi, Slurm, Ssh, REGISTER_TIMEOUT};

@@ -3,7 +3,7 @@
 //! scattered part is carried to its own engine. Small values still travel in the messages.
 
 use super::transfer_progress::TransferProgress;
-use crate::controller::{Carried, Controller};
+use crate::controller::{Carried, CarryFailed, Controller};
 use parallax_engine_protocol::{Payload, Region};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,12 +53,14 @@ pub fn plan_carries(
 }
 
 /// What carrying gave: where each engine served reads its bytes, the carries to release once
-/// the engines have stored them, and the engines whose carry failed, with why.
+/// the engines have stored them, the engines whose carry failed, with why, and whether the
+/// stop button ended it.
 #[derive(Default)]
 pub struct Carries {
     pub regions: BTreeMap<u32, Region>,
     pub held: Vec<Carried>,
     pub failed: BTreeMap<u32, String>,
+    pub interrupted: bool,
 }
 
 /// Carries what `parts` has for engines of other hosts there, showing the bytes carried so
@@ -105,7 +107,14 @@ async fn carry_all(
                 }
                 carries.held.push(held);
             }
-            Err(why) => {
+            Err(CarryFailed::Interrupted) => carries.interrupted = true,
+            // Its engines get the value in their own messages, as before carrying.
+            Err(CarryFailed::NoRoom(why)) => tracing::warn!(
+                "no room to carry a value to engine {}'s host ({why}); sending it to engines {:?} each",
+                plan.carrier,
+                plan.engines
+            ),
+            Err(CarryFailed::Error(why)) => {
                 let why = if plan.engines.len() > 1 {
                     format!("carrying the value to engine {}: {why}", plan.carrier)
                 } else {

@@ -445,13 +445,18 @@ impl<'a> MapRun<'a> {
         } in self.scheduler.assign()
         {
             let part = items.slice(start, end);
+            // An engine of this host reads its items where the notebook wrote them.
+            let region = part
+                .region()
+                .filter(|_| self.mover.controller.is_local(engine));
+            let buffers = part.buffers_unless(region.is_some());
             let message = ToEngine::Chunk {
                 task,
                 chunk,
                 start,
                 meta: part.wire_meta(),
+                region,
             };
-            let buffers = part.wire_buffers();
             self.mover
                 .controller
                 .send_to(engine, message, buffers)

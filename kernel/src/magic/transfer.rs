@@ -164,6 +164,17 @@ impl DataMover {
         let carries =
             carrying::carry_to_other_hosts(&self.controller, &part_of, scatter, &mut progress)
                 .await;
+        if carries.interrupted {
+            progress.finish(true);
+            return Err(CellError::plain(
+                "Interrupted",
+                format!(
+                    "{magic} {} was stopped while the value crossed to other hosts; \
+                     it was stored nowhere",
+                    command.name
+                ),
+            ));
+        }
         let mut failed: Vec<String> = carries
             .failed
             .iter()
@@ -184,10 +195,7 @@ impl DataMover {
                     Some(carried) => Some(carried.clone()),
                     None => part.region().filter(|_| self.controller.is_local(engine)),
                 };
-                let buffers = match region {
-                    Some(_) => part.ends_buffer(),
-                    None => part.wire_buffers(),
-                };
+                let buffers = part.buffers_unless(region.is_some());
                 let store = ToEngine::Store {
                     task,
                     name: command.name.clone(),
