@@ -9,7 +9,6 @@ Usage: bench/data_hosts.sh [--runs 3]
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from testbed import HEAD_IP, Hosts  # noqa: E402
 
-from peers_bench import IPP_SETUP, MIB, Kernel, measure_moves, print_moves  # noqa: E402
+from peers_bench import IPP_SETUP, MIB, Kernel, measure_moves, print_moves, stop_kernels  # noqa: E402
 
 BINARY = os.environ["PARALLAX_BIN"]
 PEERS_PYTHON = os.environ["PEERS_PYTHON"]
@@ -89,13 +88,7 @@ def main():
         ipy.cell("dv.execute('del hundred_e', block=True); del hundred")
         figures = measure_moves(px, ipy, args.runs)
     finally:
-        for kernel in kernels:
-            try:
-                if kernel.name == "bench-ipython":
-                    kernel.cell("'cluster' in dir() and cluster.stop_cluster_sync()", timeout=60)
-                kernel.stop()
-            except Exception as error:  # noqa: BLE001 - best effort at the end of a run
-                print(f"cleaning up {kernel.name}: {error}")
+        stop_kernels(kernels)
         for engine in ipengines:
             engine.kill()
             engine.wait()

@@ -186,20 +186,24 @@ def print_moves(figures):
         print(f"| {label} | {name} | {' | '.join(cells)} | {ratio_text} |")
 
 
+def stop_kernels(kernels):
+    """Stops every kernel of a run, also a failed one: ipyparallel's cluster first, since its
+    processes outlive their kernel."""
+    for kernel in kernels:
+        try:
+            if kernel.name == "bench-ipython":
+                kernel.cell("'cluster' in dir() and cluster.stop_cluster_sync()", timeout=60)
+            kernel.stop()
+        except Exception as error:  # noqa: BLE001 - best effort at the end of a run
+            print(f"cleaning up {kernel.name}: {error}")
+
+
 def main():
     kernels = []
     try:
         measure_all(kernels)
     finally:
-        # A failed run must not leave clusters behind: ipyparallel's processes outlive their
-        # kernel.
-        for kernel in kernels:
-            try:
-                if kernel.name == "bench-ipython":
-                    kernel.cell("'cluster' in dir() and cluster.stop_cluster_sync()", timeout=60)
-                kernel.stop()
-            except Exception as error:  # noqa: BLE001 - best effort at the end of a run
-                print(f"cleaning up {kernel.name}: {error}")
+        stop_kernels(kernels)
 
 
 def measure_all(kernels):

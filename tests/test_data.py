@@ -79,17 +79,21 @@ VALUES = {
 }
 
 
+def round_trip(kernel, item, expr, engines):
+    """`source` scattered and gathered, pushed and pulled from `engines` engines: equal to
+    itself each time, checked in Rust in the notebook."""
+    ok(kernel, f"let source: Vec<{item}> = {expr};")
+    ok(kernel, "%scatter part = source", timeout=600)
+    ok(kernel, "%gather part -o gathered", timeout=600)
+    check(kernel, "assert_eq!(gathered, source);")
+    ok(kernel, "%push whole = source", timeout=600)
+    ok(kernel, "%pull whole -o pulled", timeout=600)
+    check(kernel, f"assert_eq!(pulled.len(), {engines}); assert!(pulled.iter().all(|w| w == &source));")
+
+
 @pytest.mark.parametrize("name", list(VALUES))
 def test_round_trips_equal_the_source(cluster, name):
-    item, expr = VALUES[name]
-    ok(cluster, f"let source: Vec<{item}> = {expr};")
-    ok(cluster, "%scatter part = source")
-    assert shared_files() == []
-    ok(cluster, "%gather part -o gathered")
-    check(cluster, "assert_eq!(gathered, source);")
-    ok(cluster, "%push whole = source")
-    ok(cluster, "%pull whole -o pulled")
-    check(cluster, "assert_eq!(pulled.len(), 4); assert!(pulled.iter().all(|w| w == &source));")
+    round_trip(cluster, *VALUES[name], engines=4)
     assert shared_files() == []
 
 
@@ -124,13 +128,7 @@ def test_values_too_big_for_shared_memory_go_through_the_sockets(kernelspec, tmp
                                env={"PARALLAX_SHM_DIR": str(small)})
         try:
             ok(kernel, "%cluster start -n 2", timeout=600)
-            ok(kernel, f"let source: Vec<f64> = (0..{40 * MIB // 8}).map(|i| i as f64 * 0.5).collect();")
-            ok(kernel, "%push whole = source", timeout=600)
-            ok(kernel, "%pull whole -o pulled", timeout=600)
-            check(kernel, "assert_eq!(pulled.len(), 2); assert!(pulled.iter().all(|w| w == &source));")
-            ok(kernel, "%scatter part = source", timeout=600)
-            ok(kernel, "%gather part -o gathered", timeout=600)
-            check(kernel, "assert_eq!(gathered, source);")
+            round_trip(kernel, "f64", f"(0..{40 * MIB // 8}).map(|i| i as f64 * 0.5).collect()", engines=2)
             assert [f for d in small.iterdir() for f in d.iterdir()] == []
         finally:
             kernel.stop()

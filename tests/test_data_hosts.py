@@ -16,7 +16,7 @@ import pytest
 from conftest import (
     ARTIFACTS, RunningKernel, check, engine_results, ok, parallax_binary, stream_text, wait_until,
 )
-from test_data import MIB, TYPES, VALUES, shared_files, start
+from test_data import MIB, TYPES, VALUES, round_trip, shared_files, start
 from testbed import HEAD_IP, Hosts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -62,14 +62,7 @@ def hosts_of(kernel):
 
 @pytest.mark.parametrize("name", list(VALUES))
 def test_round_trips_to_two_other_hosts_equal_the_source(pool, name):
-    item, expr = VALUES[name]
-    ok(pool, f"let source: Vec<{item}> = {expr};")
-    ok(pool, "%scatter part = source", timeout=600)
-    ok(pool, "%gather part -o gathered", timeout=600)
-    check(pool, "assert_eq!(gathered, source);")
-    ok(pool, "%push whole = source", timeout=600)
-    ok(pool, "%pull whole -o pulled", timeout=600)
-    check(pool, "assert_eq!(pulled.len(), 4); assert!(pulled.iter().all(|w| w == &source));")
+    round_trip(pool, *VALUES[name], engines=4)
     assert shared_files() == []
 
 

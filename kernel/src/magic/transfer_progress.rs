@@ -36,20 +36,13 @@ impl TransferProgress {
 
     /// Awaits `work`, redrawing the block with `doing` and its time meanwhile.
     pub async fn during<T>(&mut self, doing: &str, work: impl Future<Output = T>) -> T {
-        let mut work = std::pin::pin!(work);
-        let mut tick = tokio::time::interval(REDRAW_EVERY);
-        let began = Instant::now();
-        loop {
-            tokio::select! {
-                done = &mut work => return done,
-                _ = tick.tick() => {
-                    if self.block.due() {
-                        let text = format!("{}: {doing} ({:.1} s)", self.what, began.elapsed().as_secs_f64());
-                        self.block.draw(&text, &html_escape(&text));
-                    }
-                }
-            }
-        }
+        let what = self.what.clone();
+        self.redrawing(work, |elapsed| {
+            let text = format!("{what}: {doing} ({:.1} s)", elapsed.as_secs_f64());
+            let html = html_escape(&text);
+            (text, html)
+        })
+        .await
     }
 
     /// Awaits `work`, redrawing the block with `doing`, the bytes `counted` of `total` and
@@ -61,6 +54,30 @@ impl TransferProgress {
         total: u64,
         work: impl Future<Output = T>,
     ) -> T {
+        let what = self.what.clone();
+        self.redrawing(work, |elapsed| {
+            let bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
+            let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-3);
+            let text = format!(
+                "{what}: {doing}: {} of {}, {}/s ({:.1} s)",
+                human_bytes(bytes),
+                human_bytes(total),
+                human_bytes(rate as u64),
+                elapsed.as_secs_f64()
+            );
+            let percent = 100.0 * bytes as f64 / total.max(1) as f64;
+            let html = with_bar(percent, &text);
+            (text, html)
+        })
+        .await
+    }
+
+    /// Awaits `work`, redrawing the block with what `frame` makes of the time so far.
+    async fn redrawing<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+        frame: impl Fn(Duration) -> (String, String),
+    ) -> T {
         let mut work = std::pin::pin!(work);
         let mut tick = tokio::time::interval(REDRAW_EVERY);
         let began = Instant::now();
@@ -69,22 +86,7 @@ impl TransferProgress {
                 done = &mut work => return done,
                 _ = tick.tick() => {
                     if self.block.due() {
-                        let bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
-                        let rate = bytes as f64 / began.elapsed().as_secs_f64().max(1e-3);
-                        let text = format!(
-                            "{}: {doing}: {} of {}, {}/s ({:.1} s)",
-                            self.what,
-                            human_bytes(bytes),
-                            human_bytes(total),
-                            human_bytes(rate as u64),
-                            began.elapsed().as_secs_f64()
-                        );
-                        let percent = 100.0 * bytes as f64 / total.max(1) as f64;
-                        let html = format!(
-                            "<div style=\"display:flex;align-items:center;gap:8px\">{}<span>{}</span></div>",
-                            bar(percent, 10, "#4a90d9"),
-                            html_escape(&text)
-                        );
+                        let (text, html) = frame(began.elapsed());
                         self.block.draw(&text, &html);
                     }
                 }
@@ -161,13 +163,18 @@ impl TransferProgress {
             },
         );
         let percent = 100.0 * moving.moved as f64 / moving.total.max(1) as f64;
-        let html = format!(
-            "<div style=\"display:flex;align-items:center;gap:8px\">{}<span>{}</span></div>",
-            bar(percent, 10, "#4a90d9"),
-            html_escape(&text)
-        );
+        let html = with_bar(percent, &text);
         (text, html)
     }
+}
+
+/// `text` after a bar filled to `percent`, as HTML.
+fn with_bar(percent: f64, text: &str) -> String {
+    format!(
+        "<div style=\"display:flex;align-items:center;gap:8px\">{}<span>{}</span></div>",
+        bar(percent, 10, "#4a90d9"),
+        html_escape(text)
+    )
 }
 
 fn seconds_text(left: Duration) -> String {
