@@ -5,20 +5,15 @@
 use crate::sharing::{self, outcome_of, Core};
 use crate::{DataWork, Fetch, Outbound, Store};
 use bytes::Bytes;
-use parallax_engine_protocol::{FromEngine, Outcome, Payload, Share};
+use parallax_engine_protocol::{
+    FromEngine, Outcome, Payload, Share, PARTS_FROM, PARTS_IN_FLIGHT, PART_BYTES,
+};
 use parallax_eval::ipc::Locked;
 use parallax_eval::{cells, CellError, MapInput, MapOutput, StreamSink};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
-
-/// The bytes of one part of a value sent back in parts, and how many may be unanswered: a
-/// bounded buffer on both sides (the socket copies what it sends).
-const PART: u64 = 8 << 20;
-const PARTS_IN_FLIGHT: u64 = 4;
-/// Values smaller than this go back in the `Fetched` message itself.
-const PARTS_FROM: u64 = 64 << 10;
 
 /// The fetches sending values back in parts, by task: where the controller's `Received`
 /// answers go.
@@ -47,13 +42,13 @@ impl Acks {
         let total = data.len() as u64;
         let mut sent = 0;
         while sent < total {
-            while sent - *self.received.borrow() >= PARTS_IN_FLIGHT * PART {
+            while sent - *self.received.borrow() >= PARTS_IN_FLIGHT * PART_BYTES {
                 self.received
                     .changed()
                     .await
                     .map_err(|_| "the engine is stopping".to_owned())?;
             }
-            let end = (sent + PART).min(total);
+            let end = (sent + PART_BYTES).min(total);
             let part = FromEngine::FetchedPart {
                 task: self.task,
                 offset: sent,

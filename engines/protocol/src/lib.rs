@@ -192,6 +192,16 @@ pub enum Step {
     },
 }
 
+/// Values that cross between hosts in parts (carries out, fetches back): the bytes of one part,
+/// big enough that a message's fixed cost vanishes and small enough that the parts in flight
+/// stay a bounded buffer on both sides (the socket copies what it sends)...
+pub const PART_BYTES: u64 = 8 << 20;
+/// ...how many parts may be sent and not yet answered...
+pub const PARTS_IN_FLIGHT: u64 = 4;
+/// ...and the smallest value sent that way: smaller ones travel in one message, where a round
+/// trip more would cost more than it saves.
+pub const PARTS_FROM: u64 = 64 << 10;
+
 /// The error a carry ends with when the engine's host has no room in shared memory for it:
 /// the controller then sends the value in each engine's own message.
 pub const NO_SHARED_ROOM: &str = "NoSharedRoom";

@@ -9,19 +9,15 @@ use super::events::TaskEvent;
 use super::Controller;
 use bytes::{Bytes, BytesMut};
 use parallax_engine_protocol::shared::{Assembly, PartRefused, SharedDir};
-use parallax_engine_protocol::{DataMeta, Outcome, Payload, Region, ToEngine, NO_SHARED_ROOM};
+use parallax_engine_protocol::{
+    DataMeta, Outcome, Payload, Region, ToEngine, NO_SHARED_ROOM, PARTS_IN_FLIGHT, PART_BYTES,
+};
 use parallax_eval::ipc::Locked;
 use std::collections::HashMap;
 use tokio::sync::mpsc;
 
 /// Fetched values arriving in parts, by task.
 pub(super) type Arrivals = HashMap<u64, Arrival>;
-
-/// The bytes of one part: big enough that a message's fixed cost vanishes, small enough that
-/// the parts in flight stay a bounded buffer.
-const CARRY_PART: u64 = 8 << 20;
-/// Parts sent and not yet written on the other side.
-const PARTS_IN_FLIGHT: u64 = 4;
 
 /// Why a carry did not finish.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,8 +72,8 @@ impl Controller {
         let (mut sent, mut received, mut parts) = (0, 0, 0);
         loop {
             // At least one part, so that an empty value has a file too.
-            while (sent < total || parts == 0) && sent - received < PARTS_IN_FLIGHT * CARRY_PART {
-                let end = (sent + CARRY_PART).min(total);
+            while (sent < total || parts == 0) && sent - received < PARTS_IN_FLIGHT * PART_BYTES {
+                let end = (sent + PART_BYTES).min(total);
                 let carry = ToEngine::Carry {
                     task,
                     offset: sent,

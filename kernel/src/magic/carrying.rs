@@ -4,13 +4,9 @@
 
 use super::transfer_progress::TransferProgress;
 use crate::controller::{Carried, CarryFailed, Controller};
-use parallax_engine_protocol::{Payload, Region};
+use parallax_engine_protocol::{Payload, Region, PARTS_FROM};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Values smaller than this travel in the store's message itself: carrying them costs a round
-/// trip more than it saves.
-pub const CARRY_FROM: u64 = 64 << 10;
 
 /// One value's bytes for one host: who receives them, and which engines there store them.
 #[derive(Debug, PartialEq)]
@@ -30,7 +26,7 @@ pub fn plan_carries(
     let mut by_host: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     let mut plans = Vec::new();
     for (&engine, part) in parts {
-        if (part.data.len() as u64) < CARRY_FROM {
+        if (part.data.len() as u64) < PARTS_FROM {
             continue;
         }
         let Some(host) = host_of(engine) else {
