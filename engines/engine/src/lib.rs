@@ -332,8 +332,9 @@ pub(crate) fn end_map(maps: &SharedMaps, task: u64) {
 }
 
 /// The commands every engine context executes before its first cell: the dependency cache,
-/// and the helper crates cells use without a `:dep` of their own. All of them come first:
-/// a crate added after a cell defined a type makes evcxr drop the variables of that type.
+/// the helper crates cells use without a `:dep` of their own, and the display stand-in that
+/// spares an expression cell its second build. The crates come first: a crate added after a
+/// cell defined a type makes evcxr drop the variables of that type.
 fn preludes() -> Vec<String> {
     let mut preludes = vec![DEPENDENCY_CACHE.to_owned()];
     if offline::is_offline() {
@@ -354,6 +355,7 @@ fn preludes() -> Vec<String> {
             Err(e) => tracing::warn!("could not write the {name} crate: {e}"),
         }
     }
+    preludes.push(parallax_eval::display::ON.to_owned());
     preludes
 }
 

@@ -3,6 +3,7 @@
 //! cell's panic as structured data.
 
 use crate::diagnostics::{self, CellError};
+use crate::display::{self, DisplaySettings};
 use crate::gateway::Recorder;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
@@ -151,6 +152,8 @@ struct Engine {
     /// The pid of the evaluation process our panic hook was installed in.
     hooked_pid: Option<u32>,
     recorder: Option<Arc<dyn Recorder>>,
+    /// How evcxr shows values, followed so that the display stand-in is on only when it fits.
+    display: DisplaySettings,
 }
 
 pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Option<Compiling>) {
@@ -176,6 +179,7 @@ pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Opti
                 sink,
                 hooked_pid: None,
                 recorder: recorder.clone(),
+                display: DisplaySettings::default(),
             };
             let context_built = started.elapsed();
             // A compiling evaluator installs it in its first cell, so that the engines that
@@ -307,12 +311,83 @@ impl Engine {
     }
 
     fn install_panic_hook(&mut self) -> Result<(), String> {
-        self.begin_entry(PANIC_HOOK_CELL);
-        let result = self.ctx.execute(PANIC_HOOK_CELL);
-        self.end_entry(result.is_ok());
-        result.map_err(|e| e.to_string())?;
+        self.run_hidden(PANIC_HOOK_CELL)?;
         self.hooked_pid = self.runtime_pid();
         Ok(())
+    }
+
+    /// A cell of Parallax's own, recorded like any other so that engines that share this
+    /// context's cells run it too; its output goes nowhere.
+    fn run_hidden(&mut self, code: &str) -> Result<(), String> {
+        self.begin_entry(code);
+        let result = guarded(|| self.ctx.execute(code));
+        self.end_entry(matches!(result, Ok(Ok(_))));
+        result?.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Runs a cell in evcxr, recorded as an entry.
+    fn evaluate(
+        &mut self,
+        code: &str,
+        ask: &dyn Fn(&str, bool) -> String,
+    ) -> Result<Result<evcxr::EvalOutputs, evcxr::Error>, String> {
+        self.begin_entry(code);
+        let result = guarded(|| {
+            self.ctx.execute_with_callbacks(
+                code,
+                // evcxr does not export its request type; the closure's argument is inferred.
+                &mut EvalCallbacks {
+                    input_reader: &|request| ask(&request.prompt, request.is_password),
+                },
+            )
+        });
+        self.end_entry(matches!(result, Ok(Ok(_))));
+        result
+    }
+
+    /// A cell that failed to compile on an ambiguous method (nothing ran), compiled again with
+    /// the display stand-in off. When that works, the value's type has an `evcxr_display`
+    /// from a trait of the notebook's, which the stand-in made ambiguous, and evcxr's own
+    /// display stays on from now on; when it fails too, the ambiguity was the cell's own and
+    /// its first error stands.
+    fn evaluate_without_stand_in(
+        &mut self,
+        code: &str,
+        ask: &dyn Fn(&str, bool) -> String,
+        first: Result<Result<evcxr::EvalOutputs, evcxr::Error>, String>,
+    ) -> Result<Result<evcxr::EvalOutputs, evcxr::Error>, String> {
+        if let Err(e) = self.run_hidden(display::OFF) {
+            tracing::warn!("could not turn the display stand-in off: {e}");
+            return first;
+        }
+        let again = self.evaluate(code, ask);
+        if matches!(again, Ok(Err(evcxr::Error::CompilationErrors(_)))) {
+            if let Err(e) = self.run_hidden(display::ON) {
+                tracing::warn!("could not turn the display stand-in back on: {e}");
+                self.display.conflict_seen();
+            }
+            return first;
+        }
+        tracing::info!("a trait of the notebook's gives values evcxr_display: stand-in off");
+        self.display.conflict_seen();
+        again
+    }
+
+    /// After a cell that may have changed how evcxr shows values, turns the display stand-in
+    /// on or off to match.
+    fn follow_display(&mut self, code: &str) {
+        if !DisplaySettings::may_change(code) {
+            return;
+        }
+        let fitted = self.display.stand_in_fits();
+        self.display.follow(code);
+        let fits = self.display.stand_in_fits();
+        if fits != fitted {
+            let cell = if fits { display::ON } else { display::OFF };
+            if let Err(e) = self.run_hidden(cell) {
+                tracing::warn!("could not switch the display stand-in: {e}");
+            }
+        }
     }
 
     fn begin_entry(&self, code: &str) {
@@ -337,6 +412,10 @@ impl Engine {
             recorder.begin_replay(entry.lines);
             let result = guarded(|| self.ctx.execute(&entry.code));
             let asked = recorder.end_replay();
+            if matches!(result, Ok(Ok(_))) {
+                // The switches it caused are entries of their own, replayed in turn.
+                self.display.follow(&entry.code);
+            }
             let failed = match result {
                 Ok(Ok(_)) => None,
                 // A recorded death or type change ends the execution with an error after it ran.
@@ -364,7 +443,7 @@ impl Engine {
     /// that move data then say the crate is missing.
     fn add_helpers(&mut self, interrupter: &Interrupter) {
         let lines = crate::cells::data_crate_dep()
-            .map(|dep| [":cache 4000".to_owned(), dep])
+            .map(|dep| [":cache 4000".to_owned(), dep, display::ON.to_owned()])
             .map_err(|e| format!("writing the parallax_data crate: {e}"));
         let added = lines.and_then(|lines| {
             lines.iter().try_for_each(|line| {
@@ -403,17 +482,15 @@ impl Engine {
             }
         };
         let _running = interrupter.begin_cell();
-        self.begin_entry(code);
-        let result = guarded(|| {
-            self.ctx.execute_with_callbacks(
-                code,
-                // evcxr does not export its request type; the closure's argument is inferred.
-                &mut EvalCallbacks {
-                    input_reader: &|request| ask(&request.prompt, request.is_password),
-                },
-            )
-        });
-        self.end_entry(matches!(result, Ok(Ok(_))));
+        let mut result = self.evaluate(code, &ask);
+        if let Ok(Err(evcxr::Error::CompilationErrors(errors))) = &result {
+            if self.display.stand_in_fits() && display::may_conflict(errors) {
+                result = self.evaluate_without_stand_in(code, &ask, result);
+            }
+        }
+        if matches!(result, Ok(Ok(_))) {
+            self.follow_display(code);
+        }
         let interruption = interrupter.take_interruption();
         // stderr arrives through its own pipe; give a line written just before the cell ended
         // the moment it needs to reach its channel, so it is published before the result.

@@ -7,6 +7,7 @@ mod context;
 pub mod crate_lock;
 pub mod dataport;
 pub mod diagnostics;
+pub mod display;
 pub mod evalproto;
 mod evaluator;
 pub mod gateway;
