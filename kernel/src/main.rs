@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
     // roles this call never returns. It must come before anything else but the line above.
     // Parallax's own evaluation processes: an engine's store, a compiling context's relay to
-    // it, and a runtime that records the compiled cells it runs.
+    // it, a runtime that records the compiled cells it runs, and the notebook's.
     if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
         if let Some(socket) = std::env::var_os(parallax_eval::gateway::RELAY_VAR) {
             parallax_eval::relay::serve(std::path::Path::new(&socket));
@@ -118,7 +118,10 @@ fn main() -> ExitCode {
         if let Some(report) = std::env::var_os(parallax_eval::runtime::REPORT_VAR) {
             parallax_eval::runtime::serve(Some(std::path::Path::new(&report)));
         }
+        // The notebook's own: ours rather than evcxr's, for the cached cells' entry alias.
+        parallax_eval::runtime::serve(None);
     }
+    parallax_eval::cell_build::serve_if_cell_build();
     parallax_eval::crate_lock::hold_while_wrapping_rustc();
     evcxr::runtime_hook();
     let cli = Cli::parse();

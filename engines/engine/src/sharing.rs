@@ -12,6 +12,7 @@
 
 use crate::{Maps, Outbound, SharedMaps};
 use parallax_engine_protocol::{FromEngine, Outcome, Role, Share, StateReport, Step};
+use parallax_eval::cell_build::BuildCounter;
 use parallax_eval::cells;
 use parallax_eval::gateway::{Forward, Gateway, Shared};
 use parallax_eval::history::{Entry, History};
@@ -125,6 +126,8 @@ pub struct Core {
     /// (nothing an interrupt can stop without losing the work) ends as soon as it is built.
     pub cancelled: Arc<AtomicU64>,
     line_running: Arc<AtomicBool>,
+    /// What this engine's compiling contexts have built, all of them.
+    builds: BuildCounter,
 }
 
 impl Core {
@@ -166,6 +169,7 @@ impl Core {
             maps: Arc::new(Mutex::new(Maps::default())),
             cancelled: Arc::new(AtomicU64::new(u64::MAX)),
             line_running,
+            builds: BuildCounter::default(),
         })
     }
 
@@ -181,6 +185,7 @@ impl Core {
             entries: history.len() as u64,
             compiler: self.compiler.is_some(),
             note: self.note.clone(),
+            builds: self.builds.get(),
         }
     }
 
@@ -362,6 +367,7 @@ impl Core {
                 relay,
                 recorder: Arc::new(self.gateway.clone()),
                 runtime: self.store.locked().handle(),
+                builds: self.builds.clone(),
             },
             self.interrupter.clone(),
         );

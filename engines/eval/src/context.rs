@@ -2,6 +2,7 @@
 //! its stdout and stderr streamed to the running cell's sink, and the panic hook that reports a
 //! cell's panic as structured data.
 
+use crate::cell_build::{BuildCounter, BuildReport};
 use crate::diagnostics::{self, CellError};
 use crate::display::{self, DisplaySettings};
 use crate::gateway::Recorder;
@@ -88,6 +89,8 @@ pub(crate) enum Job {
 /// engine's store and records each execution.
 pub struct Compiling {
     pub relay: std::process::Command,
+    /// Counts the context's builds; kept by the engine across the contexts it starts.
+    pub builds: BuildCounter,
     pub recorder: Arc<dyn Recorder>,
     /// The store's process, which an interrupt of a running cell kills.
     pub runtime: Arc<Mutex<std::process::Child>>,
@@ -154,52 +157,19 @@ struct Engine {
     recorder: Option<Arc<dyn Recorder>>,
     /// How evcxr shows values, followed so that the display stand-in is on only when it fits.
     display: DisplaySettings,
+    /// Where the rustc wrapper counts this context's builds, and their running total.
+    report: BuildReport,
+    builds: BuildCounter,
 }
 
-pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Option<Compiling>) {
-    let sink = Arc::new(Mutex::new(discard_output()));
-    let started = Instant::now();
-    let (context, recorder, runtime) = match compiling {
-        None => (CommandContext::new(), None, None),
-        Some(compiling) => (
-            evcxr::EvalContext::with_subprocess_command(compiling.relay)
-                .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
-            Some(compiling.recorder),
-            Some(compiling.runtime),
-        ),
-    };
-    let mut engine = match context {
-        Ok((ctx, outputs)) => {
-            let stdout = StreamForwarder::spawn("stdout", outputs.stdout, sink.clone());
-            let stderr = StreamForwarder::spawn("stderr", outputs.stderr, sink.clone());
-            let mut engine = Engine {
-                ctx,
-                stdout,
-                stderr,
-                sink,
-                hooked_pid: None,
-                recorder: recorder.clone(),
-                display: DisplaySettings::default(),
-            };
-            let context_built = started.elapsed();
-            // A compiling evaluator installs it in its first cell, so that the engines that
-            // share its compiled cells install it too.
-            if recorder.is_none() {
-                if let Err(e) = engine.install_panic_hook() {
-                    tracing::warn!("could not install the panic hook: {e}");
-                }
-                // The notebook's context: its helpers come before any cell (an engine's
-                // arrive with its first cell's preludes instead).
-                engine.add_helpers(&interrupter);
-            }
-            tracing::info!(
-                "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
-                started.elapsed()
-            );
-            Ok(engine)
-        }
-        Err(e) => Err(format!("could not start the Rust evaluator (evcxr): {e}")),
-    };
+pub(crate) fn run(
+    jobs: Receiver<Job>,
+    interrupter: Interrupter,
+    compiling: Option<Compiling>,
+    builds: BuildCounter,
+) {
+    let runtime = compiling.as_ref().map(|c| c.runtime.clone());
+    let mut engine = Engine::start(compiling, &interrupter, builds);
     if let Err(e) = &engine {
         tracing::error!("{e}");
     }
@@ -260,6 +230,7 @@ pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, compiling: Opti
                 let _ = done.send(found);
             }
         }
+        engine.builds.add(engine.report.take());
     }
 }
 
@@ -302,6 +273,59 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 }
 
 impl Engine {
+    /// Builds the evcxr context: the notebook's own (`compiling` is none), or one that
+    /// compiles for an engine's store. The notebook's gets its helpers at once.
+    fn start(
+        compiling: Option<Compiling>,
+        interrupter: &Interrupter,
+        builds: BuildCounter,
+    ) -> Result<Engine, String> {
+        let started = Instant::now();
+        let sink = Arc::new(Mutex::new(discard_output()));
+        let (context, recorder) = match compiling {
+            None => (CommandContext::new(), None),
+            Some(compiling) => (
+                evcxr::EvalContext::with_subprocess_command(compiling.relay)
+                    .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
+                Some(compiling.recorder),
+            ),
+        };
+        let (ctx, outputs) =
+            context.map_err(|e| format!("could not start the Rust evaluator (evcxr): {e}"))?;
+        let mut engine = Engine {
+            ctx,
+            stdout: StreamForwarder::spawn("stdout", outputs.stdout, sink.clone()),
+            stderr: StreamForwarder::spawn("stderr", outputs.stderr, sink.clone()),
+            sink,
+            hooked_pid: None,
+            recorder: recorder.clone(),
+            display: DisplaySettings::default(),
+            report: BuildReport::fresh(),
+            builds,
+        };
+        let context_built = started.elapsed();
+        // Before any build, so that cargo's environment never changes between two.
+        if let Err(e) = engine.ctx.execute(&engine.report.command()) {
+            tracing::warn!("builds will not be counted: {e}");
+        }
+        // A compiling evaluator installs it in its first cell, so that the engines that
+        // share its compiled cells install it too.
+        if recorder.is_none() {
+            if let Err(e) = engine.install_panic_hook() {
+                tracing::warn!("could not install the panic hook: {e}");
+            }
+            // The notebook's context: its helpers come before any cell (an engine's
+            // arrive with its first cell's preludes instead).
+            engine.add_helpers(interrupter);
+        }
+        engine.builds.add(engine.report.take());
+        tracing::info!(
+            "evaluator ready in {:.2?} (evcxr context {context_built:.2?})",
+            started.elapsed()
+        );
+        Ok(engine)
+    }
+
     fn runtime_pid(&self) -> Option<u32> {
         self.ctx
             .process_handle()

@@ -1,6 +1,7 @@
 //! Local evaluation: the `Evaluator` handle the kernel and each engine hold, cheap to clone and
 //! usable from async code; its jobs run on the context's own thread (`crate::context`).
 
+use crate::cell_build::BuildCounter;
 use crate::context::{run, Compiling, Job};
 use crate::dataport::DataPort;
 use crate::diagnostics::CellError;
@@ -8,6 +9,7 @@ use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::outputs::{CellOutput, InputAsker, StreamSink};
 use crossbeam_channel::Sender;
+use parallax_engine_protocol::BuildCounts;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -19,6 +21,7 @@ pub struct Evaluator {
     interrupter: Interrupter,
     /// The data socket, opened on the first data cell (the context has the crate from its start).
     data: Arc<tokio::sync::OnceCell<DataPort>>,
+    builds: BuildCounter,
 }
 
 impl Evaluator {
@@ -36,15 +39,26 @@ impl Evaluator {
     fn start_with(compiling: Option<Compiling>, interrupter: Interrupter) -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let thread_interrupter = interrupter.clone();
+        let builds = compiling
+            .as_ref()
+            .map(|c| c.builds.clone())
+            .unwrap_or_default();
+        let counted = builds.clone();
         std::thread::Builder::new()
             .name("evaluator".into())
-            .spawn(move || run(job_rx, thread_interrupter, compiling))
+            .spawn(move || run(job_rx, thread_interrupter, compiling, counted))
             .expect("spawning the evaluator thread");
         Evaluator {
             jobs,
             interrupter,
             data: Arc::default(),
+            builds,
         }
+    }
+
+    /// What this evaluator's context has built so far (updated after each job).
+    pub fn builds(&self) -> BuildCounts {
+        self.builds.get()
     }
 
     pub fn interrupter(&self) -> &Interrupter {

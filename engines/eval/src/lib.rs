@@ -2,6 +2,7 @@
 //! evcxr context on a thread of its own, output streamed to a per-cell sink while the cell runs,
 //! panics reported with the variables that survived, and interrupts that work.
 
+pub mod cell_build;
 pub mod cells;
 mod context;
 pub mod crate_lock;

@@ -55,8 +55,11 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
         // takes and returns the variable store, as evcxr's own runtime calls it.
         let result = unsafe {
             libloading::Library::new(path).and_then(|library| {
+                type Entry = extern "C" fn(*mut c_void) -> *mut c_void;
+                // A library from the compiled-cell cache has its first build's entry name.
                 let run = library
-                    .get::<extern "C" fn(*mut c_void) -> *mut c_void>(function.as_bytes())?;
+                    .get::<Entry>(function.as_bytes())
+                    .or_else(|_| library.get::<Entry>(crate::cell_build::ENTRY_ALIAS.as_bytes()))?;
                 store = run(store);
                 Ok(library)
             })

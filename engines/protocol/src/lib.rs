@@ -226,6 +226,30 @@ pub struct StateReport {
     pub compiler: bool,
     /// Why the engine's state left the one it shared, if it did, most recent first.
     pub note: Option<String>,
+    /// What the engine's compiling context has built since it started.
+    #[serde(default)]
+    pub builds: BuildCounts,
+}
+
+/// What an evcxr context's cell builds came to: compiled by rustc, loaded from the host's
+/// compiled-cell cache, or failed (a compile error). One cell can take more than one build.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuildCounts {
+    pub compiled: u64,
+    pub cached: u64,
+    pub failed: u64,
+}
+
+impl BuildCounts {
+    pub fn add(&mut self, other: BuildCounts) {
+        self.compiled += other.compiled;
+        self.cached += other.cached;
+        self.failed += other.failed;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == BuildCounts::default()
+    }
 }
 
 /// Sent by an engine to the controller.

@@ -1,0 +1,352 @@
+//! The host's compiled-cell cache: a directory of entries, one per build key, each the
+//! library rustc made and what cargo needs beside it. Entries are written whole in a scratch
+//! directory and renamed into place, so a reader never sees half of one; a reader checks the
+//! library's digest before using it, so a damaged entry is removed and built again, never
+//! loaded. The least recently used entries go when the cache outgrows its limit. Several
+//! engines and kernels share it: the counters and the eviction take a lock, reads take none
+//! (a file removed under a reader stays readable through the handle it opened).
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Overrides where the cache lives (tests give each run its own).
+pub const DIR_VAR: &str = "PARALLAX_CELL_CACHE";
+
+/// The size the cache is kept under unless `%cache --limit` set another.
+pub const DEFAULT_LIMIT: u64 = 1 << 30;
+
+const LIBRARY: &str = "library";
+const DEP_INFO: &str = "dep-info";
+const MESSAGES: &str = "messages";
+const DIGEST: &str = "digest";
+/// Touched on every use: the entries' recency for eviction.
+const USED: &str = "used";
+const LOCK: &str = ".lock";
+const COUNTERS: &str = "counters";
+const LIMIT: &str = "limit";
+const SCRATCH_PREFIX: &str = ".scratch-";
+
+/// What one build left, as the cache keeps it: paths inside the crate's directory are
+/// written relative to a placeholder (see `super::Placeholders`).
+pub struct Built {
+    pub library: Vec<u8>,
+    pub dep_info: String,
+    pub messages: String,
+}
+
+/// The cache's size and use, for `%cache`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub limit: u64,
+    /// Since the cache was made or cleared, by every process of the host.
+    pub hits: u64,
+    pub builds: u64,
+}
+
+pub struct CellCache {
+    dir: PathBuf,
+}
+
+impl CellCache {
+    /// This host's cache: `PARALLAX_CELL_CACHE`, else `parallax/cells` in the user's cache.
+    pub fn of_host() -> CellCache {
+        let dir = std::env::var_os(DIR_VAR)
+            .map(PathBuf::from)
+            .filter(|dir| dir.is_absolute())
+            .unwrap_or_else(|| crate::places::cache_base().join("parallax").join("cells"));
+        CellCache { dir }
+    }
+
+    pub fn at(dir: PathBuf) -> CellCache {
+        CellCache { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The entry for `key`, if there is a whole and undamaged one. A damaged one is removed.
+    pub fn load(&self, key: &str) -> Option<Built> {
+        let entry = self.dir.join(key);
+        let read = || -> io::Result<(Built, String)> {
+            let built = Built {
+                library: fs::read(entry.join(LIBRARY))?,
+                dep_info: fs::read_to_string(entry.join(DEP_INFO))?,
+                messages: fs::read_to_string(entry.join(MESSAGES))?,
+            };
+            Ok((built, fs::read_to_string(entry.join(DIGEST))?))
+        };
+        match read() {
+            Ok((built, digest))
+                if digest.trim() == blake3::hash(&built.library).to_hex().as_str() =>
+            {
+                let _ = File::options()
+                    .write(true)
+                    .open(entry.join(USED))
+                    .and_then(|used| used.set_modified(SystemTime::now()));
+                Some(built)
+            }
+            Ok(_) => {
+                tracing::warn!("cell cache entry {key} is damaged: removed, the cell builds again");
+                self.remove_entry(&entry);
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !entry.exists() => None,
+            Err(e) => {
+                tracing::warn!("cell cache entry {key} is unreadable ({e}): removed");
+                self.remove_entry(&entry);
+                None
+            }
+        }
+    }
+
+    /// Keeps a build under `key`, then evicts what the limit asks. A concurrent writer of the
+    /// same key wins or loses whole.
+    pub fn store(&self, key: &str, built: &Built) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let scratch = self.dir.join(format!(
+            "{SCRATCH_PREFIX}{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
+        fs::create_dir(&scratch)?;
+        let written = (|| -> io::Result<()> {
+            fs::write(scratch.join(LIBRARY), &built.library)?;
+            fs::write(scratch.join(DEP_INFO), &built.dep_info)?;
+            fs::write(scratch.join(MESSAGES), &built.messages)?;
+            fs::write(scratch.join(USED), b"")?;
+            // Last: an entry without its digest is never taken for whole.
+            fs::write(
+                scratch.join(DIGEST),
+                blake3::hash(&built.library).to_hex().as_str(),
+            )
+        })();
+        let placed = written.and_then(|()| fs::rename(&scratch, self.dir.join(key)));
+        if placed.is_err() {
+            // Another process placed the same entry first, or the disk is full.
+            let _ = fs::remove_dir_all(&scratch);
+        }
+        self.evict()
+    }
+
+    /// Counts a use of the cache in the host's counters.
+    pub fn count(&self, hit: bool) {
+        let counted = self.locked(|cache| {
+            let mut stats = cache.counters();
+            if hit {
+                stats.0 += 1;
+            } else {
+                stats.1 += 1;
+            }
+            fs::write(
+                cache.dir.join(COUNTERS),
+                format!("{} {}\n", stats.0, stats.1),
+            )
+        });
+        if let Err(e) = counted {
+            tracing::debug!("cell cache counters: {e}");
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let (hits, builds) = self.counters();
+        let mut stats = CacheStats {
+            hits,
+            builds,
+            limit: self.limit(),
+            ..CacheStats::default()
+        };
+        for (_, bytes, _) in self.entries() {
+            stats.entries += 1;
+            stats.bytes += bytes;
+        }
+        stats
+    }
+
+    /// Sets the size the cache is kept under, and evicts to it.
+    pub fn set_limit(&self, bytes: u64) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        fs::write(self.dir.join(LIMIT), format!("{bytes}\n"))?;
+        self.evict()
+    }
+
+    /// Removes every entry and zeroes the counters; returns the bytes freed.
+    pub fn clear(&self) -> io::Result<u64> {
+        self.locked(|cache| {
+            let mut freed = 0;
+            for (entry, bytes, _) in cache.entries() {
+                cache.remove_entry(&entry);
+                freed += bytes;
+            }
+            match fs::remove_file(cache.dir.join(COUNTERS)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            Ok(freed)
+        })
+    }
+
+    fn limit(&self) -> u64 {
+        fs::read_to_string(self.dir.join(LIMIT))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(DEFAULT_LIMIT)
+    }
+
+    fn counters(&self) -> (u64, u64) {
+        let text = fs::read_to_string(self.dir.join(COUNTERS)).unwrap_or_default();
+        let mut numbers = text.split_whitespace().map(|n| n.parse().unwrap_or(0));
+        (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+    }
+
+    /// Every whole entry: its directory, size and last use.
+    fn entries(&self) -> Vec<(PathBuf, u64, SystemTime)> {
+        let Ok(listing) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        listing
+            .flatten()
+            .filter(|item| {
+                let name = item.file_name();
+                let name = name.to_string_lossy();
+                !name.starts_with('.') && item.path().join(DIGEST).exists()
+            })
+            .map(|item| {
+                let entry = item.path();
+                let bytes = [LIBRARY, DEP_INFO, MESSAGES]
+                    .iter()
+                    .filter_map(|file| fs::metadata(entry.join(file)).ok())
+                    .map(|meta| meta.len())
+                    .sum();
+                let used = fs::metadata(entry.join(USED))
+                    .and_then(|meta| meta.modified())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                (entry, bytes, used)
+            })
+            .collect()
+    }
+
+    /// Removes the least recently used entries until the cache is within its limit.
+    fn evict(&self) -> io::Result<()> {
+        let limit = self.limit();
+        self.locked(|cache| {
+            let mut entries = cache.entries();
+            let mut total: u64 = entries.iter().map(|(_, bytes, _)| bytes).sum();
+            if total <= limit {
+                return Ok(());
+            }
+            entries.sort_by_key(|(_, _, used)| *used);
+            for (entry, bytes, _) in entries {
+                if total <= limit {
+                    break;
+                }
+                cache.remove_entry(&entry);
+                total -= bytes;
+            }
+            Ok(())
+        })
+    }
+
+    /// Out of sight at once (a rename), then deleted: no reader finds half an entry.
+    fn remove_entry(&self, entry: &Path) {
+        let doomed = self.dir.join(format!(
+            "{SCRATCH_PREFIX}gone-{}-{}",
+            std::process::id(),
+            entry
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        if fs::rename(entry, &doomed).is_ok() {
+            let _ = fs::remove_dir_all(&doomed);
+        }
+    }
+
+    fn locked<T>(&self, work: impl FnOnce(&CellCache) -> io::Result<T>) -> io::Result<T> {
+        fs::create_dir_all(&self.dir)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(LOCK))?;
+        lock.lock()?;
+        let result = work(self);
+        let _ = lock.unlock();
+        result
+    }
+}
+
+/// Appends a line to a file, creating it: the wrapper's word to its context.
+pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
+    let mut file = File::options().create(true).append(true).open(path)?;
+    writeln!(file, "{line}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built(text: &str) -> Built {
+        Built {
+            library: text.as_bytes().to_vec(),
+            dep_info: "{crate}/src/lib.rs:".into(),
+            messages: String::new(),
+        }
+    }
+
+    fn scratch_cache(name: &str) -> CellCache {
+        let dir =
+            std::env::temp_dir().join(format!("parallax-cache-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        CellCache::at(dir)
+    }
+
+    #[test]
+    fn an_entry_comes_back_whole_and_a_damaged_one_is_dropped() {
+        let cache = scratch_cache("damage");
+        cache.store("k1", &built("library one")).unwrap();
+        assert_eq!(cache.load("k1").unwrap().library, b"library one");
+        fs::write(cache.dir().join("k1").join(LIBRARY), b"library 0ne").unwrap();
+        assert!(cache.load("k1").is_none());
+        assert!(!cache.dir().join("k1").exists());
+        assert!(cache.load("k2").is_none());
+        fs::remove_dir_all(cache.dir()).unwrap();
+    }
+
+    #[test]
+    fn the_least_recently_used_entries_go_first() {
+        let cache = scratch_cache("lru");
+        let old = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        for key in ["a", "b", "c"] {
+            cache.store(key, &built(&"x".repeat(100))).unwrap();
+            let used = File::options()
+                .write(true)
+                .open(cache.dir().join(key).join(USED));
+            used.unwrap().set_modified(old).unwrap();
+        }
+        // `b` is used last; a limit for two entries leaves it and the newest.
+        assert!(cache.load("b").is_some());
+        let one_entry = cache.stats().bytes / 3;
+        cache.set_limit(2 * one_entry).unwrap();
+        let left: Vec<bool> = ["a", "b", "c"]
+            .iter()
+            .map(|k| cache.dir().join(k).exists())
+            .collect();
+        assert_eq!(left.iter().filter(|kept| **kept).count(), 2);
+        assert!(left[1], "the entry used last was evicted");
+        cache.count(true);
+        cache.count(false);
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.hits, stats.builds), (2, 1, 1));
+        assert_eq!(cache.clear().unwrap(), 2 * one_entry);
+        assert_eq!(cache.stats().entries, 0);
+        fs::remove_dir_all(cache.dir()).unwrap();
+    }
+}
