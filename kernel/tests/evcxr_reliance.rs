@@ -123,6 +123,7 @@ fn a_context_rebuilt_from_a_history_compiles_for_the_same_store() {
                 relay: gateway.relay_command_for(program),
                 recorder: Arc::new(gateway.clone()),
                 runtime: store.lock().expect("the store").handle(),
+                builds: Default::default(),
             },
             Interrupter::default(),
         )
