@@ -1,6 +1,7 @@
 //! Parallax magics: splitting a cell into Rust code and magic lines, parsing each magic into a
 //! typed [`Command`], and the help text for every magic. Pure: no I/O.
 
+mod cache;
 mod cluster;
 pub mod data;
 pub mod px;
@@ -9,6 +10,7 @@ mod words;
 
 use std::fmt;
 
+pub use cache::CacheCommand;
 pub use cluster::{host_counts, profile_options, ClusterCommand, LaunchOptions, LauncherKind};
 pub use data::{Collect, Distribute, Movement, Pmap, PmapFlags};
 pub use px::{GroupOutputs, PxFlags, Targets};
@@ -39,6 +41,8 @@ pub enum Command {
     Collect(Collect),
     /// `%dashboard`: a live view of the engines; `--stop` freezes it.
     Dashboard { stop: bool },
+    /// `%cache`: the compiled-cell cache.
+    Cache(CacheCommand),
 }
 
 /// Whether a magic is used as a line (`%name`) or as a whole cell (`%%name`).
@@ -188,6 +192,13 @@ the rate; one row per engine (host, pid, state, current task and for how long, t
 memory); the task stream of the last minute (a lane per engine, failures in red); the latest \
 errors. It updates twice a second while other cells run. A new %dashboard freezes the previous \
 one. In jupyter console, which does not show updates, it prints the text table once.",
+    },
+    MagicSpec {
+        name: "cache",
+        kind: MagicKind::Line,
+        usage: "%cache [clear | limit SIZE]",
+        summary: "Show the compiled-cell cache (size, hit rate, builds per engine), clear it, or set its size limit.",
+        details: cache::CACHE_HELP,
     },
 ];
 
@@ -436,6 +447,9 @@ pub fn parse(line: &str, body: Option<&str>) -> Result<Command, MagicError> {
                 Some(spec.usage),
             )),
         },
+        "cache" => cache::parse_cache(&words)
+            .map(Command::Cache)
+            .map_err(|e| MagicError::new(e, Some(spec.usage))),
         "magic" => help_command(spec, &words),
         other => unreachable!("magic `{other}` is registered but has no parser"),
     }

@@ -704,7 +704,11 @@ fn write_regions(regions: &[SharedRegion], mut data: &[u8]) -> io::Result<()> {
     }
 }
 
-/// Where an engine's evaluation process finds its engine's data socket, and its token.
+/// The id a generated cell gives: the transfer or map its host is running now. Cells that
+/// name no id of their own are the same from one transfer to the next.
+pub const CURRENT: u64 = u64::MAX;
+
+/// Where an evaluation process finds its host's data socket, and its token.
 pub const SOCKET_VAR: &str = "PARALLAX_DATA_SOCKET";
 pub const TOKEN_VAR: &str = "PARALLAX_DATA_TOKEN";
 
@@ -716,8 +720,9 @@ pub struct Link {
 
 impl Link {
     pub fn connect(path: &str, token: &str) -> Link {
-        // An engine's cells are the same on every engine of a host (they are compiled once), so
-        // they name no socket: each finds its engine's in its evaluation process's environment.
+        // Generated cells name no socket, so that they are the same wherever and whenever they
+        // run (compiled once per host, and found in the compiled-cell cache): each finds its
+        // host's in its evaluation process's environment.
         let (path, token) = if path.is_empty() {
             let read = |name: &str| {
                 std::env::var(name)

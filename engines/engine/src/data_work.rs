@@ -83,8 +83,6 @@ pub(crate) async fn run_data_work(
 ) -> Outcome {
     let id = share.cell;
     let port = core.port.clone();
-    // Engine cells name no socket: each store finds its engine's in its environment.
-    let via = cells::Via::Environment;
     match work {
         DataWork::Store(stored, payload) => {
             store(core, task, share, stored, payload, preludes, sink).await
@@ -104,7 +102,7 @@ pub(crate) async fn run_data_work(
             }
             let forwarder =
                 tokio::spawn(forward_map_output(task, session.output, outbound.clone()));
-            let code = cells::serve_map(via, id, &func);
+            let code = cells::serve_map(&func);
             let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
             core.maps.locked().feeds.remove(&task);
             // The cell is over, so its side of the session is closed and the forwarder ends
@@ -140,7 +138,6 @@ async fn store(
     } = stored;
     let id = share.cell;
     let port = core.port.clone();
-    let via = cells::Via::Environment;
     let began = Instant::now();
     let refused = match payload {
         Ok(payload) => {
@@ -150,9 +147,9 @@ async fn store(
         Err(e) => Some(e),
     };
     let code = if value {
-        cells::receive_value(via, id, &name, &type_src)
+        cells::receive_value(&name, &type_src)
     } else {
-        cells::receive_items(via, id, &name, &type_src)
+        cells::receive_items(&name, &type_src)
     };
     let ended = run_data_cell(core, task, share, code, preludes, false, sink).await;
     tracing::debug!(
@@ -186,7 +183,6 @@ async fn fetch_value(
     } = fetch;
     let id = share.cell;
     let port = core.port.clone();
-    let via = cells::Via::Environment;
     let began = Instant::now();
     // Shared memory of this engine's own is of no use to a controller on another host.
     let controller_reads_shared = into.is_some();
@@ -195,9 +191,9 @@ async fn fetch_value(
         None => port.expect(id),
     };
     let code = if value {
-        cells::send_value(via, id, &name)
+        cells::send_value(&name)
     } else {
-        cells::send_items(via, id, &name, None)
+        cells::send_items(&name, None)
     };
     let ended = run_data_cell(core, task, share, code, preludes, true, sink).await;
     if let Outcome::Error { .. } = ended.outcome {
@@ -257,6 +253,8 @@ async fn run_data_cell(
         preludes,
         wants_sent_type,
     };
+    // The cell names no transfer: the one its engine runs now (the shared cell's number).
+    core.port.running(share.cell);
     let ended = core.execute(task, share, &work, sink).await;
     core.port.withdraw(share.cell);
     ended

@@ -1,8 +1,6 @@
 //! The cells that move data: generated Rust that calls the `parallax_data` crate with this
 //! process's data socket. Values never appear in them, only expressions, names and types.
 
-use crate::dataport::DataPort;
-
 /// The variable a sending cell leaves behind: `parallax_data::Sent<T>`, whose type evcxr
 /// spells as a cell would, so that the receiving side can name `T`.
 pub const SENT: &str = "parallax_sent";
@@ -46,22 +44,10 @@ pub fn data_crate_dep() -> std::io::Result<String> {
     helper_crate_dep("parallax_data", DATA_CRATE_MANIFEST, DATA_CRATE_SOURCE)
 }
 
-/// How a cell reaches its host's data socket.
-#[derive(Clone, Copy)]
-pub enum Via<'a> {
-    /// This socket, named in the cell (the notebook's own context).
-    Port(&'a DataPort),
-    /// The one the evaluation process's environment names (an engine's store), so that the
-    /// cell is the same on every engine and compiles once.
-    Environment,
-}
-
-fn link_args(via: Via, id: u64) -> String {
-    match via {
-        Via::Port(port) => format!("{:?}, {:?}, {id}", port.socket(), port.token()),
-        Via::Environment => format!("\"\", \"\", {id}"),
-    }
-}
+/// The link a generated cell opens: the socket its evaluation process's environment names,
+/// for the transfer or map its host runs now. Nothing in it changes between transfers, hosts
+/// or sessions, so a cell of types already seen is found in the compiled-cell cache.
+const LINK_ARGS: &str = "\"\", \"\", parallax_data::CURRENT";
 
 /// A leading `&` would borrow the input twice; the cell borrows it itself.
 fn unborrowed(expr: &str) -> &str {
@@ -72,9 +58,9 @@ fn unborrowed(expr: &str) -> &str {
     }
 }
 
-/// Sends the items `expr` yields as transfer `id`. `item_type` pins the items' type (so that
+/// Sends the items `expr` yields. `item_type` pins the items' type (so that
 /// `0..10` becomes the `u64`s a function expects); `None` lets Rust infer it.
-pub fn send_items(via: Via, id: u64, expr: &str, item_type: Option<&str>) -> String {
+pub fn send_items(expr: &str, item_type: Option<&str>) -> String {
     let expr = unborrowed(expr);
     // The items are borrowed for the call alone: a temporary input lives as long as it must.
     format!(
@@ -83,42 +69,32 @@ pub fn send_items(via: Via, id: u64, expr: &str, item_type: Option<&str>) -> Str
          parallax_data::send_items::<{ty}, _>({args}, \
          (&&&parallax_data::Input(&(\n{expr}\n))).parallax_items())\n}};",
         ty = item_type.unwrap_or("_"),
-        args = link_args(via, id),
+        args = LINK_ARGS,
     )
 }
 
-/// Sends the value of `expr` (borrowed, never moved) as transfer `id`.
-pub fn send_value(via: Via, id: u64, expr: &str) -> String {
+/// Sends the value of `expr` (borrowed, never moved).
+pub fn send_value(expr: &str) -> String {
     let expr = unborrowed(expr);
     format!(
-        "let {SENT} = parallax_data::send_value({args}, &(\n{expr}\n));",
-        args = link_args(via, id)
+        "let {SENT} = parallax_data::send_value({LINK_ARGS}, &(\n{expr}\n));"
     )
 }
 
-/// Stores transfer `id` as `name: Vec<item_type>`.
-pub fn receive_items(via: Via, id: u64, name: &str, item_type: &str) -> String {
-    format!(
-        "let {name}: Vec<{item_type}> = parallax_data::receive_items({});",
-        link_args(via, id)
-    )
+/// Stores the running transfer as `name: Vec<item_type>`.
+pub fn receive_items(name: &str, item_type: &str) -> String {
+    format!("let {name}: Vec<{item_type}> = parallax_data::receive_items({LINK_ARGS});")
 }
 
-/// Stores transfer `id` as `name: value_type`.
-pub fn receive_value(via: Via, id: u64, name: &str, value_type: &str) -> String {
-    format!(
-        "let {name}: {value_type} = parallax_data::receive_value({});",
-        link_args(via, id)
-    )
+/// Stores the running transfer as `name: value_type`.
+pub fn receive_value(name: &str, value_type: &str) -> String {
+    format!("let {name}: {value_type} = parallax_data::receive_value({LINK_ARGS});")
 }
 
-/// Serves map task `task` with `func` (a function's name, a closure, or a variable holding
+/// Serves the running map with `func` (a function's name, a closure, or a variable holding
 /// one, such as a `Box<dyn Fn(T) -> R>`). It is borrowed, so that a variable is not moved away.
-pub fn serve_map(via: Via, task: u64, func: &str) -> String {
-    format!(
-        "let {SENT} = parallax_data::serve_map({}, &(\n{func}\n));",
-        link_args(via, task)
-    )
+pub fn serve_map(func: &str) -> String {
+    format!("let {SENT} = parallax_data::serve_map({LINK_ARGS}, &(\n{func}\n));")
 }
 
 /// `T` out of evcxr's spelling of `parallax_data::Sent<T>`.

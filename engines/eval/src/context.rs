@@ -162,14 +162,15 @@ struct Engine {
     builds: BuildCounter,
 }
 
+/// `role`: an engine's compiling context, or the notebook's with its process's environment.
 pub(crate) fn run(
     jobs: Receiver<Job>,
     interrupter: Interrupter,
-    compiling: Option<Compiling>,
+    role: Result<Compiling, Vec<(String, String)>>,
     builds: BuildCounter,
 ) {
-    let runtime = compiling.as_ref().map(|c| c.runtime.clone());
-    let mut engine = Engine::start(compiling, &interrupter, builds);
+    let runtime = role.as_ref().ok().map(|c| c.runtime.clone());
+    let mut engine = Engine::start(role, &interrupter, builds);
     if let Err(e) = &engine {
         tracing::error!("{e}");
     }
@@ -192,6 +193,8 @@ pub(crate) fn run(
                 done,
             } => {
                 let result = engine.execute(&code, sink, ask_input, &interrupter);
+                // Counted before the answer, which the engine's report follows.
+                engine.builds.add(engine.report.take());
                 let _ = done.send(result);
             }
             Job::Complete { code, cursor, done } => {
@@ -216,7 +219,9 @@ pub(crate) fn run(
                 let _ = done.send(Ok(()));
             }
             Job::Replay { entries, done } => {
-                let _ = done.send(engine.replay(entries));
+                let replayed = engine.replay(entries);
+                engine.builds.add(engine.report.take());
+                let _ = done.send(replayed);
             }
             Job::Variables { done } => {
                 let _ = done.send(engine.variables());
@@ -273,18 +278,29 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 }
 
 impl Engine {
-    /// Builds the evcxr context: the notebook's own (`compiling` is none), or one that
-    /// compiles for an engine's store. The notebook's gets its helpers at once.
+    /// Builds the evcxr context: one that compiles for an engine's store, or the notebook's
+    /// own, whose evaluation process (this binary) gets `environment`. The notebook's gets its
+    /// helpers at once.
     fn start(
-        compiling: Option<Compiling>,
+        role: Result<Compiling, Vec<(String, String)>>,
         interrupter: &Interrupter,
         builds: BuildCounter,
     ) -> Result<Engine, String> {
         let started = Instant::now();
         let sink = Arc::new(Mutex::new(discard_output()));
-        let (context, recorder) = match compiling {
-            None => (CommandContext::new(), None),
-            Some(compiling) => (
+        let (context, recorder) = match role {
+            Err(environment) => (
+                std::env::current_exe()
+                    .map_err(evcxr::Error::from)
+                    .and_then(|exe| {
+                        let mut process = std::process::Command::new(exe);
+                        process.envs(environment);
+                        evcxr::EvalContext::with_subprocess_command(process)
+                    })
+                    .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
+                None,
+            ),
+            Ok(compiling) => (
                 evcxr::EvalContext::with_subprocess_command(compiling.relay)
                     .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
                 Some(compiling.recorder),

@@ -66,6 +66,8 @@ struct Table {
     /// Parts of a transfer a cell will fetch, joined in order.
     offered: HashMap<u64, Vec<Payload>>,
     maps: HashMap<u64, MapWaiting>,
+    /// The transfer or map of the cell running now, which `parallax_data::CURRENT` names.
+    current: Option<u64>,
 }
 
 struct Inner {
@@ -157,6 +159,12 @@ impl DataPort {
     /// This port's shared memory, if the host has any.
     pub fn shared(&self) -> Option<&Arc<SharedDir>> {
         self.inner.shared.as_ref()
+    }
+
+    /// The transfer or map whose cell runs next: the one a cell naming
+    /// `parallax_data::CURRENT` means. One data cell runs at a time per evaluation process.
+    pub fn running(&self, id: u64) {
+        self.table().current = Some(id);
     }
 
     /// Forgets a transfer that no cell took (its cell failed before it got there).
@@ -266,7 +274,13 @@ impl DataPort {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(format!("read failed: {e}")),
             };
-            let id = frame.id;
+            let id = match (frame.id, self.table().current) {
+                (parallax_data::CURRENT, Some(current)) => current,
+                (parallax_data::CURRENT, None) => {
+                    return Err("a cell asked for the running transfer; none runs".into())
+                }
+                (id, _) => id,
+            };
             match frame.kind {
                 kind::PUT => {
                     let delivered =
@@ -296,7 +310,7 @@ impl DataPort {
                     }
                 }
                 kind::MAP_JOIN => {
-                    let waiting = self.table().maps.remove(&frame.id);
+                    let waiting = self.table().maps.remove(&id);
                     match waiting {
                         Some(waiting) => {
                             return serve_map(&mut reader, &mut writer, frame, waiting)

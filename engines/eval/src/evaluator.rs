@@ -19,8 +19,9 @@ use tokio::sync::oneshot;
 pub struct Evaluator {
     jobs: Sender<Job>,
     interrupter: Interrupter,
-    /// The data socket, opened on the first data cell (the context has the crate from its start).
-    data: Arc<tokio::sync::OnceCell<DataPort>>,
+    /// The notebook's data socket, opened before its context so that its evaluation process
+    /// finds it in its environment, as an engine's store does (an engine's context has none).
+    data: Arc<Result<DataPort, String>>,
     builds: BuildCounter,
 }
 
@@ -28,30 +29,52 @@ impl Evaluator {
     /// Starts the evaluation thread. The evcxr context is built there, in the background, so
     /// that the kernel answers `kernel_info` at once; the first job waits for it.
     pub fn start() -> Evaluator {
-        Self::start_with(None, Interrupter::default())
+        let data = DataPort::open(&private_base())
+            .map_err(|e| format!("opening the notebook's data socket: {e}"));
+        let environment = match &data {
+            Ok(port) => vec![
+                (
+                    parallax_data::SOCKET_VAR.to_owned(),
+                    port.socket().to_owned(),
+                ),
+                (parallax_data::TOKEN_VAR.to_owned(), port.token().to_owned()),
+            ],
+            Err(e) => {
+                tracing::warn!("{e}");
+                Vec::new()
+            }
+        };
+        Self::start_with(Err(environment), Interrupter::default(), data)
     }
 
     /// An evaluator that compiles for an engine's store through its gateway.
     pub fn start_compiling(compiling: Compiling, interrupter: Interrupter) -> Evaluator {
-        Self::start_with(Some(compiling), interrupter)
+        let no_port = Err("an engine's context uses its engine's data socket".to_owned());
+        Self::start_with(Ok(compiling), interrupter, no_port)
     }
 
-    fn start_with(compiling: Option<Compiling>, interrupter: Interrupter) -> Evaluator {
+    /// `role`: the compiling context of an engine, or the notebook's own, whose evaluation
+    /// process gets this environment.
+    fn start_with(
+        role: Result<Compiling, Vec<(String, String)>>,
+        interrupter: Interrupter,
+        data: Result<DataPort, String>,
+    ) -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let thread_interrupter = interrupter.clone();
-        let builds = compiling
+        let builds = role
             .as_ref()
             .map(|c| c.builds.clone())
             .unwrap_or_default();
         let counted = builds.clone();
         std::thread::Builder::new()
             .name("evaluator".into())
-            .spawn(move || run(job_rx, thread_interrupter, compiling, counted))
+            .spawn(move || run(job_rx, thread_interrupter, role, counted))
             .expect("spawning the evaluator thread");
         Evaluator {
             jobs,
             interrupter,
-            data: Arc::default(),
+            data: Arc::new(data),
             builds,
         }
     }
@@ -146,12 +169,9 @@ impl Evaluator {
     /// user has built it); a failure is returned and the next call tries again.
     pub async fn data_port(&self) -> Result<DataPort, CellError> {
         self.data
-            .get_or_try_init(|| async {
-                DataPort::open(&private_base())
-                    .map_err(|e| CellError::internal(&format!("opening the data socket: {e}")))
-            })
-            .await
-            .cloned()
+            .as_ref()
+            .clone()
+            .map_err(|e| CellError::internal(&e))
     }
 
     fn send(&self, job: Job) {

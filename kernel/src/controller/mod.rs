@@ -351,6 +351,7 @@ impl Controller {
                 usage: e.usage,
                 state: e.state.clone(),
                 uptime: e.started.elapsed(),
+                builds: e.report.as_ref().map(|r| r.builds).unwrap_or_default(),
             })
             .collect();
         rows.sort_by(|a, b| (!a.local, &a.host, a.id).cmp(&(!b.local, &b.host, b.id)));

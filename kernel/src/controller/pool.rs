@@ -5,7 +5,7 @@
 use super::events::Events;
 use super::plan::{self, Group, Standing, StateKey, EMPTY_HISTORY};
 use bytes::Bytes;
-use parallax_engine_protocol::{ProcessUsage, Role, Share, StateReport};
+use parallax_engine_protocol::{BuildCounts, ProcessUsage, Role, Share, StateReport};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub struct EngineStatus {
     pub usage: Option<(ProcessUsage, Instant)>,
     pub state: EngineState,
     pub uptime: Duration,
+    /// What its compiling contexts built, as its last report said.
+    pub builds: BuildCounts,
 }
 
 pub struct Engine {

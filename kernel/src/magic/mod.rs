@@ -1,8 +1,9 @@
 //! The magics, one file per family, each turning a parsed command into work for the engines
 //! and output for the notebook: `cluster`, `px` (with `%pxresult`, `%pxconfig`, `%autopx`),
-//! `pmap`, `transfer` (`%scatter`, `%push`, `%gather`, `%pull`) and `dashboard`. Parsing is
+//! `pmap`, `transfer` (`%scatter`, `%push`, `%gather`, `%pull`), `dashboard` and `cache`. Parsing is
 //! the `parallax-magics` crate's; here is what each command does.
 
+mod cache;
 mod carrying;
 mod cluster;
 mod dashboard;
@@ -110,6 +111,9 @@ impl Magics {
                 return outcome;
             }
             Command::Dashboard { stop } => self.dashboard.toggle(stop, out).await,
+            Command::Cache(command) => {
+                return cache::cache(&self.evaluator, &self.controller, command, out)
+            }
         }
         Ok(CellOutput::default())
     }

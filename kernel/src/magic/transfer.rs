@@ -69,10 +69,11 @@ impl DataMover {
         let port = self.port().await?;
         let id = self.next_transfer();
         let arrived = port.expect(id);
+        port.running(id);
         let code = if items {
-            cells::send_items(cells::Via::Port(&port), id, expr, item_type)
+            cells::send_items(expr, item_type)
         } else {
-            cells::send_value(cells::Via::Port(&port), id, expr)
+            cells::send_value(expr)
         };
         let ran = self.run_local(code, out).await;
         port.withdraw(id);
@@ -118,11 +119,9 @@ impl DataMover {
         let port = self.port().await?;
         let id = self.next_transfer();
         port.offer_parts(id, parts);
+        port.running(id);
         let ran = self
-            .run_local(
-                cells::receive_items(cells::Via::Port(&port), id, name, item_type),
-                out,
-            )
+            .run_local(cells::receive_items(name, item_type), out)
             .await;
         port.withdraw(id);
         ran.map(|_| ())
