@@ -75,7 +75,9 @@ mod tests {
             parse_cache(&words("limit 4096")),
             Ok(CacheCommand::Limit(4096))
         );
-        assert!(parse_cache(&words("limit lots")).unwrap_err().contains("not a size"));
+        assert!(parse_cache(&words("limit lots"))
+            .unwrap_err()
+            .contains("not a size"));
         assert!(parse_cache(&words("limit 0")).is_err());
         assert!(parse_cache(&words("limit")).is_err());
         assert!(parse_cache(&words("purge")).unwrap_err().contains("purge"));

@@ -76,9 +76,7 @@ pub fn send_items(expr: &str, item_type: Option<&str>) -> String {
 /// Sends the value of `expr` (borrowed, never moved).
 pub fn send_value(expr: &str) -> String {
     let expr = unborrowed(expr);
-    format!(
-        "let {SENT} = parallax_data::send_value({LINK_ARGS}, &(\n{expr}\n));"
-    )
+    format!("let {SENT} = parallax_data::send_value({LINK_ARGS}, &(\n{expr}\n));")
 }
 
 /// Stores the running transfer as `name: Vec<item_type>`.

@@ -62,10 +62,7 @@ impl Evaluator {
     ) -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let thread_interrupter = interrupter.clone();
-        let builds = role
-            .as_ref()
-            .map(|c| c.builds.clone())
-            .unwrap_or_default();
+        let builds = role.as_ref().map(|c| c.builds.clone()).unwrap_or_default();
         let counted = builds.clone();
         std::thread::Builder::new()
             .name("evaluator".into())

@@ -66,7 +66,10 @@ fn summary(cache: &CellCache, evaluator: &Evaluator, controller: &Controller) ->
     );
     let mut rows = vec![("notebook".to_owned(), evaluator.builds())];
     for engine in controller.status() {
-        rows.push((format!("engine {} ({})", engine.id, engine.host), engine.builds));
+        rows.push((
+            format!("engine {} ({})", engine.id, engine.host),
+            engine.builds,
+        ));
     }
     let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
     text.push_str(&format!(
@@ -85,7 +88,10 @@ fn row(name: &str, builds: BuildCounts, width: usize) -> String {
         builds.compiled,
         builds.cached,
         builds.failed,
-        hit_rate(builds.cached, builds.cached + builds.compiled + builds.failed)
+        hit_rate(
+            builds.cached,
+            builds.cached + builds.compiled + builds.failed
+        )
     )
 }
 

@@ -6,6 +6,7 @@
 //! engines and kernels share it: the counters and the eviction take a lock, reads take none
 //! (a file removed under a reader stays readable through the handle it opened).
 
+use super::key::BuildKey;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ pub const DEFAULT_LIMIT: u64 = 1 << 30;
 const LIBRARY: &str = "library";
 const DEP_INFO: &str = "dep-info";
 const MESSAGES: &str = "messages";
+/// The stored variables the library's entry takes, a line each.
+const VARIABLES: &str = "variables";
 const DIGEST: &str = "digest";
 /// Touched on every use: the entries' recency for eviction.
 const USED: &str = "used";
@@ -69,9 +72,32 @@ impl CellCache {
         &self.dir
     }
 
-    /// The entry for `key`, if there is a whole and undamaged one. A damaged one is removed.
-    pub fn load(&self, key: &str) -> Option<Built> {
-        let entry = self.dir.join(key);
+    /// A whole and undamaged entry whose library runs right for `key`: the one built with the
+    /// same stored variables, else one built with fewer (see `BuildKey::can_run_build_with`).
+    /// A damaged entry is removed.
+    pub fn find(&self, key: &BuildKey) -> Option<Built> {
+        let exact = entry_name(key);
+        if let Some(built) = self.load(&exact) {
+            return Some(built);
+        }
+        let prefix = format!("{}-", key.base);
+        let listing = fs::read_dir(&self.dir).ok()?;
+        listing
+            .flatten()
+            .map(|item| item.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&prefix) && *name != exact)
+            .filter(|name| {
+                let built_with = fs::read_to_string(self.dir.join(name).join(VARIABLES));
+                built_with.is_ok_and(|text| {
+                    key.can_run_build_with(&text.lines().map(str::to_owned).collect())
+                })
+            })
+            .find_map(|name| self.load(&name))
+    }
+
+    /// The entry named `name`, if it is whole and undamaged. A damaged one is removed.
+    fn load(&self, name: &str) -> Option<Built> {
+        let entry = self.dir.join(name);
         let read = || -> io::Result<(Built, String)> {
             let built = Built {
                 library: fs::read(entry.join(LIBRARY))?,
@@ -91,13 +117,15 @@ impl CellCache {
                 Some(built)
             }
             Ok(_) => {
-                tracing::warn!("cell cache entry {key} is damaged: removed, the cell builds again");
+                tracing::warn!(
+                    "cell cache entry {name} is damaged: removed, the cell builds again"
+                );
                 self.remove_entry(&entry);
                 None
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && !entry.exists() => None,
             Err(e) => {
-                tracing::warn!("cell cache entry {key} is unreadable ({e}): removed");
+                tracing::warn!("cell cache entry {name} is unreadable ({e}): removed");
                 self.remove_entry(&entry);
                 None
             }
@@ -106,7 +134,7 @@ impl CellCache {
 
     /// Keeps a build under `key`, then evicts what the limit asks. A concurrent writer of the
     /// same key wins or loses whole.
-    pub fn store(&self, key: &str, built: &Built) -> io::Result<()> {
+    pub fn store(&self, key: &BuildKey, built: &Built) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         let scratch = self.dir.join(format!(
             "{SCRATCH_PREFIX}{}-{}",
@@ -121,6 +149,8 @@ impl CellCache {
             fs::write(scratch.join(LIBRARY), &built.library)?;
             fs::write(scratch.join(DEP_INFO), &built.dep_info)?;
             fs::write(scratch.join(MESSAGES), &built.messages)?;
+            let variables: String = key.variables.iter().map(|v| format!("{v}\n")).collect();
+            fs::write(scratch.join(VARIABLES), variables)?;
             fs::write(scratch.join(USED), b"")?;
             // Last: an entry without its digest is never taken for whole.
             fs::write(
@@ -128,7 +158,7 @@ impl CellCache {
                 blake3::hash(&built.library).to_hex().as_str(),
             )
         })();
-        let placed = written.and_then(|()| fs::rename(&scratch, self.dir.join(key)));
+        let placed = written.and_then(|()| fs::rename(&scratch, self.dir.join(entry_name(key))));
         if placed.is_err() {
             // Another process placed the same entry first, or the disk is full.
             let _ = fs::remove_dir_all(&scratch);
@@ -220,7 +250,7 @@ impl CellCache {
             })
             .map(|item| {
                 let entry = item.path();
-                let bytes = [LIBRARY, DEP_INFO, MESSAGES]
+                let bytes = [LIBRARY, DEP_INFO, MESSAGES, VARIABLES]
                     .iter()
                     .filter_map(|file| fs::metadata(entry.join(file)).ok())
                     .map(|meta| meta.len())
@@ -283,6 +313,16 @@ impl CellCache {
     }
 }
 
+/// An entry's directory: the key's base and a digest of its variables.
+fn entry_name(key: &BuildKey) -> String {
+    let mut variables = blake3::Hasher::new();
+    for variable in &key.variables {
+        variables.update(variable.as_bytes());
+        variables.update(b"\n");
+    }
+    format!("{}-{}", key.base, &variables.finalize().to_hex()[..16])
+}
+
 /// Appends a line to a file, creating it: the wrapper's word to its context.
 pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
     let mut file = File::options().create(true).append(true).open(path)?;
@@ -292,12 +332,21 @@ pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn built(text: &str) -> Built {
         Built {
             library: text.as_bytes().to_vec(),
             dep_info: "{crate}/src/lib.rs:".into(),
             messages: String::new(),
+        }
+    }
+
+    fn key(base: &str, variables: &[&str]) -> BuildKey {
+        BuildKey {
+            base: base.to_owned(),
+            variables: variables.iter().map(|v| v.to_string()).collect(),
+            item_names: BTreeSet::new(),
         }
     }
 
@@ -311,12 +360,18 @@ mod tests {
     #[test]
     fn an_entry_comes_back_whole_and_a_damaged_one_is_dropped() {
         let cache = scratch_cache("damage");
-        cache.store("k1", &built("library one")).unwrap();
-        assert_eq!(cache.load("k1").unwrap().library, b"library one");
-        fs::write(cache.dir().join("k1").join(LIBRARY), b"library 0ne").unwrap();
-        assert!(cache.load("k1").is_none());
-        assert!(!cache.dir().join("k1").exists());
-        assert!(cache.load("k2").is_none());
+        let k1 = key("k1", &["a\t\tu8"]);
+        cache.store(&k1, &built("library one")).unwrap();
+        assert_eq!(cache.find(&k1).unwrap().library, b"library one");
+        // More variables: the same build; other types or fewer: none.
+        assert!(cache.find(&key("k1", &["a\t\tu8", "b\t\tu8"])).is_some());
+        assert!(cache.find(&key("k1", &["a\t\tu16"])).is_none());
+        assert!(cache.find(&key("k1", &[])).is_none());
+        let entry = cache.dir().join(entry_name(&k1));
+        fs::write(entry.join(LIBRARY), b"library 0ne").unwrap();
+        assert!(cache.find(&k1).is_none());
+        assert!(!entry.exists());
+        assert!(cache.find(&key("k2", &[])).is_none());
         fs::remove_dir_all(cache.dir()).unwrap();
     }
 
@@ -324,20 +379,21 @@ mod tests {
     fn the_least_recently_used_entries_go_first() {
         let cache = scratch_cache("lru");
         let old = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
-        for key in ["a", "b", "c"] {
+        let keys = ["a", "b", "c"].map(|base| key(base, &[]));
+        for key in &keys {
             cache.store(key, &built(&"x".repeat(100))).unwrap();
             let used = File::options()
                 .write(true)
-                .open(cache.dir().join(key).join(USED));
+                .open(cache.dir().join(entry_name(key)).join(USED));
             used.unwrap().set_modified(old).unwrap();
         }
-        // `b` is used last; a limit for two entries leaves it and the newest.
-        assert!(cache.load("b").is_some());
+        // `b` is used last; a limit for two entries leaves it and another.
+        assert!(cache.find(&keys[1]).is_some());
         let one_entry = cache.stats().bytes / 3;
         cache.set_limit(2 * one_entry).unwrap();
-        let left: Vec<bool> = ["a", "b", "c"]
+        let left: Vec<bool> = keys
             .iter()
-            .map(|k| cache.dir().join(k).exists())
+            .map(|k| cache.dir().join(entry_name(k)).exists())
             .collect();
         assert_eq!(left.iter().filter(|kept| **kept).count(), 2);
         assert!(left[1], "the entry used last was evicted");

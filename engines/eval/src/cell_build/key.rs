@@ -5,11 +5,19 @@
 //! target, features, cargo's metadata hash), with paths inside the crate's directory made
 //! relative; the content of every crate it links (`--extern`), so that a rebuilt dependency
 //! never serves a stale library; and the compiler itself.
+//!
+//! The stored variables are apart from the key. evcxr's entry takes every stored variable
+//! out of the store at its start and puts it back at its end, a generated line each, whether
+//! the cell uses it or not; the cell's own code is the same either way. A library built when
+//! the store held variables `V0` therefore runs as well in a store holding more (`V1`, with
+//! `V0`'s variables of the same types): it leaves the others where they are, and a variable
+//! the cell defines replaces the old one. So a second `%scatter` to a name, or a cell run
+//! again after it defined its variables, reuse the first build (`super::cache::CellCache::find`).
 
 use super::RustcCall;
-use ra_ap_syntax::ast::{HasAttrs, HasModuleItem};
+use ra_ap_syntax::ast::{self, HasAttrs, HasModuleItem};
 use ra_ap_syntax::{AstNode, Edition, SourceFile};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -20,8 +28,40 @@ const KEY_CONTEXT: &str = "parallax compiled-cell cache, key v1";
 /// evcxr names each build's entry `run_user_code_<build number>`.
 pub const ENTRY_PREFIX: &str = "run_user_code_";
 
-/// The key of a build, in hex.
-pub fn build_key(call: &RustcCall, source: &str) -> String {
+/// A build's key: the hex digest of all but the variables, the variables its entry takes (a
+/// line each: name, `mut` or not, type) and the names the cell's items define.
+pub struct BuildKey {
+    pub base: String,
+    pub variables: BTreeSet<String>,
+    pub item_names: BTreeSet<String>,
+}
+
+impl BuildKey {
+    /// The key of a build.
+    pub fn of(call: &RustcCall, source: &str) -> BuildKey {
+        let (code, variables) = without_variables(source);
+        let (pieces, item_names) = source_pieces(&code);
+        BuildKey {
+            base: base_key(call, &pieces),
+            variables,
+            item_names,
+        }
+    }
+
+    /// Whether a library built with `built_with` stored variables runs right with this
+    /// key's: each of those is here with its type and mutability, and no other variable here
+    /// has the name of one of the cell's items (the cell's code might have meant the item).
+    pub fn can_run_build_with(&self, built_with: &BTreeSet<String>) -> bool {
+        built_with.is_subset(&self.variables)
+            && self
+                .variables
+                .difference(built_with)
+                .filter_map(|line| line.split('\t').next())
+                .all(|name| !self.item_names.contains(name))
+    }
+}
+
+fn base_key(call: &RustcCall, pieces: &[String]) -> String {
     let mut key = blake3::Hasher::new_derive_key(KEY_CONTEXT);
     let mut part = |bytes: &[u8]| {
         key.update(&(bytes.len() as u64).to_le_bytes());
@@ -33,18 +73,55 @@ pub fn build_key(call: &RustcCall, source: &str) -> String {
         part(arg.as_bytes());
     }
     digests.save();
-    for piece in source_pieces(source) {
+    for piece in pieces {
         part(piece.as_bytes());
     }
     key.finalize().to_hex().to_string()
 }
 
+/// The source without evcxr's lines that check, take and put back stored variables, and the
+/// variables its entry takes.
+fn without_variables(source: &str) -> (String, BTreeSet<String>) {
+    const STORE: &str = "evcxr_variable_store.";
+    let mut code = String::with_capacity(source.len());
+    let mut variables = BTreeSet::new();
+    for line in source.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with(&format!("vars_ok &= {STORE}check_variable::<"))
+            || trimmed.starts_with(&format!("{STORE}put_variable::<"))
+        {
+            continue;
+        }
+        if let Some(taken) = taken_variable(trimmed) {
+            variables.insert(taken);
+            continue;
+        }
+        code.push_str(line);
+        code.push('\n');
+    }
+    (code, variables)
+}
+
+/// `let mut v = evcxr_variable_store.take_variable::<Vec<u64>>(stringify!(v));` as
+/// `v<TAB>mut<TAB>Vec<u64>`.
+fn taken_variable(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("let ")?;
+    let (binding, take) = rest.split_once(" = evcxr_variable_store.take_variable::<")?;
+    let (mutable, name) = match binding.strip_prefix("mut ") {
+        Some(name) => ("mut", name),
+        None => ("", binding),
+    };
+    let ty = take.strip_suffix(&format!(">(stringify!({name}));"))?;
+    Some(format!("{name}\t{mutable}\t{ty}"))
+}
+
 /// The source as its inner attributes, in order, then its items, sorted, with the entry's
-/// build number removed. A source that does not parse is keyed as it is.
-fn source_pieces(source: &str) -> Vec<String> {
+/// build number removed; and the names the items define. A source that does not parse is
+/// keyed as it is.
+fn source_pieces(source: &str) -> (Vec<String>, BTreeSet<String>) {
     let parsed = SourceFile::parse(source, Edition::Edition2024);
     if !parsed.errors().is_empty() {
-        return vec![source.to_owned()];
+        return (vec![source.to_owned()], BTreeSet::new());
     }
     let file = parsed.tree();
     let mut pieces: Vec<String> = file.attrs().map(|attr| attr.to_string()).collect();
@@ -54,7 +131,28 @@ fn source_pieces(source: &str) -> Vec<String> {
         .collect();
     items.sort();
     pieces.extend(items);
-    pieces
+    let names = file
+        .items()
+        .filter_map(|item| item_name(&item))
+        .filter(|name| !name.starts_with(ENTRY_PREFIX))
+        .collect();
+    (pieces, names)
+}
+
+/// The name an item defines, if it defines one a variable could be mistaken for.
+fn item_name(item: &ast::Item) -> Option<String> {
+    use ast::HasName;
+    let name = match item {
+        ast::Item::Const(i) => i.name(),
+        ast::Item::Enum(i) => i.name(),
+        ast::Item::Fn(i) => i.name(),
+        ast::Item::MacroRules(i) => i.name(),
+        ast::Item::Static(i) => i.name(),
+        ast::Item::Struct(i) => i.name(),
+        ast::Item::Union(i) => i.name(),
+        _ => None,
+    };
+    name.map(|name| name.text().to_string())
 }
 
 /// `fn run_user_code_12(` becomes `fn run_user_code_(`.
@@ -174,12 +272,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn stored_variables_are_apart_and_a_superset_runs_a_build() {
+        let source = "fn f() {}\n{let mut vars_ok = true;\n\
+            vars_ok &= evcxr_variable_store.check_variable::<u64>(stringify!(a));\n\
+            if !vars_ok {return evcxr_variable_store;}}\n\
+            let mut a = evcxr_variable_store.take_variable::<u64>(stringify!(a));\n\
+            a += 1;\n\
+            evcxr_variable_store.put_variable::<u64>(stringify!(a), a);\n";
+        let (code, variables) = without_variables(source);
+        assert_eq!(code, "fn f() {}\n{let mut vars_ok = true;\nif !vars_ok {return evcxr_variable_store;}}\na += 1;\n");
+        let a = "a\tmut\tu64".to_owned();
+        assert_eq!(variables, BTreeSet::from([a.clone()]));
+        let key = |vars: &[&str], items: &[&str]| BuildKey {
+            base: String::new(),
+            variables: vars.iter().map(|v| v.to_string()).collect(),
+            item_names: items.iter().map(|v| v.to_string()).collect(),
+        };
+        let built_with = BTreeSet::from([a.clone()]);
+        assert!(key(&[&a, "b\t\tString"], &["f"]).can_run_build_with(&built_with));
+        assert!(!key(&["a\t\tu64"], &["f"]).can_run_build_with(&built_with));
+        assert!(!key(&["a\tmut\tu32"], &[]).can_run_build_with(&built_with));
+        assert!(!key(&[&a, "f\t\tu8"], &["f"]).can_run_build_with(&built_with));
+    }
+
+    #[test]
     fn the_build_number_and_the_item_order_do_not_count() {
         let a = "#![allow(unused)]\nfn f() {}\nstruct S;\n#[unsafe(no_mangle)]\npub extern \"C\" fn run_user_code_3(x: u8) {}\n";
         let b = "#![allow(unused)]\nstruct S;\n#[unsafe(no_mangle)]\npub extern \"C\" fn run_user_code_14(x: u8) {}\nfn f() {}\n";
-        assert_eq!(source_pieces(a), source_pieces(b));
+        assert_eq!(source_pieces(a).0, source_pieces(b).0);
         let c = a.replace("struct S;", "struct S(u8);");
-        assert_ne!(source_pieces(a), source_pieces(&c));
+        assert_ne!(source_pieces(a).0, source_pieces(&c).0);
         assert_eq!(
             without_build_number("fn run_user_code_12(s) { run_user_code_12 }"),
             "fn run_user_code_(s) { run_user_code_12 }"

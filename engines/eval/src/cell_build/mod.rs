@@ -147,9 +147,9 @@ pub fn serve_if_cell_build() {
 /// Whether the cell's library is in place.
 fn build(call: &RustcCall) -> std::io::Result<bool> {
     let source = std::fs::read_to_string(&call.source)?;
-    let key = key::build_key(call, &source);
+    let key = key::BuildKey::of(call, &source);
     let cache = CellCache::of_host();
-    if let Some(built) = cache.load(&key) {
+    if let Some(built) = cache.find(&key) {
         put_in_place(call, &built)?;
         cache.count(true);
         report("cached");
