@@ -117,15 +117,17 @@ impl CellCache {
                 Some(built)
             }
             Ok(_) => {
-                tracing::warn!(
+                super::note(&format!(
                     "cell cache entry {name} is damaged: removed, the cell builds again"
-                );
+                ));
                 self.remove_entry(&entry);
                 None
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && !entry.exists() => None,
             Err(e) => {
-                tracing::warn!("cell cache entry {name} is unreadable ({e}): removed");
+                super::note(&format!(
+                    "cell cache entry {name} is unreadable ({e}): removed"
+                ));
                 self.remove_entry(&entry);
                 None
             }
@@ -181,7 +183,7 @@ impl CellCache {
             )
         });
         if let Err(e) = counted {
-            tracing::debug!("cell cache counters: {e}");
+            super::note(&format!("cell cache counters: {e}"));
         }
     }
 

@@ -241,7 +241,15 @@ fn tell_evcxr(call: &RustcCall) -> std::io::Result<()> {
     }
 }
 
-/// Counts this build in the context's report file.
+/// Something the context should log: said in its report file, since what the wrapper writes
+/// to stderr goes to cargo, and evcxr keeps little of that.
+pub(crate) fn note(message: &str) {
+    report(&format!("{NOTE}{message}"));
+}
+
+const NOTE: &str = "note ";
+
+/// Counts this build in the context's report file (or says a note).
 fn report(outcome: &str) {
     if let Some(path) = std::env::var_os(REPORT_VAR) {
         if let Err(e) = cache::append_line(Path::new(&path), outcome) {
@@ -300,7 +308,10 @@ impl BuildReport {
                 "compiled" => counts.compiled += 1,
                 "cached" => counts.cached += 1,
                 "failed" => counts.failed += 1,
-                _ => {}
+                other => match other.strip_prefix(NOTE) {
+                    Some(note) => tracing::warn!("{note}"),
+                    None => tracing::warn!("unknown line in the build report: {other:?}"),
+                },
             }
         }
         counts

@@ -1,0 +1,257 @@
+"""Cells cheaper than a compile, through jupyter_client with real kernels and engines: one build
+per expression cell, and the compiled-cell cache (a cell run again is not built; what it
+depends on changing builds it again; damaged entries are built again; kernels share it; the
+cells %pmap and %scatter generate are built once). Builds are counted by `%cache`."""
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import ARTIFACTS, RunningKernel, engine_results, of_type, ok, stream_text
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cells"
+
+
+def start_kernel(name, cache_dir):
+    return RunningKernel(
+        ARTIFACTS / f"{name}.kernel.log", env={"PARALLAX_CELL_CACHE": str(cache_dir)}
+    )
+
+
+@pytest.fixture
+def kernel(request, kernelspec, cache_dir):
+    running = start_kernel(request.node.name, cache_dir)
+    yield running
+    running.stop()
+
+
+def builds(kernel):
+    """`%cache`'s table: {"notebook": (compiled, cached, failed), "engine 0": (...), ...}."""
+    rows = {}
+    for line in stream_text(ok(kernel, "%cache")).splitlines():
+        m = re.match(r"^(notebook|engine \d+) [^\d]*?(\d+)\s+(\d+)\s+(\d+)\s", line + " ")
+        if m:
+            rows[m.group(1)] = tuple(int(n) for n in m.groups()[1:])
+    assert "notebook" in rows, rows
+    return rows
+
+
+class Counted:
+    """Runs a cell and says how the notebook's builds moved: (compiled, cached, failed)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def run(self, code, who="notebook"):
+        before = builds(self.kernel)
+        outputs = ok(self.kernel, code)
+        after = builds(self.kernel)
+        moved = tuple(a - b for a, b in zip(after[who], before.get(who, (0, 0, 0))))
+        return outputs, moved
+
+
+def shown(outputs):
+    """The data of the cell's results, whatever message carried them."""
+    return [
+        m["content"]["data"]
+        for m in outputs
+        if m["msg_type"] in ("execute_result", "display_data")
+    ]
+
+
+def plain(outputs):
+    return [data["text/plain"] for data in shown(outputs)]
+
+
+RICH_AND_PLAIN = """
+#[derive(Debug)]
+pub struct Rich;
+impl Rich {
+    pub fn evcxr_display(&self) {
+        println!("EVCXR_BEGIN_CONTENT text/html\\n<b>rich</b>\\nEVCXR_END_CONTENT");
+    }
+}
+#[derive(Debug)]
+pub struct Plain(u32);
+"""
+
+
+def test_an_expression_cell_builds_once_with_or_without_a_rich_display(kernel):
+    counted = Counted(kernel)
+    ok(kernel, RICH_AND_PLAIN)
+    outputs, moved = counted.run("Rich")
+    assert moved == (1, 0, 0), moved
+    assert shown(outputs) == [{"text/html": "<b>rich</b>"}]
+    outputs, moved = counted.run("Plain(3)")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["Plain(3)"]
+    outputs, moved = counted.run('vec![(1u8, "a")]')
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ['[(1, "a")]']
+    # :fmt changes the display as before, and back.
+    ok(kernel, ":fmt {:#?}")
+    assert plain(ok(kernel, "(1, 2)")) == ["(\n    1,\n    2,\n)"]
+    ok(kernel, ":fmt")
+    assert plain(ok(kernel, "(1, 2)")) == ["(1, 2)"]
+    # A trait of the notebook's that gives a Debug type `evcxr_display` still shows it, as
+    # evcxr would (the stand-in steps aside for good after one ambiguous build).
+    ok(
+        kernel,
+        "pub trait Show { fn evcxr_display(&self); }\n"
+        "#[derive(Debug)] pub struct Img;\n"
+        "impl Show for Img { fn evcxr_display(&self) { "
+        'println!("EVCXR_BEGIN_CONTENT text/html\\n<i>img</i>\\nEVCXR_END_CONTENT"); } }',
+    )
+    assert shown(ok(kernel, "Img")) == [{"text/html": "<i>img</i>"}]
+
+
+def test_a_cell_run_again_is_not_built_and_says_the_same(kernel):
+    counted = Counted(kernel)
+    ok(kernel, "let x = 41u32;")
+    first, moved = counted.run("x + 1")
+    assert moved == (1, 0, 0), moved
+    again, moved = counted.run("x + 1")
+    assert moved == (0, 1, 0), moved
+    assert plain(first) == plain(again) == ["42"]
+    # A cell that defines a variable, run again: the store then holds it already.
+    ok(kernel, "let y = x * 2;")
+    _, moved = counted.run("let y = x * 2;")
+    assert moved == (0, 1, 0), moved
+    outputs, moved = counted.run('println!("{y}");')
+    assert stream_text(outputs) == "82\n"
+
+
+def write_dependency(root: Path, version: str):
+    (root / "src").mkdir(parents=True, exist_ok=True)
+    (root / "Cargo.toml").write_text(
+        f'[package]\nname = "cache_probe"\nversion = "{version}"\nedition = "2021"\n'
+    )
+    (root / "src" / "lib.rs").write_text(
+        f'pub fn version() -> &\'static str {{ "{version}" }}\n'
+    )
+
+
+def test_what_a_cell_depends_on_changing_builds_it_again(kernel, tmp_path):
+    counted = Counted(kernel)
+    # The type of a variable it uses.
+    ok(kernel, "let z = 5u8;")
+    _, moved = counted.run("z + 1")
+    assert moved == (1, 0, 0)
+    _, moved = counted.run("z + 1")
+    assert moved == (0, 1, 0)
+    ok(kernel, "let z = 300u16;")
+    outputs, moved = counted.run("z + 1")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["301"]
+    # A function it calls.
+    ok(kernel, "fn f() -> u32 { 1 }")
+    assert plain(counted.run("f() + 1")[0]) == ["2"]
+    ok(kernel, "fn f() -> u32 { 10 }")
+    outputs, moved = counted.run("f() + 1")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["11"]
+    # A dependency's version.
+    dependency = tmp_path / "cache_probe"
+    write_dependency(dependency, "0.1.0")
+    ok(kernel, f':dep cache_probe = {{ path = "{dependency}" }}', timeout=600)
+    outputs, moved = counted.run("cache_probe::version()")
+    assert plain(outputs) == ['"0.1.0"']
+    assert counted.run("cache_probe::version()")[1] == (0, 1, 0)
+    write_dependency(dependency, "0.2.0")
+    outputs, moved = counted.run("cache_probe::version()")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ['"0.2.0"']
+    # The optimisation level.
+    ok(kernel, ":opt 1", timeout=600)
+    outputs, moved = counted.run("f() + 1")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["11"]
+
+
+def test_a_damaged_or_missing_entry_is_built_again_not_loaded(kernel, cache_dir):
+    counted = Counted(kernel)
+    ok(kernel, "let w = 7u32;")
+    assert counted.run("w * 6")[1] == (1, 0, 0)
+    libraries = list(cache_dir.glob("*/library"))
+    assert libraries, list(cache_dir.iterdir())
+    for library in libraries:
+        library.write_bytes(b"\x7fELF not a library any more")
+    outputs, moved = counted.run("w * 6")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["42"]
+    assert "is damaged" in kernel.log()
+    shutil.rmtree(cache_dir)
+    outputs, moved = counted.run("w * 6")
+    assert moved == (1, 0, 0), moved
+    assert plain(outputs) == ["42"]
+    assert counted.run("w * 6")[1] == (0, 1, 0)
+
+
+def test_two_kernels_sharing_the_cache_both_get_right_results(kernelspec, cache_dir):
+    kernels = [start_kernel(f"cache_sharer_{i}", cache_dir) for i in range(2)]
+    cells = [(f"let v{i} = {i}u64 * 3;", None) for i in range(4)]
+    cells += [(f"v{i} + {i}", str(4 * i)) for i in range(4)]
+    failures = []
+
+    def run_all(kernel):
+        try:
+            for code, expected in cells:
+                outputs = ok(kernel, code)
+                if expected is not None and plain(outputs) != [expected]:
+                    failures.append((code, plain(outputs)))
+        except AssertionError as e:
+            failures.append(str(e))
+
+    try:
+        workers = [threading.Thread(target=run_all, args=(k,)) for k in kernels]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(600)
+        assert not failures, failures
+        counts = [builds(k)["notebook"] for k in kernels]
+        # Every cell was built or found by each kernel, and none failed.
+        for compiled, cached, failed in counts:
+            assert failed == 0 and compiled + cached >= len(cells), counts
+        for k in kernels:
+            assert "is damaged" not in k.log() and "unreadable" not in k.log()
+    finally:
+        for k in kernels:
+            k.stop()
+
+
+def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
+    text = stream_text(ok(kernel, "%cluster start -n 2", timeout=600))
+    assert "Started 2 engines" in text, text
+    engines = ("engine 0", "engine 1")
+
+    def engine_builds():
+        counts = builds(kernel)
+        return {engine: counts[engine] for engine in engines}
+
+    ok(kernel, "%%px\nfn cube(x: u64) -> u64 { x * x * x }")
+    ok(kernel, "%pmap -o c1 cube 0..1000u64")
+    before = engine_builds()
+    assert sum(compiled for compiled, _, _ in before.values()) > 0, before
+    ok(kernel, "%pmap -o c2 cube 5..3000u64")
+    after = engine_builds()
+    for engine in engines:
+        assert after[engine][0] == before[engine][0], (engine, before, after)
+    assert plain(ok(kernel, "(c2.len(), c2[0], c2[2994])")) == ["(2995, 125, 26973008999)"]
+    ok(kernel, "%scatter part = (0..100u64).collect::<Vec<_>>()")
+    before = engine_builds()
+    ok(kernel, "%scatter part = (7..50u64).collect::<Vec<_>>()")
+    after = engine_builds()
+    for engine in engines:
+        assert after[engine][0] == before[engine][0], (engine, before, after)
+    lengths = engine_results(ok(kernel, "%px part.len()"))
+    assert {engine: text.split(": ", 1)[1] for engine, text in lengths.items()} == {
+        0: "22",
+        1: "21",
+    }
