@@ -334,7 +334,9 @@ pub(crate) fn end_map(maps: &SharedMaps, task: u64) {
 /// The commands every engine context executes before its first cell: the dependency cache,
 /// the helper crates cells use without a `:dep` of their own, and the display stand-in that
 /// spares an expression cell its second build. The crates come first: a crate added after a
-/// cell defined a type makes evcxr drop the variables of that type.
+/// cell defined a type makes evcxr drop the variables of that type. They are one cell: evcxr
+/// applies a cell's commands, then builds once (each build after a new `:dep` also has
+/// rust-analyzer load the crate graph again).
 fn preludes() -> Vec<String> {
     let mut preludes = vec![DEPENDENCY_CACHE.to_owned()];
     if offline::is_offline() {
@@ -356,7 +358,7 @@ fn preludes() -> Vec<String> {
         }
     }
     preludes.push(parallax_eval::display::ON.to_owned());
-    preludes
+    vec![preludes.join("\n")]
 }
 
 /// Runs tasks one at a time, in the order they arrived.

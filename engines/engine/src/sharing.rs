@@ -254,9 +254,16 @@ impl Core {
             if self.history.locked().contains(prelude) {
                 continue;
             }
+            let began = std::time::Instant::now();
             if let Err(e) = compiler.execute(prelude.clone(), quiet.clone(), None).await {
                 tracing::warn!("engine {}: `{prelude}` failed: {}", self.engine, e.evalue);
             }
+            tracing::debug!(
+                "engine {}: prelude `{}` took {:.3} s",
+                self.engine,
+                prelude.lines().next().unwrap_or_default(),
+                began.elapsed().as_secs_f64()
+            );
         }
         let before = compiler.variables().await;
         let entries_before = self.history.locked().len();

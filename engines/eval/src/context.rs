@@ -482,15 +482,14 @@ impl Engine {
     /// The dependency cache and the data crate, before any cell. A failure is logged: cells
     /// that move data then say the crate is missing.
     fn add_helpers(&mut self, interrupter: &Interrupter) {
-        let lines = crate::cells::data_crate_dep()
-            .map(|dep| [":cache 4000".to_owned(), dep, display::ON.to_owned()])
+        // One cell: evcxr applies its commands, then builds once.
+        let cell = crate::cells::data_crate_dep()
+            .map(|dep| [":cache 4000", &dep, display::ON].join("\n"))
             .map_err(|e| format!("writing the parallax_data crate: {e}"));
-        let added = lines.and_then(|lines| {
-            lines.iter().try_for_each(|line| {
-                self.execute(line, discard_output(), None, interrupter)
-                    .map(|_| ())
-                    .map_err(|e| format!("{line}: {}", e.evalue))
-            })
+        let added = cell.and_then(|cell| {
+            self.execute(&cell, discard_output(), None, interrupter)
+                .map(|_| ())
+                .map_err(|e| e.evalue)
         });
         if let Err(e) = added {
             tracing::warn!("the notebook's data crate: {e}");
