@@ -3,7 +3,7 @@
 
 use crate::carrying::Carries;
 use crate::data_work::{Acks, Receipts};
-use crate::sharing::Inbox;
+use crate::inbox::Inbox;
 use crate::{end_map, DataWork, Fetch, Outbound, SharedMaps, Store, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
 use parallax_engine_protocol::{

@@ -8,6 +8,7 @@
 mod carrying;
 mod data_work;
 mod handler;
+mod inbox;
 mod offline;
 mod sharing;
 

@@ -10,6 +10,7 @@
 //! the cell for itself. A follower whose outcome differs from the leader's (a panic on one of
 //! them only, a crash) ends with a different history, which the controller sees in its report.
 
+use crate::inbox::Inbox;
 use crate::{Maps, Outbound, SharedMaps};
 use parallax_engine_protocol::{FromEngine, Outcome, Role, Share, StateReport, Step};
 use parallax_eval::cell_build::BuildCounter;
@@ -21,11 +22,10 @@ use parallax_eval::store::{Run, Store};
 use parallax_eval::{
     result_of_run, CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::mpsc;
 
 /// evcxr's command that caches built dependencies (size in MiB).
 pub const DEPENDENCY_CACHE: &str = ":cache 4000";
@@ -42,71 +42,6 @@ pub struct Work {
 pub struct Ended {
     pub outcome: Outcome,
     pub sent_type: Option<String>,
-}
-
-type StepFrom = (u32, Step);
-
-enum Slot {
-    Open(
-        mpsc::UnboundedSender<StepFrom>,
-        Option<mpsc::UnboundedReceiver<StepFrom>>,
-    ),
-    /// The follower stopped listening before the leader's `Done`.
-    Abandoned,
-}
-
-/// Steps from leaders, by cell: they may arrive before the follower's task begins.
-#[derive(Clone, Default)]
-pub struct Inbox {
-    slots: Arc<Mutex<HashMap<u64, Slot>>>,
-}
-
-impl Inbox {
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
-        self.slots.locked()
-    }
-
-    pub fn deliver(&self, cell: u64, from: u32, step: Step) {
-        let mut slots = self.slots();
-        let last = matches!(step, Step::Done { .. } | Step::Abort { .. });
-        match slots.get(&cell) {
-            Some(Slot::Abandoned) => {
-                if last {
-                    slots.remove(&cell);
-                }
-            }
-            Some(Slot::Open(tx, _)) => {
-                let _ = tx.send((from, step));
-            }
-            None => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let _ = tx.send((from, step));
-                slots.insert(cell, Slot::Open(tx, Some(rx)));
-            }
-        }
-    }
-
-    fn take(&self, cell: u64) -> mpsc::UnboundedReceiver<StepFrom> {
-        let mut slots = self.slots();
-        if let Some(Slot::Open(_, rx)) = slots.get_mut(&cell) {
-            if let Some(rx) = rx.take() {
-                return rx;
-            }
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        slots.insert(cell, Slot::Open(tx, None));
-        rx
-    }
-
-    /// The follower heard the last step.
-    fn close(&self, cell: u64) {
-        self.slots().remove(&cell);
-    }
-
-    /// The follower stops listening early; later steps are dropped.
-    fn abandon(&self, cell: u64) {
-        self.slots().insert(cell, Slot::Abandoned);
-    }
 }
 
 pub struct Core {
@@ -254,15 +189,14 @@ impl Core {
             if self.history.locked().contains(prelude) {
                 continue;
             }
-            let began = std::time::Instant::now();
+            let began = Instant::now();
             if let Err(e) = compiler.execute(prelude.clone(), quiet.clone(), None).await {
                 tracing::warn!("engine {}: `{prelude}` failed: {}", self.engine, e.evalue);
             }
             tracing::debug!(
-                "engine {}: prelude `{}` took {:.3} s",
+                "engine {}: preludes in {:.2?}",
                 self.engine,
-                prelude.lines().next().unwrap_or_default(),
-                began.elapsed().as_secs_f64()
+                began.elapsed()
             );
         }
         let before = compiler.variables().await;

@@ -9,7 +9,7 @@ use crate::gateway::Recorder;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::ipc::Locked;
-use crate::outputs::{discard_output, CellOutput, InputAsker, StreamSink};
+use crate::outputs::{discard_output, CellOutput, InputAsker, StreamForwarder, StreamSink};
 use crossbeam_channel::Receiver;
 use evcxr::{CommandContext, EvalCallbacks};
 use serde_json::Value;
@@ -94,56 +94,6 @@ pub struct Compiling {
     pub recorder: Arc<dyn Recorder>,
     /// The store's process, which an interrupt of a running cell kills.
     pub runtime: Arc<Mutex<std::process::Child>>,
-}
-
-/// Forwards one of evcxr's output channels to IOPub as `stream` messages, batching lines that
-/// arrive within a couple of milliseconds of each other.
-struct StreamForwarder {
-    lines: Receiver<String>,
-    in_flight: Arc<Mutex<()>>,
-}
-
-impl StreamForwarder {
-    fn spawn(name: &'static str, lines: Receiver<String>, sink: Arc<Mutex<StreamSink>>) -> Self {
-        let in_flight = Arc::new(Mutex::new(()));
-        let forwarder = StreamForwarder {
-            lines: lines.clone(),
-            in_flight: in_flight.clone(),
-        };
-        std::thread::Builder::new()
-            .name(format!("forward-{name}"))
-            .spawn(move || {
-                const BATCH_WINDOW: Duration = Duration::from_millis(2);
-                const BATCH_BYTES: usize = 64 * 1024;
-                while let Ok(first) = lines.recv() {
-                    let _publishing = in_flight.locked();
-                    let mut text = first;
-                    text.push('\n');
-                    let deadline = Instant::now() + BATCH_WINDOW;
-                    while text.len() < BATCH_BYTES {
-                        match lines.recv_deadline(deadline) {
-                            Ok(line) => {
-                                text.push_str(&line);
-                                text.push('\n');
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    let sink = sink.locked().clone();
-                    sink(name, &text);
-                }
-            })
-            .expect("spawning an output forwarder");
-        forwarder
-    }
-
-    /// Returns once every line received so far has been published.
-    fn flush(&self) {
-        while !self.lines.is_empty() {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        drop(self.in_flight.locked());
-    }
 }
 
 struct Engine {

@@ -8,6 +8,7 @@ use crate::diagnostics::CellError;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::outputs::{CellOutput, InputAsker, StreamSink};
+use crate::places::private_base;
 use crossbeam_channel::Sender;
 use parallax_engine_protocol::BuildCounts;
 use std::collections::BTreeSet;
@@ -175,11 +176,4 @@ impl Evaluator {
         // The evaluator thread lives as long as the process; if it died, the oneshot reports it.
         let _ = self.jobs.send(job);
     }
-}
-
-/// Where private directories go: the user's runtime directory, else the temporary one.
-pub fn private_base() -> std::path::PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
 }

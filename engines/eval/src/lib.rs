@@ -25,6 +25,7 @@ pub mod usage;
 pub use context::{result_of_run, Compiling};
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession};
 pub use diagnostics::CellError;
-pub use evaluator::{private_base, Evaluator};
+pub use evaluator::Evaluator;
 pub use interrupt::{Interrupter, Interruption};
 pub use outputs::{CellOutput, InputAsker, StreamSink};
+pub use places::private_base;

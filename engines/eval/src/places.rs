@@ -1,5 +1,6 @@
-//! Where this host keeps things: its name, the user's home, its cache directory. One reading
-//! of each for the kernel and the engines, so that both name a host and a folder alike.
+//! Where this host keeps things: its name, the user's home, its cache directory, the base of
+//! this process's private directories. One reading of each for the kernel and the engines, so
+//! that both name a host and a folder alike.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -31,4 +32,11 @@ pub fn cache_base() -> PathBuf {
         .map(PathBuf::from)
         .filter(|path| path.is_absolute())
         .unwrap_or_else(|| home().join(".cache"))
+}
+
+/// Where private directories go: the user's runtime directory, else the temporary one.
+pub fn private_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }

@@ -284,7 +284,7 @@ impl BuildReport {
     pub fn fresh() -> BuildReport {
         static CONTEXTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let number = CONTEXTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = crate::evaluator::private_base()
+        let path = crate::places::private_base()
             .join(format!("parallax-builds-{}-{number}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         BuildReport { path }
