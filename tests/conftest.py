@@ -36,6 +36,9 @@ def kernelspec():
     os.environ["JUPYTER_DATA_DIR"] = str(prefix / "data")
     os.environ["JUPYTER_RUNTIME_DIR"] = str(prefix / "runtime")
     os.environ["JUPYTER_CONFIG_DIR"] = str(prefix / "config")
+    # Each kernel would warm a standby engine of its own (seconds of both cores): only the
+    # tests of the standby engine, which set it, have one.
+    os.environ["PARALLAX_STANDBY"] = "0"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield prefix
     shutil.rmtree(prefix, ignore_errors=True)

@@ -64,10 +64,38 @@ enum Cmd {
         /// Take the id OFFSET + the rank that mpiexec or srun gives this process.
         #[arg(long, value_name = "OFFSET")]
         rank_offset: Option<u32>,
+        /// Warm up first (the compiling context and its preludes), then read the connection,
+        /// with the id to take, on stdin: the kernel keeps one such engine ready to adopt.
+        #[arg(long, conflicts_with_all = ["id", "rank_offset"])]
+        standby: bool,
     },
 }
 
 fn run_engine(connect: &Path, id: Option<u32>, rank_offset: Option<u32>) -> anyhow::Result<()> {
+    let connection = read_connection(connect)?;
+    let id = match (id, rank_offset) {
+        (Some(id), _) => parallax_engine::EngineId::Given(id),
+        (None, Some(offset)) => parallax_engine::EngineId::RankOffset(offset),
+        (None, None) => parallax_engine::EngineId::Assigned,
+    };
+    parallax_engine::run(parallax_engine::EngineConfig { connection, id })
+}
+
+/// A standby engine: warm first, then adopted with the connection (and id) the kernel writes.
+fn run_standby_engine(connect: &Path) -> anyhow::Result<()> {
+    parallax_engine::run_standby(|| {
+        let connection = read_connection(connect)?;
+        let id = connection
+            .engine
+            .ok_or_else(|| anyhow::anyhow!("a standby engine's connection names no id"))?;
+        Ok(parallax_engine::EngineConfig {
+            connection,
+            id: parallax_engine::EngineId::Given(id),
+        })
+    })
+}
+
+fn read_connection(connect: &Path) -> anyhow::Result<parallax_engine_protocol::Connection> {
     use anyhow::Context;
     let text = if connect == Path::new("-") {
         // One JSON document; the launcher closes our stdin after it, or (ssh) keeps it open.
@@ -90,14 +118,8 @@ fn run_engine(connect: &Path, id: Option<u32>, rank_offset: Option<u32>) -> anyh
         std::fs::read_to_string(connect)
             .with_context(|| format!("reading the connection file {}", connect.display()))?
     };
-    let connection = parallax_engine_protocol::Connection::parse(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", connect.display()))?;
-    let id = match (id, rank_offset) {
-        (Some(id), _) => parallax_engine::EngineId::Given(id),
-        (None, Some(offset)) => parallax_engine::EngineId::RankOffset(offset),
-        (None, None) => parallax_engine::EngineId::Assigned,
-    };
-    parallax_engine::run(parallax_engine::EngineConfig { connection, id })
+    parallax_engine_protocol::Connection::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", connect.display()))
 }
 
 fn main() -> ExitCode {
@@ -139,8 +161,14 @@ fn main() -> ExitCode {
         Cmd::Install(args) => install::install(&args),
         Cmd::Engine {
             connect,
+            standby: true,
+            ..
+        } => run_standby_engine(&connect),
+        Cmd::Engine {
+            connect,
             id,
             rank_offset,
+            standby: false,
         } => run_engine(&connect, id, rank_offset),
     };
     parallax_engine_protocol::shared::remove_own_dirs();

@@ -71,11 +71,38 @@ pub struct EngineConfig {
 pub fn run(config: EngineConfig) -> anyhow::Result<()> {
     separate_host_cache(&config.connection.controller_host);
     let signer = Signer::new(config.connection.key.trim());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    engine_runtime()?.block_on(serve(config, signer, None))
+}
+
+fn engine_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
-        .build()?;
-    runtime.block_on(serve(config, signer))
+        .build()
+}
+
+/// A standby engine: started on the kernel's host before any pool, it builds its compiling
+/// context and runs the preludes (most of an engine's start), then waits for `adoption`
+/// (blocking: the kernel writing the connection, with the id to take, to its stdin) and goes
+/// on as that engine, ready at once.
+pub fn run_standby(adoption: impl FnOnce() -> anyhow::Result<EngineConfig>) -> anyhow::Result<()> {
+    let runtime = engine_runtime()?;
+    let warm = runtime.block_on(async {
+        sweep_stale_dirs();
+        let host = [("PARALLAX_HOST", places::host_name().to_owned())];
+        let (placeholder, _) = mpsc::unbounded_channel();
+        let mut core = Core::new(u32::MAX, placeholder, &private_base(), &host)
+            .context("starting the standby engine's evaluation process")?;
+        let began = Instant::now();
+        core.prepare(&preludes())
+            .await
+            .map_err(|e| anyhow::anyhow!("warming the standby engine: {}", e.evalue))?;
+        tracing::info!("standby engine warm in {:.2?}", began.elapsed());
+        anyhow::Ok(core)
+    })?;
+    let config = adoption()?;
+    let signer = Signer::new(config.connection.key.trim());
+    runtime.block_on(serve(config, signer, Some(warm)))
 }
 
 /// The id this engine asks for: the one it was given, or its offset plus the rank MPI or Slurm
@@ -159,7 +186,8 @@ pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 /// A cell stopping a map is given this long to finish its chunk before it is interrupted.
 pub(crate) const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
-async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
+/// `warm`: a standby engine's core, adopted as this engine.
+async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyhow::Result<()> {
     let connection = &config.connection;
     let host = places::host_name().to_owned();
     if let Some(why) = unreachable_by_address(connection, &host) {
@@ -205,9 +233,18 @@ async fn serve(config: EngineConfig, signer: Signer) -> anyhow::Result<()> {
         ("PARALLAX_ENGINES", engines.to_string()),
         ("PARALLAX_HOST", host),
     ];
-    sweep_stale_dirs();
-    let core = Core::new(engine, outbound.clone(), &private_base(), &environment)
-        .context("starting the engine's evaluation process")?;
+    let core = match warm {
+        Some(mut core) => {
+            core.adopt(engine, outbound.clone(), &environment)
+                .map_err(|e| anyhow::anyhow!("adopting the standby engine: {e}"))?;
+            core
+        }
+        None => {
+            sweep_stale_dirs();
+            Core::new(engine, outbound.clone(), &private_base(), &environment)
+                .context("starting the engine's evaluation process")?
+        }
+    };
     let own_dirs = core.dirs();
     let interrupter = core.interrupter.clone();
     let running = Arc::new(AtomicU64::new(NO_TASK));

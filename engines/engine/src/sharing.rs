@@ -108,6 +108,39 @@ impl Core {
         })
     }
 
+    /// A standby engine's warm-up, before it has an id or a pool: builds the compiling
+    /// context and runs the preludes in it. The history stays empty, as a fresh engine's is:
+    /// the first shared cell runs the preludes again (built by now, so found in the
+    /// compiled-cell cache) and passes them on to the followers, which match it then.
+    pub async fn prepare(&mut self, preludes: &[String]) -> Result<(), CellError> {
+        let quiet: StreamSink = Arc::new(|_, _| {});
+        let compiler = self.compiler(&quiet).await?;
+        for prelude in preludes {
+            compiler
+                .execute(prelude.clone(), quiet.clone(), None)
+                .await?;
+        }
+        *self.history.locked() = History::default();
+        Ok(())
+    }
+
+    /// A standby engine taken into a pool: its id, where it speaks, and what its cells see of
+    /// it, which its store learns now.
+    pub fn adopt(
+        &mut self,
+        engine: u32,
+        outbound: Outbound,
+        environment: &[(&str, String)],
+    ) -> Result<(), String> {
+        self.engine = engine;
+        self.outbound = outbound;
+        let environment: Vec<(String, String)> = environment
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        self.store.locked().add_environment(&environment)
+    }
+
     fn fingerprint(&self) -> u64 {
         self.history.locked().fingerprint()
     }

@@ -16,6 +16,10 @@ pub const REPORT_VAR: &str = "PARALLAX_RUNTIME_REPORT";
 
 const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
 
+/// `PARALLAX_SET_ENV NAME VALUE`: a variable the engine learns only after its store started
+/// (a standby engine learns its id when it is adopted), set before any cell of the user's.
+pub const SET_ENV: &str = "PARALLAX_SET_ENV ";
+
 /// Serves the evaluation protocol on stdin and stdout until stdin closes; never returns.
 pub fn serve(report: Option<&std::path::Path>) -> ! {
     install_crash_handlers();
@@ -37,6 +41,12 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
     let mut store: *mut c_void = std::ptr::null_mut();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
+        if let Some(setting) = line.strip_prefix(SET_ENV) {
+            set_environment(setting);
+            println!("{COMPLETE}");
+            let _ = std::io::stdout().flush();
+            continue;
+        }
         let Some((path, function)) = line
             .strip_prefix("LOAD_AND_RUN ")
             .and_then(|rest| rest.rsplit_once(' '))
@@ -75,6 +85,13 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
         let _ = std::io::stdout().flush();
     }
     std::process::exit(0);
+}
+
+fn set_environment(setting: &str) {
+    let (name, value) = setting.split_once(' ').unwrap_or((setting, ""));
+    // Sent before any cell of the user's ran, so no thread of theirs reads the environment
+    // meanwhile; this process's own only thread is this one.
+    std::env::set_var(name, value);
 }
 
 /// A crash in a cell ends the process with a word on stderr, as evcxr's runtime does; evcxr's

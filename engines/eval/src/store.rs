@@ -121,6 +121,23 @@ impl Store {
         stdin.flush()
     }
 
+    /// Adds `env` to the store's environment: to the live process, before any cell of the
+    /// user's ran in it, and to those a restart starts.
+    pub fn add_environment(&mut self, env: &[(String, String)]) -> Result<(), String> {
+        self.command
+            .locked()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let quiet: StreamSink = Arc::new(|_, _| {});
+        for (name, value) in env {
+            let line = format!("{}{name} {value}", crate::runtime::SET_ENV);
+            let run = self.run(&line, &quiet);
+            if let Some(death) = run.death {
+                return Err(format!("the store died setting {name}: {death}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces a dead (or killed) store with a fresh one, without variables.
     pub fn restart(&mut self) -> std::io::Result<()> {
         {

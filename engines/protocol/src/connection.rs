@@ -29,6 +29,9 @@ pub struct Connection {
     pub heartbeat_timeout_s: f64,
     /// How long an engine waits for the controller to answer its registration.
     pub register_timeout_s: f64,
+    /// The id a standby engine takes when the kernel adopts it into a pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<u32>,
 }
 
 pub const SIGNATURE_SCHEME: &str = "hmac-sha256";
@@ -90,6 +93,7 @@ mod tests {
             controller_host: "head".into(),
             heartbeat_timeout_s: 5.0,
             register_timeout_s: 30.0,
+            engine: None,
         }
     }
 

@@ -107,6 +107,7 @@ impl Controller {
             controller_host: parallax_eval::places::host_name().to_owned(),
             heartbeat_timeout_s: settings.heartbeat_timeout.as_secs_f64(),
             register_timeout_s: settings.register_timeout.as_secs_f64(),
+            engine: None,
         })
     }
 

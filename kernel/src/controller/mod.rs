@@ -74,6 +74,8 @@ pub struct Controller {
     /// Where engines of this host write the values they send back, for the kernel to read in
     /// place; `None` where the host has no shared memory.
     shared: Option<Arc<SharedDir>>,
+    /// An engine process warming up on this host, for the next pool to adopt.
+    standby: Arc<Mutex<Option<launch::standby::Standby>>>,
     /// Values engines of other hosts send back in parts, as they arrive.
     arrivals: Arc<Mutex<carry::Arrivals>>,
 }
@@ -113,6 +115,7 @@ impl Controller {
             // Opening it also sweeps what a killed kernel or engine left.
             shared: SharedDir::open(&shm_base()),
             arrivals: Arc::default(),
+            standby: Arc::default(),
         }
     }
 

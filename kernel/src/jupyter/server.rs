@@ -75,6 +75,14 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     let evaluator = parallax_eval::Evaluator::start();
     let monitor = Monitor::default();
     let controller = Controller::new(&info.key, Arc::new(monitor.clone()));
+    // Once the notebook's own context is built, so that the two do not share the cores.
+    let ready_evaluator = evaluator.clone();
+    let standby_controller = controller.clone();
+    tokio::spawn(async move {
+        if ready_evaluator.ready().await.is_ok() {
+            standby_controller.keep_standby();
+        }
+    });
     let kernel_info = kernel_info(&rust_version.join().unwrap_or_default());
     let (shutdown_tx, mut shutdown_rx) = mpsc::unbounded_channel::<()>();
 

@@ -37,6 +37,8 @@ pub async fn cluster(
         ClusterCommand::Stop => {
             let stopped = controller.stop_all().await;
             say(format!("Stopped {stopped} engines."));
+            // The next pool starts warm.
+            controller.keep_standby();
         }
         ClusterCommand::Restart => {
             let plans = controller.plans();

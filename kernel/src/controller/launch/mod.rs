@@ -13,6 +13,7 @@ mod mpi;
 mod process;
 mod slurm;
 mod ssh;
+pub mod standby;
 
 pub use mpi::Mpi;
 pub use slurm::Slurm;
@@ -21,6 +22,7 @@ pub use ssh::Ssh;
 use super::pool::{Engine, EngineState, Launch};
 use super::Controller;
 use anyhow::Context;
+use parallax_engine_protocol::Connection;
 pub(super) use process::signal;
 use process::Holder;
 use std::time::Duration;
@@ -106,9 +108,21 @@ impl Controller {
             Launcher::Local => {
                 let exe = std::env::current_exe().context("finding the parallax binary")?;
                 let exe = exe.to_string_lossy().into_owned();
+                let mut standby = self.take_standby();
                 for &id in &ids {
-                    let command = local::command(&exe, id);
-                    self.run_holder(command, Holder::Engine(id), &connection)?;
+                    match standby.take() {
+                        Some(child) => {
+                            let adopted = Connection {
+                                engine: Some(id),
+                                ..connection.clone()
+                            };
+                            self.hold(child, &exe, Holder::Engine(id), &adopted);
+                        }
+                        None => {
+                            let command = local::command(&exe, id);
+                            self.run_holder(command, Holder::Engine(id), &connection)?;
+                        }
+                    }
                 }
                 Ok(())
             }

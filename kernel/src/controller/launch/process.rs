@@ -36,9 +36,21 @@ impl Controller {
             .get_program()
             .to_string_lossy()
             .into_owned();
-        let mut child = command
+        let child = command
             .spawn()
             .with_context(|| format!("starting `{program}`"))?;
+        Ok(self.hold(child, &program, holder, connection))
+    }
+
+    /// Hands a started process (spawned with its stdin and stderr piped) the connection on
+    /// stdin, and watches it for `holder`. Returns its pid.
+    pub(super) fn hold(
+        &self,
+        mut child: tokio::process::Child,
+        program: &str,
+        holder: Holder,
+        connection: &Connection,
+    ) -> u32 {
         let pid = child.id().unwrap_or(0);
         if let Some(mut stdin) = child.stdin.take() {
             let text = connection.to_json() + "\n";
@@ -82,7 +94,7 @@ impl Controller {
             Holder::Launch(launch) => format!("launch {launch}"),
         };
         tracing::info!("{who}: started `{program}` (pid {pid})");
-        Ok(pid)
+        pid
     }
 
     /// Waits for a process to exit and reports the end of the engines it held.

@@ -1,0 +1,64 @@
+//! The standby engine: one engine process on this host, started before any pool, that builds
+//! its compiling context and runs the preludes (most of an engine's start) while the kernel is
+//! idle, then waits. The first local engine of the next `%cluster start` is that process,
+//! adopted with the connection and its id on its stdin: a pool is ready once the others have
+//! started their stores. `PARALLAX_STANDBY=0` turns it off (it holds a compiling context).
+
+use super::local;
+use crate::controller::Controller;
+use anyhow::Context;
+
+/// Turns the standby engine off when set to `0`.
+pub const STANDBY_VAR: &str = "PARALLAX_STANDBY";
+
+/// The waiting process, spawned with its stdin open.
+pub struct Standby {
+    child: tokio::process::Child,
+}
+
+impl Controller {
+    /// Starts a standby engine, unless one waits already, engines run, or it is turned off.
+    pub fn keep_standby(&self) {
+        if std::env::var(STANDBY_VAR).is_ok_and(|value| value.trim() == "0") {
+            return;
+        }
+        let mut standby = parallax_eval::ipc::Locked::locked(&*self.standby);
+        let waiting = standby
+            .as_mut()
+            .is_some_and(|s| matches!(s.child.try_wait(), Ok(None)));
+        if waiting || self.registry().live_count() > 0 {
+            return;
+        }
+        match spawn() {
+            Ok(child) => {
+                tracing::info!("standby engine started (pid {})", child.id().unwrap_or(0));
+                *standby = Some(Standby { child });
+            }
+            Err(e) => tracing::warn!("no standby engine: {e:#}"),
+        }
+    }
+
+    /// The standby engine's process, if one is still alive, to adopt.
+    pub(super) fn take_standby(&self) -> Option<tokio::process::Child> {
+        let mut taken = parallax_eval::ipc::Locked::locked(&*self.standby).take()?;
+        match taken.child.try_wait() {
+            Ok(None) => Some(taken.child),
+            _ => {
+                tracing::info!("the standby engine had ended; starting engines afresh");
+                None
+            }
+        }
+    }
+}
+
+fn spawn() -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("finding the parallax binary")?;
+    let mut command = local::standby_command(&exe.to_string_lossy());
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        // Read once adopted, with the engine's id (it says little before).
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command.spawn().context("starting the standby engine")
+}
