@@ -186,6 +186,27 @@ pub(crate) type SharedMaps = Arc<Mutex<Maps>>;
 /// A cell stopping a map is given this long to finish its chunk before it is interrupted.
 pub(crate) const MAP_STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// The engine's core: a standby's, adopted, or a new one.
+fn engine_core(
+    warm: Option<Core>,
+    engine: u32,
+    outbound: &Outbound,
+    environment: &[(&str, String)],
+) -> anyhow::Result<Core> {
+    match warm {
+        Some(mut core) => {
+            core.adopt(engine, outbound.clone(), environment)
+                .map_err(|e| anyhow::anyhow!("adopting the standby engine: {e}"))?;
+            Ok(core)
+        }
+        None => {
+            sweep_stale_dirs();
+            Core::new(engine, outbound.clone(), &private_base(), environment)
+                .context("starting the engine's evaluation process")
+        }
+    }
+}
+
 /// `warm`: a standby engine's core, adopted as this engine.
 async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyhow::Result<()> {
     let connection = &config.connection;
@@ -233,18 +254,7 @@ async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyh
         ("PARALLAX_ENGINES", engines.to_string()),
         ("PARALLAX_HOST", host),
     ];
-    let core = match warm {
-        Some(mut core) => {
-            core.adopt(engine, outbound.clone(), &environment)
-                .map_err(|e| anyhow::anyhow!("adopting the standby engine: {e}"))?;
-            core
-        }
-        None => {
-            sweep_stale_dirs();
-            Core::new(engine, outbound.clone(), &private_base(), &environment)
-                .context("starting the engine's evaluation process")?
-        }
-    };
+    let core = engine_core(warm, engine, &outbound, &environment)?;
     let own_dirs = core.dirs();
     let interrupter = core.interrupter.clone();
     let running = Arc::new(AtomicU64::new(NO_TASK));
