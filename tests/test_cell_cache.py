@@ -255,3 +255,30 @@ def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
         0: "22",
         1: "21",
     }
+
+
+def test_a_px_cell_run_again_is_replayed_without_evcxr(kernel):
+    text = stream_text(ok(kernel, "%cluster start -n 2", timeout=600))
+    assert "Started 2 engines" in text, text
+    engines = ("engine 0", "engine 1")
+
+    def engine_builds():
+        counts = builds(kernel)
+        return {engine: counts[engine] for engine in engines}
+
+    def values(code):
+        return {e: t.split(": ", 1)[1] for e, t in engine_results(ok(kernel, code)).items()}
+
+    ok(kernel, "%px let a0 = parallax_env::engine_id().unwrap() as u64;")
+    assert values("%px a0 + 1") == {0: "1", 1: "2"}
+    before = engine_builds()
+    # Again: the compiled cell is replayed, with no build at all (not even a cache hit).
+    assert values("%px a0 + 1") == {0: "1", 1: "2"}
+    assert engine_builds() == before
+    _, outputs = kernel.execute('%px println!("seen {}", a0);')
+    assert "[stdout:1] seen 1" in stream_text(outputs)
+    # A definition changes the state: the same text builds again, against the new type.
+    ok(kernel, "%px let a0 = 200u8;")
+    assert values("%px a0 + 1") == {0: "201", 1: "201"}
+    status = stream_text(ok(kernel, "%cluster status"))
+    assert "engines 0, 1 on" in status and "share compiled cells" in status, status

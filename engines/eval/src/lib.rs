@@ -19,6 +19,7 @@ mod outputs;
 pub mod places;
 pub mod relay;
 pub mod runtime;
+pub mod stateless;
 pub mod store;
 pub mod usage;
 

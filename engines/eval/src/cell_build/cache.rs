@@ -23,6 +23,9 @@ const DEP_INFO: &str = "dep-info";
 const MESSAGES: &str = "messages";
 /// The stored variables the library's entry takes, a line each.
 const VARIABLES: &str = "variables";
+/// What the build read besides the cell's source (rustc's dep-info): files with their
+/// digests, and environment variables with their values.
+const INPUTS: &str = "inputs";
 const DIGEST: &str = "digest";
 /// Touched on every use: the entries' recency for eviction.
 const USED: &str = "used";
@@ -110,6 +113,10 @@ impl CellCache {
             Ok((built, digest))
                 if digest.trim() == blake3::hash(&built.library).to_hex().as_str() =>
             {
+                if !inputs_unchanged(&entry) {
+                    // A file it includes or a variable it read changed: built again.
+                    return None;
+                }
                 let _ = File::options()
                     .write(true)
                     .open(entry.join(USED))
@@ -153,6 +160,7 @@ impl CellCache {
             fs::write(scratch.join(MESSAGES), &built.messages)?;
             let variables: String = key.variables.iter().map(|v| format!("{v}\n")).collect();
             fs::write(scratch.join(VARIABLES), variables)?;
+            fs::write(scratch.join(INPUTS), inputs_of(&built.dep_info))?;
             fs::write(scratch.join(USED), b"")?;
             // Last: an entry without its digest is never taken for whole.
             fs::write(
@@ -252,7 +260,7 @@ impl CellCache {
             })
             .map(|item| {
                 let entry = item.path();
-                let bytes = [LIBRARY, DEP_INFO, MESSAGES, VARIABLES]
+                let bytes = [LIBRARY, DEP_INFO, MESSAGES, VARIABLES, INPUTS]
                     .iter()
                     .filter_map(|file| fs::metadata(entry.join(file)).ok())
                     .map(|meta| meta.len())
@@ -315,6 +323,75 @@ impl CellCache {
     }
 }
 
+/// The inputs a dep-info names outside the cell's crate (whose source the key covers):
+/// `file DIGEST PATH` and `env NAME=VALUE` (or `env NAME` when it was unset) lines.
+fn inputs_of(dep_info: &str) -> String {
+    let mut inputs = String::new();
+    let mut files = std::collections::BTreeSet::new();
+    for line in dep_info.lines() {
+        if let Some(env) = line.strip_prefix("# env-dep:") {
+            inputs.push_str(&format!("env {env}\n"));
+        } else if let Some((_, prerequisites)) = line.split_once(": ") {
+            files.extend(split_escaped(prerequisites));
+        }
+    }
+    for file in files
+        .iter()
+        // Relative paths and the crate's own are inside the crate, which evcxr alone writes
+        // (its source is in the key).
+        .filter(|f| Path::new(f).is_absolute() && !f.starts_with(super::CRATE_DIR_MARK))
+    {
+        let digest = fs::read(file)
+            .map(|bytes| blake3::hash(&bytes).to_hex().to_string())
+            .unwrap_or_else(|_| "unreadable".into());
+        inputs.push_str(&format!("file {digest} {file}\n"));
+    }
+    inputs
+}
+
+/// Whether every input an entry recorded is as it was.
+fn inputs_unchanged(entry: &Path) -> bool {
+    let Ok(inputs) = fs::read_to_string(entry.join(INPUTS)) else {
+        return false;
+    };
+    inputs.lines().all(|line| {
+        if let Some(env) = line.strip_prefix("env ") {
+            let (name, value) = env
+                .split_once('=')
+                .map_or((env, None), |(n, v)| (n, Some(v)));
+            std::env::var(name).ok().as_deref() == value
+        } else if let Some((digest, file)) =
+            line.strip_prefix("file ").and_then(|l| l.split_once(' '))
+        {
+            fs::read(file).is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == digest)
+        } else {
+            false
+        }
+    })
+}
+
+/// Make's words: separated by spaces, a space in a path written `\ `.
+fn split_escaped(words: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut chars = words.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            ' ' => {
+                if !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
+}
+
 /// An entry's directory: the key's base and a digest of its variables.
 fn entry_name(key: &BuildKey) -> String {
     let mut variables = blake3::Hasher::new();
@@ -375,6 +452,31 @@ mod tests {
         assert!(!entry.exists());
         assert!(cache.find(&key("k2", &[])).is_none());
         fs::remove_dir_all(cache.dir()).unwrap();
+    }
+
+    #[test]
+    fn an_entry_whose_included_file_or_variable_changed_is_not_used() {
+        let cache = scratch_cache("inputs");
+        let included = cache.dir().with_extension("included.txt");
+        fs::write(&included, "one").unwrap();
+        std::env::set_var("PARALLAX_TEST_INPUT", "a");
+        let k = key("k", &[]);
+        let mut entry = built("library");
+        entry.dep_info = format!(
+            "{{parallax-cell-crate}}/libctx.so: {{parallax-cell-crate}}/src/lib.rs {}\n\n\
+             # env-dep:PARALLAX_TEST_INPUT=a\n",
+            included.display()
+        );
+        cache.store(&k, &entry).unwrap();
+        assert!(cache.find(&k).is_some());
+        fs::write(&included, "two").unwrap();
+        assert!(cache.find(&k).is_none());
+        fs::write(&included, "one").unwrap();
+        assert!(cache.find(&k).is_some());
+        std::env::set_var("PARALLAX_TEST_INPUT", "b");
+        assert!(cache.find(&k).is_none());
+        fs::remove_dir_all(cache.dir()).unwrap();
+        fs::remove_file(included).unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ const WRAPPER_VAR: &str = "EVCXR_RUSTC_WRAPPER";
 const SO_PATH_VAR: &str = "EVCXR_EXECUTION_SO_PATH";
 
 /// Stands for the crate's directory in what the cache keeps.
-const CRATE_DIR_MARK: &str = "{parallax-cell-crate}";
+pub(crate) const CRATE_DIR_MARK: &str = "{parallax-cell-crate}";
 
 /// One rustc command line for the cell crate, as cargo gave it to the wrapper.
 pub struct RustcCall {

@@ -10,6 +10,9 @@
 //! the cell for itself. A follower whose outcome differs from the leader's (a panic on one of
 //! them only, a crash) ends with a different history, which the controller sees in its report.
 
+mod follow;
+mod memo;
+
 use crate::inbox::Inbox;
 use crate::{Maps, Outbound, SharedMaps};
 use parallax_engine_protocol::{FromEngine, Outcome, Role, Share, StateReport, Step};
@@ -20,7 +23,7 @@ use parallax_eval::history::{Entry, History};
 use parallax_eval::ipc::Locked;
 use parallax_eval::store::{Run, Store};
 use parallax_eval::{
-    result_of_run, CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
+    CellError, CellOutput, Compiling, DataPort, Evaluator, Interrupter, StreamSink,
 };
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +66,8 @@ pub struct Core {
     line_running: Arc<AtomicBool>,
     /// What this engine's compiling contexts have built, all of them.
     builds: BuildCounter,
+    /// Cells that can run again without evcxr.
+    memo: memo::Memo,
 }
 
 impl Core {
@@ -105,6 +110,7 @@ impl Core {
             cancelled: Arc::new(AtomicU64::new(u64::MAX)),
             line_running,
             builds: BuildCounter::default(),
+            memo: memo::Memo::default(),
         })
     }
 
@@ -206,17 +212,23 @@ impl Core {
                 };
             }
         };
-        let forward: Option<Forward> = (!followers.is_empty()).then(|| {
+        // The compiled cells evcxr runs go to the followers, and are noted for the memo.
+        let compiled: Arc<Mutex<Vec<String>>> = Arc::default();
+        let forward: Forward = {
             let tell = tell.clone();
+            let compiled = compiled.clone();
             Arc::new(move |shared: Shared| {
                 tell(match shared {
                     Shared::Entry(code) => Step::Entry { code },
-                    Shared::Run(line) => Step::Run { line },
+                    Shared::Run(line) => {
+                        compiled.locked().push(line.clone());
+                        Step::Run { line }
+                    }
                     Shared::EntryEnd(ok) => Step::EntryEnd { ok },
                 })
-            }) as Forward
-        });
-        self.gateway.set_forward(forward);
+            })
+        };
+        self.gateway.set_forward(Some(forward));
         let quiet: StreamSink = Arc::new(|_, _| {});
         for prelude in &work.preludes {
             if self.history.locked().contains(prelude) {
@@ -234,10 +246,16 @@ impl Core {
         }
         let before = compiler.variables().await;
         let entries_before = self.history.locked().len();
+        compiled.locked().clear();
+        let remembered = self.memo.lines(&work.code);
         let result = if self.cancelled.load(Ordering::SeqCst) == task {
             Err(parallax_eval::diagnostics::interrupted_while_compiling())
         } else if work.code.trim().is_empty() {
             Ok(CellOutput::default())
+        } else if let Some(lines) = remembered.clone() {
+            let code = &work.code;
+            self.replay_remembered(task, code, lines, &tell, sink, &before)
+                .await
         } else {
             compiler.execute(work.code.clone(), sink, None).await
         };
@@ -252,19 +270,38 @@ impl Core {
             None
         };
         self.gateway.set_forward(None);
-        let (ran, ended) = {
-            let history = self.history.locked();
-            match history.entries().last() {
-                Some(last) if history.len() > entries_before && last.code == work.code => (
-                    !last.lines.is_empty(),
-                    last.lines.last().map(|l| l.describe()).unwrap_or_default(),
-                ),
-                _ => (false, String::new()),
-            }
-        };
+        let (ran, ended, outcomes_clean) = self.last_entry(&work.code, entries_before);
+        if remembered.is_none() {
+            self.memo.after_execution(&memo::Executed {
+                code: &work.code,
+                ok: result.is_ok(),
+                lines: std::mem::take(&mut *compiled.locked()),
+                before: &before,
+                after: &after,
+                outcomes_clean,
+            });
+        }
         let outcome = outcome_of(result);
         tell(self.done(&outcome, ran, (before, after), sent_type.clone(), &ended));
         Ended { outcome, sent_type }
+    }
+
+    /// Whether the history's last entry, added since it had `entries_before`, is `code`'s and
+    /// ran compiled cells; how the last ended; whether it is the only one and all ended
+    /// cleanly (for the memo).
+    fn last_entry(&self, code: &str, entries_before: usize) -> (bool, String, bool) {
+        let history = self.history.locked();
+        match history.entries().last() {
+            Some(last) if history.len() > entries_before && last.code == code => (
+                !last.lines.is_empty(),
+                last.lines.last().map(|l| l.describe()).unwrap_or_default(),
+                history.len() == entries_before + 1
+                    && last.lines.iter().all(|l| {
+                        !l.panicked && !l.user_error && !l.died && l.changed_type.is_empty()
+                    }),
+            ),
+            _ => (false, String::new(), false),
+        }
     }
 
     fn done(
@@ -294,6 +331,7 @@ impl Core {
             return Ok(compiler.clone());
         }
         let started = Instant::now();
+        self.memo.forget();
         let compiler = self.start_compiler().await?;
         let entries: Vec<Entry> = self.history.locked().entries().to_vec();
         if !entries.is_empty() {
@@ -350,178 +388,6 @@ impl Core {
             .await
             .map_err(|e| CellError::internal(&e))?;
         Ok(compiler)
-    }
-
-    async fn follow(
-        &mut self,
-        task: u64,
-        cell: u64,
-        leader: u32,
-        work: &Work,
-        sink: StreamSink,
-    ) -> Ended {
-        let mut steps = self.inbox.take(cell);
-        match steps.recv().await {
-            Some((_, Step::Begin { fingerprint })) if fingerprint == self.fingerprint() => {}
-            first => {
-                // Not the state the leader compiles for (or no leader): compile for itself.
-                self.inbox.abandon(cell);
-                if matches!(
-                    first,
-                    Some((_, Step::Done { .. } | Step::Abort { .. })) | None
-                ) {
-                    self.inbox.close(cell);
-                }
-                tracing::info!(
-                    "engine {}: task {task}: its state is not engine {leader}'s; it compiles \
-                     the cell itself",
-                    self.engine
-                );
-                self.note = Some(format!(
-                    "its state was not engine {leader}'s when cell {cell} came"
-                ));
-                return self.lead(task, cell, &[], work, sink).await;
-            }
-        }
-        // It runs another context's compiled cells now: its own context falls behind.
-        self.compiler = None;
-        let mut current: Option<Entry> = None;
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut last_run: Option<(Run, bool)> = None;
-        let mut skipped = false;
-        loop {
-            let Some((_, step)) = steps.recv().await else {
-                break;
-            };
-            match step {
-                Step::Begin { .. } => {}
-                Step::Entry { code } => {
-                    current = Some(Entry::new(&code));
-                    last_run = None;
-                }
-                Step::Run { line } => {
-                    let Some((run, interrupted)) = self.run_line(task, line, sink.clone()).await
-                    else {
-                        // Interrupted before the compiled cell started here: it never will.
-                        skipped = true;
-                        continue;
-                    };
-                    if let Some(entry) = current.as_mut() {
-                        entry.lines.push(run.outcome.clone());
-                    }
-                    last_run = Some((run, interrupted));
-                }
-                Step::EntryEnd { ok } => {
-                    // An entry whose cell was skipped here is not part of this engine's state,
-                    // whatever it did on the leader.
-                    let entry = current.take().filter(|e| e.counts(ok) && !skipped);
-                    entries.extend(entry);
-                }
-                Step::Done {
-                    outcome,
-                    ran,
-                    before,
-                    after,
-                    sent_type,
-                    fingerprint,
-                    ended,
-                } => {
-                    self.inbox.close(cell);
-                    let before: BTreeSet<String> = before.into_iter().collect();
-                    let after: BTreeSet<String> = after.into_iter().collect();
-                    let outcome = match (&last_run, ran) {
-                        _ if skipped => outcome_of(Err(
-                            parallax_eval::diagnostics::interrupted_before_running(),
-                        )),
-                        (Some((run, interrupted)), true) => {
-                            outcome_of(result_of_run(run, &before, &after, *interrupted))
-                        }
-                        _ => outcome,
-                    };
-                    self.settle(entries, fingerprint, after.is_subset(&before));
-                    if self.fingerprint() != fingerprint {
-                        tracing::info!(
-                            "engine {}: cell {cell} left it in another state than engine {leader}",
-                            self.engine
-                        );
-                        let here = last_run
-                            .as_ref()
-                            .map(|(run, _)| run.outcome.describe())
-                            .unwrap_or_else(|| "it ran nothing".into());
-                        self.note = Some(format!(
-                            "in cell {cell}, {here} here; on engine {leader}, {ended}"
-                        ));
-                    }
-                    return Ended { outcome, sent_type };
-                }
-                Step::Abort { reason } => {
-                    entries.extend(current.take().filter(|e| !e.lines.is_empty()));
-                    return self.leader_stopped(cell, leader, &reason, entries, last_run);
-                }
-            }
-        }
-        Ended {
-            outcome: outcome_of(Err(CellError::internal("the leader's steps stopped"))),
-            sent_type: None,
-        }
-    }
-
-    /// The leader of `cell` stopped mid-cell: what ran here still counts (its entries go in the
-    /// history); only what the leader would have said is lost.
-    fn leader_stopped(
-        &mut self,
-        cell: u64,
-        leader: u32,
-        reason: &str,
-        entries: Vec<Entry>,
-        last_run: Option<(Run, bool)>,
-    ) -> Ended {
-        self.inbox.close(cell);
-        let mut history = self.history.locked();
-        entries.into_iter().for_each(|entry| history.push(entry));
-        drop(history);
-        self.note = Some(format!("engine {leader} stopped during cell {cell}"));
-        let outcome = match &last_run {
-            Some((run, interrupted)) => outcome_of(result_of_run(
-                run,
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                *interrupted,
-            )),
-            None => outcome_of(Err(CellError::plain(
-                "EngineDied",
-                format!(
-                    "engine {leader}, which compiled this cell for engine {}, {reason}; \
-                     the cell did not run here",
-                    self.engine
-                ),
-            ))),
-        };
-        Ended {
-            outcome,
-            sent_type: None,
-        }
-    }
-
-    /// Adds a followed cell's entries to the history. A cell that defined no new variable
-    /// leaves evcxr's state the same whether it panicked (or a `?` failed) or not: a follower
-    /// for which only that differs from its leader records the leader's outcome, and so stays
-    /// in its leader's state (`no_new_variables`: the leader's context has none after it).
-    fn settle(&self, mut entries: Vec<Entry>, leader: u64, no_new_variables: bool) {
-        let mut history = self.history.locked();
-        if history.fingerprint_with(&entries) != leader && no_new_variables {
-            let mut unharmed = entries.clone();
-            for line in unharmed.iter_mut().flat_map(|e| e.lines.iter_mut()) {
-                if !line.died && line.changed_type.is_empty() {
-                    line.panicked = false;
-                    line.user_error = false;
-                }
-            }
-            if history.fingerprint_with(&unharmed) == leader {
-                entries = unharmed;
-            }
-        }
-        entries.into_iter().for_each(|entry| history.push(entry));
     }
 
     /// Runs one compiled cell of `task` in the store; true with it if an interrupt stopped it.
