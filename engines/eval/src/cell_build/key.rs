@@ -189,12 +189,8 @@ fn compiler_identity(rustc: &Path) -> String {
     format!("{} {stamp} {driver}", rustc.display())
 }
 
-/// What the crates a cell links are: each by cargo's metadata hash in its file name (its
-/// version, features, profile, compiler, dependencies) and the content of the sources its
-/// dep-info lists (a library's own bytes differ between contexts: rustc writes the directory
-/// it ran in into them); a file without dep-info by its content. Digests are remembered per
-/// file (by its size, time and inode) in the crate's target directory, so that each file is
-/// read once, not once per cell.
+/// The content digests of the crates a cell links, remembered per file (by its size, time and
+/// inode) in the crate's target directory, so that each is read once, not once per cell.
 pub struct ExternDigests {
     memo: std::path::PathBuf,
     known: BTreeMap<String, (String, String)>,
@@ -203,7 +199,7 @@ pub struct ExternDigests {
 }
 
 impl ExternDigests {
-    pub(super) fn load(crate_dir: &Path) -> ExternDigests {
+    fn load(crate_dir: &Path) -> ExternDigests {
         let memo = crate_dir.join("target").join("parallax-extern-digests");
         let known = fs::read_to_string(&memo)
             .unwrap_or_default()
@@ -222,39 +218,8 @@ impl ExternDigests {
         }
     }
 
-    /// What a linked crate's file stands for, as above.
+    /// The digest of a linked crate's file; a file that cannot be read keys by its path.
     pub fn of(&self, path: &str) -> String {
-        let file = Path::new(path);
-        let dep_info = file.file_name().and_then(|name| {
-            let name = name.to_string_lossy();
-            let stem = name.strip_prefix("lib")?.rsplit_once('.')?.0;
-            fs::read_to_string(file.with_file_name(format!("{stem}.d"))).ok()
-        });
-        let Some(dep_info) = dep_info else {
-            return self.file_digest(path);
-        };
-        let mut identity = file
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut sources = BTreeSet::new();
-        for line in dep_info.lines() {
-            if line.starts_with("# env-dep:") {
-                identity.push(' ');
-                identity.push_str(line);
-            } else if let Some((_, prerequisites)) = line.split_once(": ") {
-                sources.extend(prerequisites.split(' ').filter(|p| p.starts_with('/')));
-            }
-        }
-        for source in sources {
-            identity.push(' ');
-            identity.push_str(&self.file_digest(source));
-        }
-        identity
-    }
-
-    /// The digest of a file's content; a file that cannot be read keys by its path.
-    fn file_digest(&self, path: &str) -> String {
         let Ok(meta) = fs::metadata(path) else {
             return format!("unreadable {path}");
         };

@@ -84,8 +84,8 @@ impl RustcCall {
         })
     }
 
-    /// The arguments as the key sees them: no output or incremental directories or metadata
-    /// hash, linked crates by content, the crate's own paths relative to it.
+    /// The arguments as the key sees them: no output or incremental directories, linked
+    /// crates by content, the crate's own paths relative to it.
     fn keyed_args(&self, digests: &key::ExternDigests) -> Vec<String> {
         let crate_dir = self.crate_dir.to_string_lossy();
         let mut keyed = Vec::with_capacity(self.args.len());
@@ -103,10 +103,7 @@ impl RustcCall {
                         None => format!("--extern {named}"),
                     });
                 }
-                // Cargo's metadata hash names the crate's directory, a new one per context;
-                // what else it covers (compiler, profile, features, dependencies) is keyed on
-                // its own.
-                _ if arg.starts_with("incremental=") || arg.starts_with("metadata=") => {
+                _ if arg.starts_with("incremental=") => {
                     keyed.pop(); // its `-C`
                 }
                 _ => keyed.push(arg.replace(crate_dir.as_ref(), CRATE_DIR_MARK)),
@@ -324,46 +321,5 @@ impl BuildReport {
 impl Drop for BuildReport {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_key_leaves_out_where_a_context_builds() {
-        let call = |dir: &str| RustcCall {
-            rustc: PathBuf::from("/toolchain/bin/rustc"),
-            args: [
-                "--crate-name",
-                "ctx",
-                "src/lib.rs",
-                "-C",
-                "opt-level=2",
-                "-C",
-                &format!("incremental={dir}/target/incremental"),
-                "-C",
-                "metadata=5a1b",
-                "--out-dir",
-                &format!("{dir}/target/deps"),
-                "-L",
-                &format!("dependency={dir}/target/deps"),
-            ]
-            .iter()
-            .map(|arg| arg.replace("5a1b", &dir.len().to_string()))
-            .collect(),
-            crate_dir: PathBuf::from(dir),
-            source: PathBuf::from(format!("{dir}/src/lib.rs")),
-            out_dir: PathBuf::from(format!("{dir}/target/deps")),
-            extra_filename: String::new(),
-        };
-        let first = call("/tmp/.tmpA");
-        let digests = key::ExternDigests::load(&first.crate_dir);
-        let keyed = first.keyed_args(&digests);
-        assert_eq!(keyed, call("/tmp/.tmpBBBB").keyed_args(&digests));
-        assert!(keyed.contains(&"opt-level=2".to_owned()));
-        assert!(keyed.iter().all(|arg| !arg.contains("/tmp/.tmpA")));
-        assert!(keyed.iter().all(|arg| !arg.starts_with("metadata=")));
     }
 }
