@@ -41,14 +41,25 @@ impl Controller {
     /// The standby engine's process, if one is still alive, to adopt.
     pub(super) fn take_standby(&self) -> Option<tokio::process::Child> {
         let mut taken = parallax_eval::ipc::Locked::locked(&*self.standby).take()?;
+        let pid = taken.child.id().unwrap_or(0);
         match taken.child.try_wait() {
-            Ok(None) => Some(taken.child),
+            // A process killed a moment ago may not be reaped yet: its state says it is gone.
+            Ok(None) if still_running(pid) => Some(taken.child),
             _ => {
                 tracing::info!("the standby engine had ended; starting engines afresh");
                 None
             }
         }
     }
+}
+
+/// The process exists and is not a zombie.
+fn still_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 fn spawn() -> anyhow::Result<tokio::process::Child> {
