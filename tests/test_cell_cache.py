@@ -226,14 +226,20 @@ def test_two_kernels_sharing_the_cache_both_get_right_results(kernelspec, cache_
             k.stop()
 
 
-def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
+def start_two_engines(kernel):
+    """Starts engines 0 and 1; returns what reads their builds from `%cache`."""
     text = stream_text(ok(kernel, "%cluster start -n 2", timeout=600))
     assert "Started 2 engines" in text, text
-    engines = ("engine 0", "engine 1")
 
     def engine_builds():
         counts = builds(kernel)
-        return {engine: counts[engine] for engine in engines}
+        return {engine: counts[engine] for engine in ("engine 0", "engine 1")}
+
+    return engine_builds
+
+
+def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
+    engine_builds = start_two_engines(kernel)
 
     ok(kernel, "%%px\nfn cube(x: u64) -> u64 { x * x * x }")
     ok(kernel, "%pmap -o c1 cube 0..1000u64")
@@ -241,14 +247,14 @@ def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
     assert sum(compiled for compiled, _, _ in before.values()) > 0, before
     ok(kernel, "%pmap -o c2 cube 5..3000u64")
     after = engine_builds()
-    for engine in engines:
+    for engine in after:
         assert after[engine][0] == before[engine][0], (engine, before, after)
     assert plain(ok(kernel, "(c2.len(), c2[0], c2[2994])")) == ["(2995, 125, 26973008999)"]
     ok(kernel, "%scatter part = (0..100u64).collect::<Vec<_>>()")
     before = engine_builds()
     ok(kernel, "%scatter part = (7..50u64).collect::<Vec<_>>()")
     after = engine_builds()
-    for engine in engines:
+    for engine in after:
         assert after[engine][0] == before[engine][0], (engine, before, after)
     lengths = engine_results(ok(kernel, "%px part.len()"))
     assert {engine: text.split(": ", 1)[1] for engine, text in lengths.items()} == {
@@ -258,13 +264,7 @@ def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
 
 
 def test_a_px_cell_run_again_is_replayed_without_evcxr(kernel):
-    text = stream_text(ok(kernel, "%cluster start -n 2", timeout=600))
-    assert "Started 2 engines" in text, text
-    engines = ("engine 0", "engine 1")
-
-    def engine_builds():
-        counts = builds(kernel)
-        return {engine: counts[engine] for engine in engines}
+    engine_builds = start_two_engines(kernel)
 
     def values(code):
         return {e: t.split(": ", 1)[1] for e, t in engine_results(ok(kernel, code)).items()}

@@ -86,6 +86,11 @@ pub struct LineOutcome {
 }
 
 impl LineOutcome {
+    /// It neither panicked, failed a `?`, changed a type nor died.
+    pub fn clean(&self) -> bool {
+        !self.panicked && !self.user_error && self.changed_type.is_empty() && !self.died
+    }
+
     /// Notes what an event says about the run.
     pub fn note(&mut self, event: &Event) {
         match event {

@@ -97,7 +97,7 @@ impl Core {
         if entry.counts(ok) {
             self.history.locked().push(entry);
         }
-        if !clean(&run) {
+        if !run.outcome.clean() {
             self.memo.forget();
         }
         if run.outcome.died {
@@ -106,10 +106,4 @@ impl Core {
         tracing::debug!("engine {}: task {task} ran a remembered cell", self.engine);
         result_of_run(&run, variables, variables, interrupted)
     }
-}
-
-/// The run neither panicked, failed a `?`, changed a type nor died.
-pub(super) fn clean(run: &Run) -> bool {
-    let outcome = &run.outcome;
-    !outcome.panicked && !outcome.user_error && outcome.changed_type.is_empty() && !outcome.died
 }

@@ -295,10 +295,7 @@ impl Core {
             Some(last) if history.len() > entries_before && last.code == code => (
                 !last.lines.is_empty(),
                 last.lines.last().map(|l| l.describe()).unwrap_or_default(),
-                history.len() == entries_before + 1
-                    && last.lines.iter().all(|l| {
-                        !l.panicked && !l.user_error && !l.died && l.changed_type.is_empty()
-                    }),
+                history.len() == entries_before + 1 && last.lines.iter().all(|l| l.clean()),
             ),
             _ => (false, String::new(), false),
         }
