@@ -1,7 +1,7 @@
 """Cells cheaper than a compile, through jupyter_client with real kernels and engines: one build
 per expression cell, and the compiled-cell cache (a cell run again is not built; what it
-depends on changing builds it again; damaged entries are built again; kernels share it; the
-cells %pmap and %scatter generate are built once). Builds are counted by `%cache`."""
+depends on changing builds it again; damaged entries are built again; kernels share it, at
+once and one after another; the cells %pmap and %scatter generate are built once). Builds are counted by `%cache`."""
 
 import re
 import shutil
@@ -224,6 +224,50 @@ def test_two_kernels_sharing_the_cache_both_get_right_results(kernelspec, cache_
     finally:
         for k in kernels:
             k.stop()
+
+
+NOTEBOOK = [
+    ("#[derive(Debug, Clone, PartialEq)]\npub struct Point { x: u64 }", []),
+    ("let p = Point { x: 3 };", []),
+    ("let a = 1u64;", []),
+    ("a + p.x", ["4"]),
+    ("let q = p.clone();", []),
+    ("q", ["Point { x: 3 }"]),
+    # evcxr's first build of a cell that moves a variable puts it back, and fails; the
+    # second leaves it out. Found in the cache, the first must not pass for the second.
+    ("let part = vec![1u8, 2];", []),
+    ("drop(part);", []),
+]
+
+
+def test_a_notebook_run_again_in_a_new_kernel_is_not_built(kernelspec, cache_dir):
+    first = start_kernel("cache_first_kernel", cache_dir)
+    try:
+        for code, expected in NOTEBOOK:
+            assert plain(ok(first, code)) == expected, code
+        # Each cell, and the kernel's own cell that sets up the notebook's context; and the
+        # first try at `drop(part)`.
+        compiled, cached, failed = builds(first)["notebook"]
+        assert compiled >= len(NOTEBOOK) and cached == 0 and failed == 1, (compiled, cached, failed)
+    finally:
+        first.stop()
+    # A new kernel, its own evcxr context in a new directory: every cell is found.
+    second = start_kernel("cache_second_kernel", cache_dir)
+    try:
+        for code, expected in NOTEBOOK:
+            assert plain(ok(second, code)) == expected, code
+        assert builds(second)["notebook"] == (0, compiled, failed)
+        # A cell built here takes values that cached libraries stored, of a type a cell
+        # defined: both kinds of library know the type as the same one. (It takes every
+        # variable the context knows of: `part` too, had the first try been taken.)
+        counted = Counted(second)
+        outputs, moved = counted.run("let r = Point { x: q.x * 2 };\nr == Point { x: 6 } && p == q")
+        assert moved == (1, 0, 0), moved
+        assert plain(outputs) == ["true"]
+        assert "was redefined" not in str(outputs), outputs
+        assert plain(ok(second, "r")) == ["Point { x: 6 }"]
+    finally:
+        second.stop()
 
 
 def start_two_engines(kernel):

@@ -6,7 +6,8 @@
 //! engines and kernels share it: the counters and the eviction take a lock, reads take none
 //! (a file removed under a reader stays readable through the handle it opened).
 
-use super::key::BuildKey;
+use super::key::{BuildKey, StoreUse};
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -21,8 +22,9 @@ pub const DEFAULT_LIMIT: u64 = 1 << 30;
 const LIBRARY: &str = "library";
 const DEP_INFO: &str = "dep-info";
 const MESSAGES: &str = "messages";
-/// The stored variables the library's entry takes, a line each.
+/// The stored variables the library's entry takes, and those it puts back, a line each.
 const VARIABLES: &str = "variables";
+const PUTS: &str = "puts";
 /// What the build read besides the cell's source (rustc's dep-info): files with their
 /// digests, and environment variables with their values.
 const INPUTS: &str = "inputs";
@@ -90,10 +92,14 @@ impl CellCache {
             .map(|item| item.file_name().to_string_lossy().into_owned())
             .filter(|name| name.starts_with(&prefix) && *name != exact)
             .filter(|name| {
-                let built_with = fs::read_to_string(self.dir.join(name).join(VARIABLES));
-                built_with.is_ok_and(|text| {
-                    key.can_run_build_with(&text.lines().map(str::to_owned).collect())
-                })
+                let lines_of = |file| {
+                    fs::read_to_string(self.dir.join(name).join(file))
+                        .map(|text| text.lines().map(str::to_owned).collect())
+                };
+                match (lines_of(VARIABLES), lines_of(PUTS)) {
+                    (Ok(taken), Ok(put)) => key.can_run_build_with(&StoreUse { taken, put }),
+                    _ => false,
+                }
             })
             .find_map(|name| self.load(&name))
     }
@@ -158,8 +164,11 @@ impl CellCache {
             fs::write(scratch.join(LIBRARY), &built.library)?;
             fs::write(scratch.join(DEP_INFO), &built.dep_info)?;
             fs::write(scratch.join(MESSAGES), &built.messages)?;
-            let variables: String = key.variables.iter().map(|v| format!("{v}\n")).collect();
-            fs::write(scratch.join(VARIABLES), variables)?;
+            let lines = |set: &BTreeSet<String>| -> String {
+                set.iter().map(|line| format!("{line}\n")).collect()
+            };
+            fs::write(scratch.join(VARIABLES), lines(&key.store_use.taken))?;
+            fs::write(scratch.join(PUTS), lines(&key.store_use.put))?;
             fs::write(scratch.join(INPUTS), inputs_of(&built.dep_info))?;
             fs::write(scratch.join(USED), b"")?;
             // Last: an entry without its digest is never taken for whole.
@@ -392,11 +401,16 @@ fn split_escaped(words: &str) -> Vec<String> {
     out
 }
 
-/// An entry's directory: the key's base and a digest of its variables.
+/// An entry's directory: the key's base and a digest of how it uses the store.
 fn entry_name(key: &BuildKey) -> String {
     let mut variables = blake3::Hasher::new();
-    for variable in &key.variables {
-        variables.update(variable.as_bytes());
+    for line in &key.store_use.taken {
+        variables.update(line.as_bytes());
+        variables.update(b"\n");
+    }
+    variables.update(b"put\n");
+    for line in &key.store_use.put {
+        variables.update(line.as_bytes());
         variables.update(b"\n");
     }
     format!("{}-{}", key.base, &variables.finalize().to_hex()[..16])
@@ -421,10 +435,18 @@ mod tests {
         }
     }
 
+    /// A key whose entry takes `variables` and puts each back as it was.
     fn key(base: &str, variables: &[&str]) -> BuildKey {
+        let put_back = |line: &&str| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            format!("{}\t{}", fields[0], fields[2])
+        };
         BuildKey {
             base: base.to_owned(),
-            variables: variables.iter().map(|v| v.to_string()).collect(),
+            store_use: StoreUse {
+                taken: variables.iter().map(|v| v.to_string()).collect(),
+                put: variables.iter().map(put_back).collect(),
+            },
             item_names: BTreeSet::new(),
         }
     }

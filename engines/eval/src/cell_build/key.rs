@@ -7,8 +7,9 @@
 //! never serves a stale library; and the compiler itself.
 //!
 //! The stored variables are apart from the key. evcxr's entry takes every stored variable
-//! out of the store at its start and puts it back at its end, a generated line each, whether
-//! the cell uses it or not; the cell's own code is the same either way. A library built when
+//! out of the store at its start and puts it back at its end (unless the cell moved it), a
+//! generated line each, whether the cell uses it or not; the cell's own code is the same
+//! either way. A library built when
 //! the store held variables `V0` therefore runs as well in a store holding more (`V1`, with
 //! `V0`'s variables of the same types): it leaves the others where they are, and a variable
 //! the cell defines replaces the old one. So a second `%scatter` to a name, or a cell run
@@ -23,47 +24,74 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bumped when what the key covers changes.
-const KEY_CONTEXT: &str = "parallax compiled-cell cache, key v1";
+const KEY_CONTEXT: &str = "parallax compiled-cell cache, key v2";
 
 /// evcxr names each build's entry `run_user_code_<build number>`.
 pub const ENTRY_PREFIX: &str = "run_user_code_";
 
-/// A build's key: the hex digest of all but the variables, the variables its entry takes (a
-/// line each: name, `mut` or not, type) and the names the cell's items define.
+/// A build's key: the hex digest of all but the stored variables, how its entry uses the
+/// store, and the names the cell's items define.
 pub struct BuildKey {
     pub base: String,
-    pub variables: BTreeSet<String>,
+    pub store_use: StoreUse,
     pub item_names: BTreeSet<String>,
+}
+
+/// How a build's entry uses the variable store: the variables it takes (a line each: name,
+/// `mut` or not, type) and those it puts back at its end (name, type). A variable the cell
+/// moves is taken and not put back; one it defines is put and not taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreUse {
+    pub taken: BTreeSet<String>,
+    pub put: BTreeSet<String>,
 }
 
 impl BuildKey {
     /// The key of a build.
     pub fn of(call: &RustcCall, source: &str) -> BuildKey {
-        let (code, variables) = without_variables(source);
+        let (code, store_use) = without_variables(source);
         let (pieces, item_names) = source_pieces(&code);
         BuildKey {
             base: base_key(call, &pieces),
-            variables,
+            store_use,
             item_names,
         }
     }
 
-    /// Whether a library built with `built_with` stored variables runs right with this
-    /// key's: each of those is here with its type and mutability, and no other variable here
-    /// has the name of one of the cell's items (the cell's code might have meant the item).
-    pub fn can_run_build_with(&self, built_with: &BTreeSet<String>) -> bool {
-        built_with.is_subset(&self.variables)
-            && self
-                .variables
-                .difference(built_with)
-                .filter_map(|line| line.split('\t').next())
-                .all(|name| !self.item_names.contains(name))
+    /// Whether a library built with `built` runs right with this key's store: it took some
+    /// of the variables here, each with its type and mutability, and no other variable here
+    /// has the name of one of the cell's items (the cell's code might have meant the item);
+    /// and it puts back what this build would, but for the others, which this build puts back
+    /// as it took them and that library leaves where they are. (A build that puts a variable
+    /// back is not one that moves it: evcxr's first try, which puts every variable back,
+    /// fails to compile when the cell moves one, and must not find the second try's library.)
+    pub fn can_run_build_with(&self, built: &StoreUse) -> bool {
+        let here = &self.store_use;
+        let others: BTreeMap<&str, &str> = here
+            .taken
+            .difference(&built.taken)
+            .filter_map(|line| {
+                let mut fields = line.split('\t');
+                let name = fields.next()?;
+                Some((name, fields.nth(1)?))
+            })
+            .collect();
+        built.taken.is_subset(&here.taken)
+            && others.keys().all(|name| !self.item_names.contains(*name))
+            && built.put.is_subset(&here.put)
+            && here.put.difference(&built.put).all(|line| {
+                line.split_once('\t')
+                    .is_some_and(|(name, ty)| others.get(name) == Some(&ty))
+            })
     }
 }
 
 fn base_key(call: &RustcCall, pieces: &[String]) -> String {
     let mut key = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+    let mut dump = String::new();
     let mut part = |bytes: &[u8]| {
+        dump.push_str(&String::from_utf8_lossy(bytes));
+        dump.push_str("\n----\n");
         key.update(&(bytes.len() as u64).to_le_bytes());
         key.update(bytes);
     };
@@ -79,27 +107,37 @@ fn base_key(call: &RustcCall, pieces: &[String]) -> String {
     key.finalize().to_hex().to_string()
 }
 
-/// The source without evcxr's lines that check, take and put back stored variables, and the
-/// variables its entry takes.
-fn without_variables(source: &str) -> (String, BTreeSet<String>) {
+/// The source without evcxr's lines that check, take and put back stored variables, and how
+/// its entry uses the store.
+fn without_variables(source: &str) -> (String, StoreUse) {
     const STORE: &str = "evcxr_variable_store.";
     let mut code = String::with_capacity(source.len());
-    let mut variables = BTreeSet::new();
+    let mut store_use = StoreUse::default();
     for line in source.lines() {
         let trimmed = line.trim();
-        if trimmed.starts_with(&format!("vars_ok &= {STORE}check_variable::<"))
-            || trimmed.starts_with(&format!("{STORE}put_variable::<"))
-        {
+        if trimmed.starts_with(&format!("vars_ok &= {STORE}check_variable::<")) {
+            continue;
+        }
+        if let Some(put) = put_variable(trimmed) {
+            store_use.put.insert(put);
             continue;
         }
         if let Some(taken) = taken_variable(trimmed) {
-            variables.insert(taken);
+            store_use.taken.insert(taken);
             continue;
         }
         code.push_str(line);
         code.push('\n');
     }
-    (code, variables)
+    (code, store_use)
+}
+
+/// `evcxr_variable_store.put_variable::<Vec<u64>>(stringify!(v), v);` as `v<TAB>Vec<u64>`.
+fn put_variable(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("evcxr_variable_store.put_variable::<")?;
+    let (ty, named) = rest.rsplit_once(">(stringify!(")?;
+    let (name, value) = named.split_once("), ")?;
+    (value == format!("{name});")).then(|| format!("{name}\t{ty}"))
 }
 
 /// `let mut v = evcxr_variable_store.take_variable::<Vec<u64>>(stringify!(v));` as
@@ -189,8 +227,9 @@ fn compiler_identity(rustc: &Path) -> String {
     format!("{} {stamp} {driver}", rustc.display())
 }
 
-/// The content digests of the crates a cell links, remembered per file (by its size, time and
-/// inode) in the crate's target directory, so that each is read once, not once per cell.
+/// The content digests of the crates a cell links (see `content_digest`), remembered per file
+/// (by its size, time and inode) in the crate's target directory, so that each is read once,
+/// not once per cell.
 pub struct ExternDigests {
     memo: std::path::PathBuf,
     known: BTreeMap<String, (String, String)>,
@@ -199,7 +238,7 @@ pub struct ExternDigests {
 }
 
 impl ExternDigests {
-    fn load(crate_dir: &Path) -> ExternDigests {
+    pub(super) fn load(crate_dir: &Path) -> ExternDigests {
         let memo = crate_dir.join("target").join("parallax-extern-digests");
         let known = fs::read_to_string(&memo)
             .unwrap_or_default()
@@ -239,7 +278,7 @@ impl ExternDigests {
             }
         }
         let digest = match fs::read(path) {
-            Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
+            Ok(bytes) => content_digest(bytes),
             Err(_) => return format!("unreadable {path}"),
         };
         self.changed.set(true);
@@ -267,9 +306,76 @@ impl ExternDigests {
     }
 }
 
+/// A linked crate's digest. An archive (an rlib) is known by its members' contents, in order:
+/// an incremental build names its object files after its session and stamps them with the time
+/// it made them, and every context builds its own copy of a path dependency, so two contexts'
+/// copies of the same crate differ in names, times and the index that lists them alone. A
+/// change anywhere else (the crate's code, a dependency's hash in its metadata) still changes
+/// the digest. Anything else is known by its bytes.
+fn content_digest(bytes: Vec<u8>) -> String {
+    const MAGIC: &[u8] = b"!<arch>\n";
+    const HEADER: usize = 60;
+    if !bytes.starts_with(MAGIC) {
+        return blake3::hash(&bytes).to_hex().to_string();
+    }
+    let mut digest = blake3::Hasher::new();
+    let mut at = MAGIC.len();
+    while at + HEADER <= bytes.len() {
+        let header = &bytes[at..at + HEADER];
+        let size = std::str::from_utf8(&header[48..58])
+            .ok()
+            .and_then(|field| field.trim().parse::<usize>().ok());
+        let (Some(size), Ok(name)) = (size, std::str::from_utf8(&header[..16])) else {
+            // Not an archive as `ar` writes them: every byte counts.
+            return blake3::hash(&bytes).to_hex().to_string();
+        };
+        let data = &bytes[(at + HEADER).min(bytes.len())..(at + HEADER + size).min(bytes.len())];
+        // The symbol index and the long-name table list the members; they are not members.
+        if !matches!(name.trim_end(), "/" | "//" | "/SYM64/") {
+            digest.update(&(data.len() as u64).to_le_bytes());
+            digest.update(data);
+        }
+        at += HEADER + size + size % 2;
+    }
+    digest.update(&bytes[at.min(bytes.len())..]);
+    digest.finalize().to_hex().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_archive_is_known_by_its_members_not_their_names_or_times() {
+        let archive = |name: &str, mtime: &str, data: &[u8]| {
+            let mut bytes = b"!<arch>\n".to_vec();
+            let names = format!("{name}/\n");
+            for (member, data) in [("//", names.as_bytes()), ("/0", data)] {
+                let header = format!(
+                    "{member:<16}{mtime:<12}{:<6}{:<6}{:<8}{:<10}`\n",
+                    0,
+                    0,
+                    644,
+                    data.len()
+                );
+                bytes.extend(header.bytes());
+                bytes.extend(data);
+                if data.len() % 2 == 1 {
+                    bytes.push(b'\n');
+                }
+            }
+            bytes
+        };
+        let first = content_digest(archive("c.1e84rwm.rcgu.o", "1700000000", b"abc"));
+        let second = content_digest(archive("c.13xynb5.rcgu.o", "1800000000", b"abc"));
+        assert_eq!(first, second);
+        let changed = content_digest(archive("c.1e84rwm.rcgu.o", "1700000000", b"abd"));
+        assert_ne!(first, changed);
+        assert_ne!(
+            content_digest(b"plain 1".to_vec()),
+            content_digest(b"plain 2".to_vec())
+        );
+    }
 
     #[test]
     fn stored_variables_are_apart_and_a_superset_runs_a_build() {
@@ -279,20 +385,55 @@ mod tests {
             let mut a = evcxr_variable_store.take_variable::<u64>(stringify!(a));\n\
             a += 1;\n\
             evcxr_variable_store.put_variable::<u64>(stringify!(a), a);\n";
-        let (code, variables) = without_variables(source);
+        let (code, store_use) = without_variables(source);
         assert_eq!(code, "fn f() {}\n{let mut vars_ok = true;\nif !vars_ok {return evcxr_variable_store;}}\na += 1;\n");
-        let a = "a\tmut\tu64".to_owned();
-        assert_eq!(variables, BTreeSet::from([a.clone()]));
-        let key = |vars: &[&str], items: &[&str]| BuildKey {
+        let a = "a\tmut\tu64";
+        assert_eq!(store_use.taken, BTreeSet::from([a.to_owned()]));
+        assert_eq!(store_use.put, BTreeSet::from(["a\tu64".to_owned()]));
+        let key = |taken: &[&str], put: &[&str], items: &[&str]| BuildKey {
             base: String::new(),
-            variables: vars.iter().map(|v| v.to_string()).collect(),
+            store_use: uses(taken, put),
             item_names: items.iter().map(|v| v.to_string()).collect(),
         };
-        let built_with = BTreeSet::from([a.clone()]);
-        assert!(key(&[&a, "b\t\tString"], &["f"]).can_run_build_with(&built_with));
-        assert!(!key(&["a\t\tu64"], &["f"]).can_run_build_with(&built_with));
-        assert!(!key(&["a\tmut\tu32"], &[]).can_run_build_with(&built_with));
-        assert!(!key(&[&a, "f\t\tu8"], &["f"]).can_run_build_with(&built_with));
+        let built = uses(&[a], &["a\tu64"]);
+        // Another variable, put back as it was taken: the same build.
+        let with_b = key(&[a, "b\t\tString"], &["a\tu64", "b\tString"], &["f"]);
+        assert!(with_b.can_run_build_with(&built));
+        assert!(!key(&["a\t\tu64"], &["a\tu64"], &["f"]).can_run_build_with(&built));
+        assert!(!key(&["a\tmut\tu32"], &["a\tu32"], &[]).can_run_build_with(&built));
+        assert!(!key(&[a, "f\t\tu8"], &["a\tu64", "f\tu8"], &["f"]).can_run_build_with(&built));
+        // The other variable put back with another type (the cell redefined it): not the same.
+        let retyped = key(&[a, "b\t\tString"], &["a\tu64", "b\tu8"], &[]);
+        assert!(!retyped.can_run_build_with(&built));
+    }
+
+    #[test]
+    fn a_build_that_moves_a_variable_is_not_one_that_puts_it_back() {
+        let moved = uses(&["part\t\tVec<u8>"], &[]);
+        let puts_back = uses(&["part\t\tVec<u8>"], &["part\tVec<u8>"]);
+        let key = |store_use: &StoreUse| BuildKey {
+            base: String::new(),
+            store_use: store_use.clone(),
+            item_names: BTreeSet::new(),
+        };
+        assert!(!key(&puts_back).can_run_build_with(&moved));
+        assert!(!key(&moved).can_run_build_with(&puts_back));
+        assert!(key(&moved).can_run_build_with(&moved));
+        // A cell defining `y`, run again once `y` is stored: the first build serves.
+        let defined = uses(&["x\t\tu64"], &["x\tu64", "y\tu64"]);
+        let again = uses(&["x\t\tu64", "y\t\tu64"], &["x\tu64", "y\tu64"]);
+        assert!(key(&again).can_run_build_with(&defined));
+        assert_eq!(
+            put_variable("evcxr_variable_store.put_variable::<Vec<(u8, u8)>>(stringify!(v), v);"),
+            Some("v\tVec<(u8, u8)>".to_owned())
+        );
+    }
+
+    fn uses(taken: &[&str], put: &[&str]) -> StoreUse {
+        StoreUse {
+            taken: taken.iter().map(|v| v.to_string()).collect(),
+            put: put.iter().map(|v| v.to_string()).collect(),
+        }
     }
 
     #[test]

@@ -30,6 +30,9 @@ const CELL_CRATE: &str = "ctx";
 const WRAPPER_VAR: &str = "EVCXR_RUSTC_WRAPPER";
 const SO_PATH_VAR: &str = "EVCXR_EXECUTION_SO_PATH";
 
+/// The metadata every cell library is built with, in every context (see `args_for_rustc`).
+const CELL_METADATA: &str = "parallax-cell";
+
 /// Stands for the crate's directory in what the cache keeps.
 pub(crate) const CRATE_DIR_MARK: &str = "{parallax-cell-crate}";
 
@@ -84,8 +87,8 @@ impl RustcCall {
         })
     }
 
-    /// The arguments as the key sees them: no output or incremental directories, linked
-    /// crates by content, the crate's own paths relative to it.
+    /// The arguments as the key sees them: no output or incremental directories or metadata
+    /// hash, linked crates by content, the crate's own paths relative to it.
     fn keyed_args(&self, digests: &key::ExternDigests) -> Vec<String> {
         let crate_dir = self.crate_dir.to_string_lossy();
         let mut keyed = Vec::with_capacity(self.args.len());
@@ -103,13 +106,30 @@ impl RustcCall {
                         None => format!("--extern {named}"),
                     });
                 }
-                _ if arg.starts_with("incremental=") => {
+                // Cargo's metadata hash names the crate's directory, a new one per context;
+                // what else it covers (compiler, profile, features, dependencies) is keyed on
+                // its own.
+                _ if arg.starts_with("incremental=") || arg.starts_with("metadata=") => {
                     keyed.pop(); // its `-C`
                 }
                 _ => keyed.push(arg.replace(crate_dir.as_ref(), CRATE_DIR_MARK)),
             }
         }
         keyed
+    }
+
+    /// Cargo's arguments with its metadata hash (which names the context's directory) replaced
+    /// by one shared by every context: a library from the cache then defines its types with
+    /// the same `TypeId`s, and its symbols with the same names, as one built here would, so
+    /// values stored by one are taken by the other.
+    fn args_for_rustc(&self) -> Vec<String> {
+        self.args
+            .iter()
+            .map(|arg| match arg.strip_prefix("metadata=") {
+                Some(_) => format!("metadata={CELL_METADATA}"),
+                None => arg.clone(),
+            })
+            .collect()
     }
 
     fn library(&self) -> PathBuf {
@@ -198,11 +218,11 @@ fn with_entry_alias(source: &str) -> String {
     }
 }
 
-/// Runs rustc with the call's arguments and local LTO off, passing what it says on to cargo
-/// and keeping it.
+/// Runs rustc with the call's arguments, one metadata for every context and local LTO off,
+/// passing what it says on to cargo and keeping it.
 fn run_rustc(call: &RustcCall) -> std::io::Result<(bool, String)> {
     let mut child = Command::new(&call.rustc)
-        .args(&call.args)
+        .args(call.args_for_rustc())
         .args(["-C", "lto=off"])
         .stderr(Stdio::piped())
         .spawn()?;
@@ -321,5 +341,46 @@ impl BuildReport {
 impl Drop for BuildReport {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_leaves_out_where_a_context_builds() {
+        let call = |dir: &str| RustcCall {
+            rustc: PathBuf::from("/toolchain/bin/rustc"),
+            args: [
+                "--crate-name",
+                "ctx",
+                "src/lib.rs",
+                "-C",
+                "opt-level=2",
+                "-C",
+                &format!("incremental={dir}/target/incremental"),
+                "-C",
+                "metadata=5a1b",
+                "--out-dir",
+                &format!("{dir}/target/deps"),
+                "-L",
+                &format!("dependency={dir}/target/deps"),
+            ]
+            .iter()
+            .map(|arg| arg.replace("5a1b", &dir.len().to_string()))
+            .collect(),
+            crate_dir: PathBuf::from(dir),
+            source: PathBuf::from(format!("{dir}/src/lib.rs")),
+            out_dir: PathBuf::from(format!("{dir}/target/deps")),
+            extra_filename: String::new(),
+        };
+        let first = call("/tmp/.tmpA");
+        let digests = key::ExternDigests::load(&first.crate_dir);
+        let keyed = first.keyed_args(&digests);
+        assert_eq!(keyed, call("/tmp/.tmpBBBB").keyed_args(&digests));
+        assert!(keyed.contains(&"opt-level=2".to_owned()));
+        assert!(keyed.iter().all(|arg| !arg.contains("/tmp/.tmpA")));
+        assert!(keyed.iter().all(|arg| !arg.starts_with("metadata=")));
     }
 }
