@@ -6,11 +6,20 @@ once and one after another; the cells %pmap and %scatter generate are built once
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, engine_results, of_type, ok, stream_text
+from conftest import (
+    ARTIFACTS,
+    RunningKernel,
+    engine_results,
+    interrupt_and_wait,
+    of_type,
+    ok,
+    stream_text,
+)
 
 
 @pytest.fixture
@@ -116,15 +125,68 @@ def test_a_cell_run_again_is_not_built_and_says_the_same(kernel):
     ok(kernel, "let x = 41u32;")
     first, moved = counted.run("x + 1")
     assert moved == (1, 0, 0), moved
+    # Run again unchanged, nothing run since: its compiled cell runs again in the notebook's
+    # store, without evcxr, cargo or rustc (no build, not even a cached one).
     again, moved = counted.run("x + 1")
-    assert moved == (0, 1, 0), moved
+    assert moved == (0, 0, 0), moved
     assert plain(first) == plain(again) == ["42"]
-    # A cell that defines a variable, run again: the store then holds it already.
+    printing = 'println!("x is {x}"); x * 2'
+    first, moved = counted.run(printing)
+    assert moved == (1, 0, 0), moved
+    again, moved = counted.run(printing)
+    assert moved == (0, 0, 0), moved
+    assert stream_text(again) == stream_text(first) == "x is 41\n"
+    assert plain(again) == plain(first) == ["82"]
+    # A cell that defines a variable, run again: the store then holds it already; evcxr runs
+    # it, and its build is found in the cache.
     ok(kernel, "let y = x * 2;")
     _, moved = counted.run("let y = x * 2;")
     assert moved == (0, 1, 0), moved
     outputs, moved = counted.run('println!("{y}");')
     assert stream_text(outputs) == "82\n"
+    # Anything else run meanwhile (here a new type for `x`): evcxr runs the cell again.
+    ok(kernel, "let x = 41u64;")
+    outputs, moved = counted.run("x + 1")
+    assert sum(moved) == 1 and plain(outputs) == ["42"], moved
+
+
+def test_a_remembered_cell_stopped_or_crashing_says_so_and_the_notebook_goes_on(kernel, tmp_path):
+    """A cell run again from memory behaves as evcxr's run would: the stop button stops it
+    and names the variables lost; a crash is reported; either way evcxr learns the store is a
+    new one, and the notebook goes on."""
+    ok(kernel, "let kept = 7u32;")
+    counted = Counted(kernel)
+    sleeper, crasher = tmp_path / "sleep", tmp_path / "crash"
+    sleepy = (f'if std::path::Path::new("{sleeper}").exists() '
+              "{ std::thread::sleep(std::time::Duration::from_secs(120)); } kept")
+    crashing = f'if std::path::Path::new("{crasher}").exists() {{ std::process::abort(); }} kept + 1'
+    for code, expected in [(sleepy, "7"), (crashing, "8")]:
+        first, moved = counted.run(code)
+        assert moved == (1, 0, 0) and plain(first) == [expected], (moved, plain(first))
+        again, moved = counted.run(code)
+        assert moved == (0, 0, 0) and plain(again) == [expected], (moved, plain(again))
+    # The remembered sleepy cell, stopped.
+    ok(kernel, sleepy)  # evcxr ran the crashing cell last: this one is remembered again
+    sleeper.write_text("")
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("reply", kernel.execute(sleepy, timeout=300)))
+    worker.start()
+    time.sleep(1.0)
+    interrupt_and_wait(kernel, worker, limit=30)
+    content = result["reply"][0]["content"]
+    assert content["ename"] == "Interrupted" and "variables lost: kept" in content["evalue"], content
+    assert plain(ok(kernel, "6 * 7")) == ["42"]
+    reply, outputs = kernel.execute("kept")
+    assert "cannot find value `kept`" in str(outputs), outputs
+    # The remembered crashing cell, crashing.
+    ok(kernel, "let kept = 7u32;")
+    ok(kernel, crashing)
+    ok(kernel, crashing)
+    crasher.write_text("")
+    reply, outputs = kernel.execute(crashing)
+    content = reply["content"]
+    assert content["ename"] == "ProcessDied" and "Variables lost: kept" in content["evalue"], content
+    assert plain(ok(kernel, "6 * 7")) == ["42"]
 
 
 def write_dependency(root: Path, version: str):
@@ -144,7 +206,7 @@ def test_what_a_cell_depends_on_changing_builds_it_again(kernel, tmp_path):
     _, moved = counted.run("z + 1")
     assert moved == (1, 0, 0)
     _, moved = counted.run("z + 1")
-    assert moved == (0, 1, 0)
+    assert moved == (0, 0, 0)  # run again from memory
     ok(kernel, "let z = 300u16;")
     outputs, moved = counted.run("z + 1")
     assert moved == (1, 0, 0), moved
@@ -162,7 +224,8 @@ def test_what_a_cell_depends_on_changing_builds_it_again(kernel, tmp_path):
     ok(kernel, f':dep cache_probe = {{ path = "{dependency}" }}', timeout=600)
     outputs, moved = counted.run("cache_probe::version()")
     assert plain(outputs) == ['"0.1.0"']
-    assert counted.run("cache_probe::version()")[1] == (0, 1, 0)
+    assert counted.run("cache_probe::version()")[1] == (0, 0, 0)
+    # The dependency's source changes: the cell is not run from memory, cargo builds it.
     write_dependency(dependency, "0.2.0")
     outputs, moved = counted.run("cache_probe::version()")
     assert moved == (1, 0, 0), moved
@@ -182,15 +245,21 @@ def test_a_damaged_or_missing_entry_is_built_again_not_loaded(kernel, cache_dir)
     assert libraries, list(cache_dir.iterdir())
     for library in libraries:
         library.write_bytes(b"\x7fELF not a library any more")
-    outputs, moved = counted.run("w * 6")
+
+    def run_through_the_cache():
+        # Another cell first: `w * 6` is then not run again from memory, but built.
+        ok(kernel, "let other = 1u8;")
+        return counted.run("w * 6")
+
+    outputs, moved = run_through_the_cache()
     assert moved == (1, 0, 0), moved
     assert plain(outputs) == ["42"]
     assert "is damaged" in kernel.log()
     shutil.rmtree(cache_dir)
-    outputs, moved = counted.run("w * 6")
+    outputs, moved = run_through_the_cache()
     assert moved == (1, 0, 0), moved
     assert plain(outputs) == ["42"]
-    assert counted.run("w * 6")[1] == (0, 1, 0)
+    assert run_through_the_cache()[1] == (0, 1, 0)
 
 
 def test_two_kernels_sharing_the_cache_both_get_right_results(kernelspec, cache_dir):

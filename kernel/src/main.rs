@@ -156,6 +156,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,parallax=info")),
         )
         .init();
+    if matches!(cli.command, Cmd::Kernel { .. } | Cmd::Engine { .. }) {
+        parallax_eval::places::use_own_temp_dir();
+    }
     let result = match cli.command {
         Cmd::Kernel { connection_file } => run_kernel(&connection_file),
         Cmd::Install(args) => install::install(&args),
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
         } => run_engine(&connect, id, rank_offset),
     };
     parallax_engine_protocol::shared::remove_own_dirs();
+    parallax_eval::places::remove_own_temp_dir();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -219,6 +223,7 @@ fn run_kernel(connection_file: &std::path::Path) -> anyhow::Result<()> {
         .build()?;
     let served = runtime.block_on(jupyter::server::serve(info));
     parallax_engine_protocol::shared::remove_own_dirs();
+    parallax_eval::places::remove_own_temp_dir();
     served?;
     // Exit without waiting for the evaluator: its process ends when our pipes close.
     std::process::exit(0)

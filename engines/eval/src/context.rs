@@ -5,10 +5,11 @@
 use crate::cell_build::{BuildCounter, BuildReport};
 use crate::diagnostics::{self, CellError};
 use crate::display::{self, DisplaySettings};
-use crate::gateway::Recorder;
+use crate::gateway::{Compiling, Recorder};
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::ipc::Locked;
+use crate::notebook::NotebookStore;
 use crate::outputs::{discard_output, CellOutput, InputAsker, StreamForwarder, StreamSink};
 use crossbeam_channel::Receiver;
 use evcxr::{CommandContext, EvalCallbacks};
@@ -19,10 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// MIME type of the panic report that our panic hook prints through evcxr's content markers.
-const PANIC_MIME: &str = "application/vnd.parallax.panic";
-
 /// Installed in the evaluation process so that a panic in a cell reaches us as structured data
+/// (`diagnostics::PANIC_MIME`, escaped as `diagnostics::unescape` reads it)
 /// rather than as free text on stderr. Panics on other threads keep the usual stderr report.
 /// A statement, not an expression, so that evcxr does not try to display a value.
 const PANIC_HOOK_CELL: &str = r#"{
@@ -84,16 +83,12 @@ pub(crate) enum Job {
     },
 }
 
-/// How a compiling evaluator reaches the evaluation process it compiles for: its context's own
-/// process is a relay to a gateway (`crate::gateway`), which runs what it compiles in an
-/// engine's store and records each execution.
-pub struct Compiling {
-    pub relay: std::process::Command,
-    /// Counts the context's builds; kept by the engine across the contexts it starts.
-    pub builds: BuildCounter,
-    pub recorder: Arc<dyn Recorder>,
-    /// The store's process, which an interrupt of a running cell kills.
-    pub runtime: Arc<Mutex<std::process::Child>>,
+/// Whose context an evaluator's is.
+pub(crate) enum Role {
+    /// An engine's: it compiles for the engine's store.
+    Engine(Box<Compiling>),
+    /// The notebook's: it compiles for a store of its own, whose process gets this environment.
+    Notebook(Vec<(String, String)>),
 }
 
 struct Engine {
@@ -105,6 +100,8 @@ struct Engine {
     /// The pid of the evaluation process our panic hook was installed in.
     hooked_pid: Option<u32>,
     recorder: Option<Arc<dyn Recorder>>,
+    /// The notebook's store, for the notebook's context.
+    notebook: Option<NotebookStore>,
     /// How evcxr shows values, followed so that the display stand-in is on only when it fits.
     display: DisplaySettings,
     /// Where the rustc wrapper counts this context's builds, and their running total.
@@ -112,20 +109,11 @@ struct Engine {
     builds: BuildCounter,
 }
 
-/// `role`: an engine's compiling context, or the notebook's with its process's environment.
-pub(crate) fn run(
-    jobs: Receiver<Job>,
-    interrupter: Interrupter,
-    role: Result<Compiling, Vec<(String, String)>>,
-    builds: BuildCounter,
-) {
-    let runtime = role.as_ref().ok().map(|c| c.runtime.clone());
+pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, role: Role, builds: BuildCounter) {
     let mut engine = Engine::start(role, &interrupter, builds);
     if let Err(e) = &engine {
         tracing::error!("{e}");
     }
-    interrupter
-        .set_runtime(runtime.or_else(|| engine.as_ref().ok().map(|e| e.ctx.process_handle())));
 
     for job in jobs {
         let engine = match &mut engine {
@@ -228,43 +216,45 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 }
 
 impl Engine {
-    /// Builds the evcxr context: one that compiles for an engine's store, or the notebook's
-    /// own, whose evaluation process (this binary) gets `environment`. The notebook's gets its
-    /// helpers at once.
+    /// Builds the evcxr context: one that compiles for an engine's store, or the notebook's,
+    /// which gets a store of its own and its helpers at once.
     fn start(
-        role: Result<Compiling, Vec<(String, String)>>,
+        role: Role,
         interrupter: &Interrupter,
         builds: BuildCounter,
     ) -> Result<Engine, String> {
         let started = Instant::now();
         let sink = Arc::new(Mutex::new(discard_output()));
-        let (context, recorder) = match role {
-            Err(environment) => (
-                std::env::current_exe()
-                    .map_err(evcxr::Error::from)
-                    .and_then(|exe| {
-                        let mut process = std::process::Command::new(exe);
-                        process.envs(environment);
-                        evcxr::EvalContext::with_subprocess_command(process)
-                    })
-                    .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
-                None,
-            ),
-            Ok(compiling) => (
-                evcxr::EvalContext::with_subprocess_command(compiling.relay)
-                    .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs)),
-                Some(compiling.recorder),
-            ),
+        let (compiling, notebook) = match role {
+            Role::Engine(compiling) => (*compiling, None),
+            Role::Notebook(environment) => {
+                let failed = |e: std::io::Error| {
+                    format!("could not start the notebook's evaluation process: {e}")
+                };
+                let store = NotebookStore::start(&environment).map_err(failed)?;
+                (
+                    store.compiling(builds.clone()).map_err(failed)?,
+                    Some(store),
+                )
+            }
         };
-        let (ctx, outputs) =
-            context.map_err(|e| format!("could not start the Rust evaluator (evcxr): {e}"))?;
+        // Set before the context is built, so that an interrupt meanwhile finds them.
+        interrupter.set_runtime(Some(compiling.runtime.clone()));
+        if let Some(store) = &notebook {
+            interrupter.set_line_flag(store.line_flag());
+        }
+        let (ctx, outputs) = evcxr::EvalContext::with_subprocess_command(compiling.relay)
+            .map(|(ctx, outputs)| (CommandContext::with_eval_context(ctx), outputs))
+            .map_err(|e| format!("could not start the Rust evaluator (evcxr): {e}"))?;
+        let is_notebook = notebook.is_some();
         let mut engine = Engine {
             ctx,
             stdout: StreamForwarder::spawn("stdout", outputs.stdout, sink.clone()),
             stderr: StreamForwarder::spawn("stderr", outputs.stderr, sink.clone()),
             sink,
             hooked_pid: None,
-            recorder: recorder.clone(),
+            recorder: Some(compiling.recorder),
+            notebook,
             display: DisplaySettings::default(),
             report: BuildReport::fresh(),
             builds,
@@ -274,9 +264,9 @@ impl Engine {
         if let Err(e) = engine.ctx.execute(&engine.report.command()) {
             tracing::warn!("builds will not be counted: {e}");
         }
-        // A compiling evaluator installs it in its first cell, so that the engines that
-        // share its compiled cells install it too.
-        if recorder.is_none() {
+        // An engine's context installs it in its first cell, so that the engines that share
+        // its compiled cells install it too.
+        if is_notebook {
             if let Err(e) = engine.install_panic_hook() {
                 tracing::warn!("could not install the panic hook: {e}");
             }
@@ -290,6 +280,30 @@ impl Engine {
             started.elapsed()
         );
         Ok(engine)
+    }
+
+    /// A cell the notebook's memo holds runs again in the notebook's store, without evcxr.
+    fn run_remembered(
+        &mut self,
+        code: &str,
+        sink: &StreamSink,
+        interrupter: &Interrupter,
+    ) -> Option<Result<CellOutput, CellError>> {
+        let lines = self.notebook.as_ref()?.remembered(code)?;
+        let variables = self.variables();
+        let (run, interrupted) = self.notebook.as_mut()?.run_again(lines, sink, interrupter);
+        if run.outcome.died {
+            // The store is a new one: evcxr must forget its variables and relay as well.
+            if let Err(e) = self.ctx.execute(":restart") {
+                tracing::warn!("restarting the notebook's relay: {e}");
+            }
+        }
+        Some(diagnostics::result_of_run(
+            &run,
+            &variables,
+            &variables,
+            interrupted,
+        ))
     }
 
     fn runtime_pid(&self) -> Option<u32> {
@@ -459,9 +473,17 @@ impl Engine {
                 tracing::warn!("could not reinstall the panic hook: {e}");
             }
         }
+        if let Some(result) = self.run_remembered(code, &sink, interrupter) {
+            return result;
+        }
+        if let Some(store) = &self.notebook {
+            store.begin(&sink);
+        }
         *self.sink.locked() = sink;
         let before = self.variables();
+        let asked_input = std::cell::Cell::new(false);
         let ask = |prompt: &str, password: bool| -> String {
+            asked_input.set(true);
             match &ask_input {
                 Some(ask) => ask(prompt, password).unwrap_or_default(),
                 None => {
@@ -487,6 +509,10 @@ impl Engine {
         self.stdout.flush();
         self.stderr.flush();
         let after = self.variables();
+        if let Some(store) = &mut self.notebook {
+            let ok = matches!(result, Ok(Ok(_)));
+            store.after_execution(code, ok, (&before, &after), asked_input.get());
+        }
 
         let result = match result {
             Ok(result) => result,
@@ -494,9 +520,10 @@ impl Engine {
         };
         match result {
             Ok(mut outputs) => {
-                if let Some(message) = outputs.content_by_mime_type.remove(PANIC_MIME) {
+                if let Some(message) = outputs.content_by_mime_type.remove(diagnostics::PANIC_MIME)
+                {
                     return Err(diagnostics::panic_error(
-                        &unescape(&message),
+                        &diagnostics::unescape(&message),
                         &before,
                         &after,
                     ));
@@ -524,62 +551,5 @@ impl Engine {
                 None => Err(diagnostics::evaluator_message(&message)),
             },
         }
-    }
-}
-
-/// The result of a cell for an engine that ran the compiled cell another engine's context
-/// built: from its own run (its output, its panic, its death), with the variables the
-/// compiling context had before and after the cell. `interrupted`: the death was an interrupt.
-pub fn result_of_run(
-    run: &crate::store::Run,
-    before: &BTreeSet<String>,
-    after: &BTreeSet<String>,
-    interrupted: bool,
-) -> Result<CellOutput, CellError> {
-    if run.outcome.died {
-        return Err(if interrupted {
-            diagnostics::interrupted_while_running(before)
-        } else {
-            diagnostics::process_died(run.death.as_deref().unwrap_or("it ended"), before)
-        });
-    }
-    let mut contents = run.contents.clone();
-    if let Some(message) = contents.remove(PANIC_MIME) {
-        let message = message.as_str().map(unescape).unwrap_or_default();
-        // New variables were dropped here, whatever happened on the compiling engine.
-        let survived: BTreeSet<String> = before.intersection(after).cloned().collect();
-        return Err(diagnostics::panic_error(&message, before, &survived));
-    }
-    if !run.outcome.changed_type.is_empty() {
-        return Err(diagnostics::type_redefined(&run.outcome.changed_type));
-    }
-    Ok(CellOutput { data: contents })
-}
-
-fn unescape(escaped: &str) -> String {
-    let mut out = String::with_capacity(escaped.len());
-    let mut chars = escaped.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            match chars.next() {
-                Some('n') => out.push('\n'),
-                Some(other) => out.push(other),
-                None => out.push('\\'),
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unescape;
-
-    #[test]
-    fn unescape_reverses_the_hook_encoding() {
-        assert_eq!(unescape(r"line one\nline \\two"), "line one\nline \\two");
-        assert_eq!(unescape(r"trailing\"), "trailing\\");
     }
 }

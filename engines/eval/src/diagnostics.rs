@@ -1,7 +1,11 @@
 //! Errors a cell can end with, worded for the person at the notebook: compile errors rendered
 //! the way rustc renders them, panics with what survived, interrupts with what was lost.
 
+use crate::outputs::CellOutput;
 use std::collections::BTreeSet;
+
+/// MIME type of the panic report that our panic hook prints through evcxr's content markers.
+pub(crate) const PANIC_MIME: &str = "application/vnd.parallax.panic";
 
 /// A cell's failure, as Jupyter's `error` message carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +244,52 @@ pub fn render_diagnostics(code: &str, diagnostics: &[Diagnostic]) -> CellError {
     CellError::new("CompileError", evalue, traceback)
 }
 
+/// The result of a cell for an engine that ran the compiled cell another engine's context
+/// built: from its own run (its output, its panic, its death), with the variables the
+/// compiling context had before and after the cell. `interrupted`: the death was an interrupt.
+pub fn result_of_run(
+    run: &crate::store::Run,
+    before: &BTreeSet<String>,
+    after: &BTreeSet<String>,
+    interrupted: bool,
+) -> Result<CellOutput, CellError> {
+    if run.outcome.died {
+        return Err(if interrupted {
+            interrupted_while_running(before)
+        } else {
+            process_died(run.death.as_deref().unwrap_or("it ended"), before)
+        });
+    }
+    let mut contents = run.contents.clone();
+    if let Some(message) = contents.remove(PANIC_MIME) {
+        let message = message.as_str().map(unescape).unwrap_or_default();
+        // New variables were dropped here, whatever happened on the compiling engine.
+        let survived: BTreeSet<String> = before.intersection(after).cloned().collect();
+        return Err(panic_error(&message, before, &survived));
+    }
+    if !run.outcome.changed_type.is_empty() {
+        return Err(type_redefined(&run.outcome.changed_type));
+    }
+    Ok(CellOutput { data: contents })
+}
+
+pub(crate) fn unescape(escaped: &str) -> String {
+    let mut out = String::with_capacity(escaped.len());
+    let mut chars = escaped.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +373,11 @@ mod tests {
         );
         let error = interrupted_while_running(&names(&[]));
         assert!(error.evalue.contains("none were lost"));
+    }
+
+    #[test]
+    fn unescape_reverses_the_hook_encoding() {
+        assert_eq!(unescape(r"line one\nline \\two"), "line one\nline \\two");
+        assert_eq!(unescape(r"trailing\"), "trailing\\");
     }
 }

@@ -2,9 +2,10 @@
 //! usable from async code; its jobs run on the context's own thread (`crate::context`).
 
 use crate::cell_build::BuildCounter;
-use crate::context::{run, Compiling, Job};
+use crate::context::{run, Job, Role};
 use crate::dataport::DataPort;
 use crate::diagnostics::CellError;
+use crate::gateway::Compiling;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::outputs::{CellOutput, InputAsker, StreamSink};
@@ -45,25 +46,26 @@ impl Evaluator {
                 Vec::new()
             }
         };
-        Self::start_with(Err(environment), Interrupter::default(), data)
+        Self::start_with(Role::Notebook(environment), Interrupter::default(), data)
     }
 
     /// An evaluator that compiles for an engine's store through its gateway.
     pub fn start_compiling(compiling: Compiling, interrupter: Interrupter) -> Evaluator {
         let no_port = Err("an engine's context uses its engine's data socket".to_owned());
-        Self::start_with(Ok(compiling), interrupter, no_port)
+        Self::start_with(Role::Engine(Box::new(compiling)), interrupter, no_port)
     }
 
-    /// `role`: the compiling context of an engine, or the notebook's own, whose evaluation
-    /// process gets this environment.
     fn start_with(
-        role: Result<Compiling, Vec<(String, String)>>,
+        role: Role,
         interrupter: Interrupter,
         data: Result<DataPort, String>,
     ) -> Evaluator {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let thread_interrupter = interrupter.clone();
-        let builds = role.as_ref().map(|c| c.builds.clone()).unwrap_or_default();
+        let builds = match &role {
+            Role::Engine(compiling) => compiling.builds.clone(),
+            Role::Notebook(_) => BuildCounter::default(),
+        };
         let counted = builds.clone();
         std::thread::Builder::new()
             .name("evaluator".into())

@@ -7,6 +7,7 @@
 //! engine's state left its group's), the gateway replays recorded outcomes to the context
 //! instead of running anything.
 
+use crate::cell_build::BuildCounter;
 use crate::evalproto::{Event, LineOutcome, Parser, COMPLETE};
 use crate::history::{Entry, History};
 use crate::ipc::{bind_private, read_lines, serve_connections, Locked, PrivateDir};
@@ -47,6 +48,18 @@ pub trait Recorder: Send + Sync {
     fn begin_replay(&self, outcomes: Vec<LineOutcome>);
     /// Whether the replayed entry asked for exactly the recorded compiled cells.
     fn end_replay(&self) -> Result<(), String>;
+}
+
+/// How a compiling evaluator reaches the evaluation process it compiles for: its context's own
+/// process is a relay to a gateway, which runs what it compiles in a store (an engine's, or
+/// the notebook's) and records each execution.
+pub struct Compiling {
+    pub relay: std::process::Command,
+    /// Counts the context's builds; kept by the engine across the contexts it starts.
+    pub builds: BuildCounter,
+    pub recorder: Arc<dyn Recorder>,
+    /// The store's process, which an interrupt of a running cell kills.
+    pub runtime: Arc<Mutex<std::process::Child>>,
 }
 
 #[derive(Clone)]

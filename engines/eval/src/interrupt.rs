@@ -29,6 +29,25 @@ struct State {
     line_running: Mutex<Option<Arc<AtomicBool>>>,
 }
 
+impl State {
+    fn kill_runtime(&self) {
+        let runtime = self.runtime.locked().clone();
+        if let Some(runtime) = runtime {
+            if let Ok(mut child) = runtime.lock() {
+                let _ = child.kill();
+            };
+        }
+    }
+
+    /// Whether a compiled cell runs in the store right now.
+    fn line_runs(&self) -> bool {
+        self.line_running
+            .locked()
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::SeqCst))
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Interrupter {
     state: Arc<State>,
@@ -79,12 +98,7 @@ impl Interrupter {
 
     /// Kills the evaluation process; evcxr starts a fresh one, without the variables.
     fn kill_runtime(&self) {
-        let runtime = self.state.runtime.locked().clone();
-        if let Some(runtime) = runtime {
-            if let Ok(mut child) = runtime.lock() {
-                let _ = child.kill();
-            };
-        }
+        self.state.kill_runtime();
     }
 
     /// Stops the running cell, if any. Returns what was interrupted.
@@ -121,13 +135,20 @@ impl Interrupter {
             Interruption::Running => self.kill_runtime(),
         }
         if first && kind == Interruption::Compiling {
-            // evcxr may retry a failed build; keep stopping builds until the cell ends.
+            // evcxr may retry a failed build; keep stopping builds until the cell ends. A
+            // compiled cell that starts meanwhile (it was on its way to the store) is stopped
+            // too, and the cell's variables are then lost.
             let state = self.state.clone();
             std::thread::spawn(move || {
                 while state.running.load(Ordering::SeqCst)
                     && state.pending.lock().map(|p| p.is_some()).unwrap_or(false)
                 {
                     kill_builds();
+                    if state.line_runs() {
+                        *state.pending.locked() = Some(Interruption::Running);
+                        state.kill_runtime();
+                        break;
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });

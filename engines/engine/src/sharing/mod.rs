@@ -67,7 +67,7 @@ pub struct Core {
     /// What this engine's compiling contexts have built, all of them.
     builds: BuildCounter,
     /// Cells that can run again without evcxr.
-    memo: memo::Memo,
+    memo: parallax_eval::memo::Memo,
 }
 
 impl Core {
@@ -110,7 +110,7 @@ impl Core {
             cancelled: Arc::new(AtomicU64::new(u64::MAX)),
             line_running,
             builds: BuildCounter::default(),
-            memo: memo::Memo::default(),
+            memo: parallax_eval::memo::Memo::default(),
         })
     }
 
@@ -272,13 +272,15 @@ impl Core {
         self.gateway.set_forward(None);
         let (ran, ended, outcomes_clean) = self.last_entry(&work.code, entries_before);
         if remembered.is_none() {
-            self.memo.after_execution(&memo::Executed {
+            self.memo.after_execution(&parallax_eval::memo::Executed {
                 code: &work.code,
                 ok: result.is_ok(),
                 lines: std::mem::take(&mut *compiled.locked()),
                 before: &before,
                 after: &after,
                 outcomes_clean,
+                // An engine's prompts get an empty answer, in a replay too.
+                asked_input: false,
             });
         }
         let outcome = outcome_of(result);

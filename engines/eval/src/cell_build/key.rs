@@ -2,9 +2,11 @@
 //! nothing that only names where it is made. The cell's source, with its items in a fixed
 //! order (evcxr writes earlier cells' items in hash-map order, which differs from one process
 //! to the next) and its entry function's build number left out; rustc's arguments (opt level,
-//! target, features, cargo's metadata hash), with paths inside the crate's directory made
-//! relative; the content of every crate it links (`--extern`), so that a rebuilt dependency
-//! never serves a stale library; and the compiler itself.
+//! target, features), with paths inside the crate's directory made relative and cargo's
+//! metadata hash (which names that directory) left out; the content of every crate it links
+//! (`--extern`), so that a rebuilt dependency never serves a stale library; the depth of the
+//! crate's directory (the library's path to the standard library is relative to it); and the
+//! compiler itself. So one context's build serves every other's on the host.
 //!
 //! The stored variables are apart from the key. evcxr's entry takes every stored variable
 //! out of the store at its start and puts it back at its end (unless the cell moved it), a
@@ -24,7 +26,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Bumped when what the key covers changes.
-const KEY_CONTEXT: &str = "parallax compiled-cell cache, key v2";
+const KEY_CONTEXT: &str = "parallax compiled-cell cache, key v3";
 
 /// evcxr names each build's entry `run_user_code_<build number>`.
 pub const ENTRY_PREFIX: &str = "run_user_code_";
@@ -96,6 +98,10 @@ fn base_key(call: &RustcCall, pieces: &[String]) -> String {
         key.update(bytes);
     };
     part(compiler_identity(&call.rustc).as_bytes());
+    // The library finds the standard library's by a path relative to its own directory
+    // (evcxr builds with `rpath`): a library from a crate directory at another depth would not.
+    let depth = call.crate_dir.components().count();
+    part(format!("crate directory depth {depth}").as_bytes());
     let digests = ExternDigests::load(&call.crate_dir);
     for arg in call.keyed_args(&digests) {
         part(arg.as_bytes());

@@ -382,5 +382,11 @@ mod tests {
         assert!(keyed.contains(&"opt-level=2".to_owned()));
         assert!(keyed.iter().all(|arg| !arg.contains("/tmp/.tmpA")));
         assert!(keyed.iter().all(|arg| !arg.starts_with("metadata=")));
+        // A crate directory at another depth: its library's path to the standard library's
+        // differs, so its build is another.
+        let source = "fn f() {}\n";
+        let base = |dir: &str| key::BuildKey::of(&call(dir), source).base;
+        assert_eq!(base("/tmp/.tmpA"), base("/tmp/.tmpBBBB"));
+        assert_ne!(base("/tmp/.tmpA"), base("/tmp/parallax-tmp-1/.tmpA"));
     }
 }
