@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -87,6 +88,7 @@ def quickstart_hit_rate(kernels):
         return (hits1, builds1), (hits2 - hits1, builds2 - builds1)
     finally:
         del os.environ["PARALLAX_CELL_CACHE"]
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def main():

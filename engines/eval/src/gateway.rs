@@ -299,7 +299,9 @@ fn run_live(
     }
     inner.line_running.store(false, Ordering::SeqCst);
     let mut death = None;
-    if !alive {
+    if alive {
+        store.stderr_caught_up();
+    } else {
         outcome.died = true;
         death = Some(store.death());
         if let Err(e) = store.restart() {

@@ -16,6 +16,11 @@ pub const REPORT_VAR: &str = "PARALLAX_RUNTIME_REPORT";
 
 const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
 
+/// Written to a store's stderr at the end of each compiled cell, before its end on stdout: the
+/// engine or kernel reading both waits for it (`crate::store`), so that what the cell wrote to
+/// stderr is passed on with the cell, not after it.
+pub const STDERR_SYNC: &str = "PARALLAX_STDERR_SYNC 5f1c0d2e";
+
 /// `PARALLAX_SET_ENV NAME VALUE`: a variable the engine learns only after its store started
 /// (a standby engine learns its id when it is adopted), set before any cell of the user's.
 pub const SET_ENV: &str = "PARALLAX_SET_ENV ";
@@ -36,6 +41,14 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
             }
         }
     });
+    let is_store = std::env::var_os(crate::store::STORE_VAR).is_some();
+    let complete = || {
+        if is_store {
+            eprintln!("{STDERR_SYNC}");
+        }
+        println!("{COMPLETE}");
+        let _ = std::io::stdout().flush();
+    };
     // Loaded objects are never unloaded: their thread-local destructors may run at exit.
     let mut loaded: Vec<libloading::Library> = Vec::new();
     let mut store: *mut c_void = std::ptr::null_mut();
@@ -43,8 +56,7 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
         let Ok(line) = line else { break };
         if let Some(setting) = line.strip_prefix(SET_ENV) {
             set_environment(setting);
-            println!("{COMPLETE}");
-            let _ = std::io::stdout().flush();
+            complete();
             continue;
         }
         let Some((path, function)) = line
@@ -81,8 +93,7 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
                 std::process::exit(99);
             }
         }
-        println!("{COMPLETE}");
-        let _ = std::io::stdout().flush();
+        complete();
     }
     std::process::exit(0);
 }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Set (with `EVCXR_IS_RUNTIME`) in a store's environment: the binary becomes Parallax's
@@ -32,7 +32,22 @@ pub struct Store {
     lines: StoreLines,
     sink: Arc<Mutex<StreamSink>>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_sync: Arc<StderrSync>,
+    /// Compiled cells (and settings) this process of the store ended.
+    ended: u64,
 }
+
+/// How far the store's stderr has been read: its thread counts the runtime's
+/// `crate::runtime::STDERR_SYNC` lines, one at the end of each compiled cell.
+#[derive(Default)]
+struct StderrSync {
+    seen: Mutex<u64>,
+    arrived: Condvar,
+}
+
+/// The most a cell's end waits for its stderr: a process that stopped writing it (killed
+/// right after its end) must not hold the cell.
+const STDERR_WAIT: Duration = Duration::from_secs(2);
 
 /// How a store ended.
 #[derive(Debug, Clone)]
@@ -86,7 +101,8 @@ impl Store {
             .stderr(Stdio::piped());
         let sink: Arc<Mutex<StreamSink>> = Arc::new(Mutex::new(Arc::new(|_, _| {})));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let (child, stdin, lines) = spawn(&mut command, &sink, &stderr_tail)?;
+        let stderr_sync = Arc::new(StderrSync::default());
+        let (child, stdin, lines) = spawn(&mut command, &sink, &stderr_tail, &stderr_sync)?;
         Ok(Store {
             command: Arc::new(Mutex::new(command)),
             child: Arc::new(Mutex::new(child)),
@@ -94,6 +110,8 @@ impl Store {
             lines,
             sink,
             stderr_tail,
+            stderr_sync,
+            ended: 0,
         })
     }
 
@@ -149,8 +167,15 @@ impl Store {
         }
         self.stdin = None;
         self.stderr_tail.locked().clear();
+        self.stderr_sync = Arc::new(StderrSync::default());
+        self.ended = 0;
         let mut command = self.command.locked();
-        let (child, stdin, lines) = spawn(&mut command, &self.sink, &self.stderr_tail)?;
+        let (child, stdin, lines) = spawn(
+            &mut command,
+            &self.sink,
+            &self.stderr_tail,
+            &self.stderr_sync,
+        )?;
         *self.child.locked() = child;
         self.stdin = Some(stdin);
         self.lines = lines;
@@ -225,10 +250,24 @@ impl Store {
         }
     }
 
+    /// After the end of a compiled cell on stdout: waits until what it wrote to stderr before
+    /// its end has been passed on.
+    pub fn stderr_caught_up(&mut self) {
+        self.ended += 1;
+        let seen = self.stderr_sync.seen.locked();
+        let _ = self
+            .stderr_sync
+            .arrived
+            .wait_timeout_while(seen, STDERR_WAIT, |seen| *seen < self.ended);
+    }
+
     /// Handles an event other than stdout; true at the end of the cell.
     fn apply(&mut self, event: Event, run: &mut Run) -> bool {
         match event {
-            Event::Complete => true,
+            Event::Complete => {
+                self.stderr_caught_up();
+                true
+            }
             Event::Content { mime, text } => {
                 run.contents.insert(mime, Value::String(text));
                 false
@@ -263,6 +302,7 @@ fn spawn(
     command: &mut Command,
     sink: &Arc<Mutex<StreamSink>>,
     stderr_tail: &Arc<Mutex<VecDeque<String>>>,
+    stderr_sync: &Arc<StderrSync>,
 ) -> std::io::Result<(Child, ChildStdin, StoreLines)> {
     let mut child = command.spawn()?;
     let stdin = child
@@ -280,11 +320,17 @@ fn spawn(
     let lines = read_lines(stdout, "store-stdout")?;
     let sink = sink.clone();
     let tail = stderr_tail.clone();
+    let sync = stderr_sync.clone();
     std::thread::Builder::new()
         .name("store-stderr".into())
         .spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if line == crate::runtime::STDERR_SYNC {
+                    *sync.seen.locked() += 1;
+                    sync.arrived.notify_all();
+                    continue;
+                }
                 {
                     let mut tail = tail.locked();
                     if tail.len() == STDERR_TAIL {
