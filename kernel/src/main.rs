@@ -135,13 +135,13 @@ fn main() -> ExitCode {
             parallax_eval::relay::serve(std::path::Path::new(&socket));
         }
         if std::env::var_os(parallax_eval::store::STORE_VAR).is_some() {
-            parallax_eval::runtime::serve(None);
+            parallax_eval::runtime::serve(None, true);
         }
         if let Some(report) = std::env::var_os(parallax_eval::runtime::REPORT_VAR) {
-            parallax_eval::runtime::serve(Some(std::path::Path::new(&report)));
+            parallax_eval::runtime::serve(Some(std::path::Path::new(&report)), false);
         }
         // The notebook's own: ours rather than evcxr's, for the cached cells' entry alias.
-        parallax_eval::runtime::serve(None);
+        parallax_eval::runtime::serve(None, false);
     }
     parallax_eval::cell_build::serve_if_cell_build();
     parallax_eval::crate_lock::hold_while_wrapping_rustc();

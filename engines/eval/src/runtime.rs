@@ -26,7 +26,8 @@ pub const STDERR_SYNC: &str = "PARALLAX_STDERR_SYNC 5f1c0d2e";
 pub const SET_ENV: &str = "PARALLAX_SET_ENV ";
 
 /// Serves the evaluation protocol on stdin and stdout until stdin closes; never returns.
-pub fn serve(report: Option<&std::path::Path>) -> ! {
+/// `sync_stderr`: as a store, write `STDERR_SYNC` at the end of each cell.
+pub fn serve(report: Option<&std::path::Path>, sync_stderr: bool) -> ! {
     install_crash_handlers();
     let mut report = report.map(|path| {
         match std::fs::OpenOptions::new()
@@ -41,9 +42,8 @@ pub fn serve(report: Option<&std::path::Path>) -> ! {
             }
         }
     });
-    let is_store = std::env::var_os(crate::store::STORE_VAR).is_some();
     let complete = || {
-        if is_store {
+        if sync_stderr {
             eprintln!("{STDERR_SYNC}");
         }
         println!("{COMPLETE}");
