@@ -33,6 +33,9 @@ const DIGEST: &str = "digest";
 const USED: &str = "used";
 const LOCK: &str = ".lock";
 const COUNTERS: &str = "counters";
+/// The bytes of the whole entries, kept up to date under the lock, so that a build need not
+/// measure every entry to know whether the cache is over its limit.
+const TOTAL: &str = "total";
 const LIMIT: &str = "limit";
 const SCRATCH_PREFIX: &str = ".scratch-";
 
@@ -133,7 +136,7 @@ impl CellCache {
                 super::note(&format!(
                     "cell cache entry {name} is damaged: removed, the cell builds again"
                 ));
-                self.remove_entry(&entry);
+                self.remove_locked(&entry);
                 None
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && !entry.exists() => None,
@@ -141,7 +144,7 @@ impl CellCache {
                 super::note(&format!(
                     "cell cache entry {name} is unreadable ({e}): removed"
                 ));
-                self.remove_entry(&entry);
+                self.remove_locked(&entry);
                 None
             }
         }
@@ -177,7 +180,14 @@ impl CellCache {
                 blake3::hash(&built.library).to_hex().as_str(),
             )
         })();
-        let placed = written.and_then(|()| fs::rename(&scratch, self.dir.join(entry_name(key))));
+        let placed = written.and_then(|()| {
+            self.locked(|cache| {
+                let bytes = entry_bytes(&scratch);
+                fs::rename(&scratch, cache.dir.join(entry_name(key)))?;
+                cache.adjust_total(bytes as i64);
+                Ok(())
+            })
+        });
         if placed.is_err() {
             // Another process placed the same entry first, or the disk is full.
             let _ = fs::remove_dir_all(&scratch);
@@ -238,6 +248,7 @@ impl CellCache {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
+            fs::write(cache.dir.join(TOTAL), "0\n")?;
             Ok(freed)
         })
     }
@@ -269,11 +280,7 @@ impl CellCache {
             })
             .map(|item| {
                 let entry = item.path();
-                let bytes = [LIBRARY, DEP_INFO, MESSAGES, VARIABLES, INPUTS]
-                    .iter()
-                    .filter_map(|file| fs::metadata(entry.join(file)).ok())
-                    .map(|meta| meta.len())
-                    .sum();
+                let bytes = entry_bytes(&entry);
                 let used = fs::metadata(entry.join(USED))
                     .and_then(|meta| meta.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -282,15 +289,17 @@ impl CellCache {
             .collect()
     }
 
-    /// Removes the least recently used entries until the cache is within its limit.
+    /// Removes the least recently used entries until the cache is within its limit. Every
+    /// entry is measured only when the running total says the cache is over it (or is
+    /// missing); that measure also corrects the total.
     fn evict(&self) -> io::Result<()> {
         let limit = self.limit();
         self.locked(|cache| {
-            let mut entries = cache.entries();
-            let mut total: u64 = entries.iter().map(|(_, bytes, _)| bytes).sum();
-            if total <= limit {
+            if cache.total().is_some_and(|total| total <= limit) {
                 return Ok(());
             }
+            let mut entries = cache.entries();
+            let mut total: u64 = entries.iter().map(|(_, bytes, _)| bytes).sum();
             entries.sort_by_key(|(_, _, used)| *used);
             for (entry, bytes, _) in entries {
                 if total <= limit {
@@ -299,8 +308,35 @@ impl CellCache {
                 cache.remove_entry(&entry);
                 total -= bytes;
             }
-            Ok(())
+            fs::write(cache.dir.join(TOTAL), format!("{total}\n"))
         })
+    }
+
+    fn total(&self) -> Option<u64> {
+        fs::read_to_string(self.dir.join(TOTAL))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    }
+
+    /// Moves the running total by `delta` bytes; with the lock held. A cache without one
+    /// gets one at its next eviction.
+    fn adjust_total(&self, delta: i64) {
+        if let Some(total) = self.total() {
+            let total = (total as i64 + delta).max(0);
+            let _ = fs::write(self.dir.join(TOTAL), format!("{total}\n"));
+        }
+    }
+
+    /// Removes an entry and takes its bytes off the total, under the lock.
+    fn remove_locked(&self, entry: &Path) {
+        let _ = self.locked(|cache| {
+            let bytes = entry_bytes(entry);
+            if entry.exists() {
+                cache.remove_entry(entry);
+                cache.adjust_total(-(bytes as i64));
+            }
+            Ok(())
+        });
     }
 
     /// Out of sight at once (a rename), then deleted: no reader finds half an entry.
@@ -401,6 +437,15 @@ fn split_escaped(words: &str) -> Vec<String> {
     out
 }
 
+/// The bytes an entry's files take.
+fn entry_bytes(entry: &Path) -> u64 {
+    [LIBRARY, DEP_INFO, MESSAGES, VARIABLES, PUTS, INPUTS]
+        .iter()
+        .filter_map(|file| fs::metadata(entry.join(file)).ok())
+        .map(|meta| meta.len())
+        .sum()
+}
+
 /// An entry's directory: the key's base and a digest of how it uses the store.
 fn entry_name(key: &BuildKey) -> String {
     let mut variables = blake3::Hasher::new();
@@ -472,6 +517,7 @@ mod tests {
         fs::write(entry.join(LIBRARY), b"library 0ne").unwrap();
         assert!(cache.find(&k1).is_none());
         assert!(!entry.exists());
+        assert_eq!(cache.total(), Some(cache.stats().bytes));
         assert!(cache.find(&key("k2", &[])).is_none());
         fs::remove_dir_all(cache.dir()).unwrap();
     }
@@ -513,6 +559,8 @@ mod tests {
                 .open(cache.dir().join(entry_name(key)).join(USED));
             used.unwrap().set_modified(old).unwrap();
         }
+        // The running total is what measuring every entry says.
+        assert_eq!(cache.total(), Some(cache.stats().bytes));
         // `b` is used last; a limit for two entries leaves it and another.
         assert!(cache.find(&keys[1]).is_some());
         let one_entry = cache.stats().bytes / 3;
@@ -523,12 +571,14 @@ mod tests {
             .collect();
         assert_eq!(left.iter().filter(|kept| **kept).count(), 2);
         assert!(left[1], "the entry used last was evicted");
+        assert_eq!(cache.total(), Some(2 * one_entry));
         cache.count(true);
         cache.count(false);
         let stats = cache.stats();
         assert_eq!((stats.entries, stats.hits, stats.builds), (2, 1, 1));
         assert_eq!(cache.clear().unwrap(), 2 * one_entry);
         assert_eq!(cache.stats().entries, 0);
+        assert_eq!(cache.total(), Some(0));
         fs::remove_dir_all(cache.dir()).unwrap();
     }
 }
