@@ -114,23 +114,13 @@ fn deps_dir(line: &str) -> Option<PathBuf> {
     })
 }
 
-/// The absolute files a dep-info file lists as read, and its `env:NAME=VALUE` lines.
+/// The absolute files a dep-info file lists as read, and its env-deps as `env:NAME=VALUE`.
 fn dep_info_inputs(dep_info: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string(dep_info).unwrap_or_default();
-    let mut inputs = Vec::new();
-    for line in text.lines() {
-        if let Some(env) = line.strip_prefix("# env-dep:") {
-            inputs.push(PathBuf::from(format!("env:{env}")));
-        } else if let Some((_, prerequisites)) = line.split_once(": ") {
-            inputs.extend(
-                prerequisites
-                    .split(' ')
-                    .filter(|p| p.starts_with('/'))
-                    .map(PathBuf::from),
-            );
-        }
-    }
-    inputs
+    let (files, envs) = crate::cell_build::cache::dep_info_reads(&text);
+    let files = files.into_iter().filter(|file| file.starts_with('/'));
+    let envs = envs.into_iter().map(|env| format!("env:{env}"));
+    files.chain(envs).map(PathBuf::from).collect()
 }
 
 #[cfg(test)]

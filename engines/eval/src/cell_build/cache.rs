@@ -368,18 +368,26 @@ impl CellCache {
     }
 }
 
-/// The inputs a dep-info names outside the cell's crate (whose source the key covers):
-/// `file DIGEST PATH` and `env NAME=VALUE` (or `env NAME` when it was unset) lines.
-fn inputs_of(dep_info: &str) -> String {
-    let mut inputs = String::new();
-    let mut files = std::collections::BTreeSet::new();
+/// What a dep-info says its build read: the files it lists (escaped spaces undone) and its
+/// env-deps (`NAME=VALUE`, or `NAME` when it was unset).
+pub(crate) fn dep_info_reads(dep_info: &str) -> (BTreeSet<String>, Vec<String>) {
+    let mut files = BTreeSet::new();
+    let mut envs = Vec::new();
     for line in dep_info.lines() {
         if let Some(env) = line.strip_prefix("# env-dep:") {
-            inputs.push_str(&format!("env {env}\n"));
+            envs.push(env.to_owned());
         } else if let Some((_, prerequisites)) = line.split_once(": ") {
             files.extend(split_escaped(prerequisites));
         }
     }
+    (files, envs)
+}
+
+/// The inputs a dep-info names outside the cell's crate (whose source the key covers):
+/// `file DIGEST PATH` and `env NAME=VALUE` (or `env NAME` when it was unset) lines.
+fn inputs_of(dep_info: &str) -> String {
+    let (files, envs) = dep_info_reads(dep_info);
+    let mut inputs: String = envs.iter().map(|env| format!("env {env}\n")).collect();
     for file in files
         .iter()
         // Relative paths and the crate's own are inside the crate, which evcxr alone writes
