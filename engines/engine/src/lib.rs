@@ -91,7 +91,7 @@ pub fn run_standby(adoption: impl FnOnce() -> anyhow::Result<EngineConfig>) -> a
         sweep_stale_dirs();
         let host = [("PARALLAX_HOST", places::host_name().to_owned())];
         let (placeholder, _) = mpsc::unbounded_channel();
-        let mut core = Core::new(u32::MAX, placeholder, &private_base(), &host)
+        let mut core = Core::new(u32::MAX, placeholder, &own_dirs_base(), &host)
             .context("starting the standby engine's evaluation process")?;
         let began = Instant::now();
         core.prepare(&preludes())
@@ -201,7 +201,7 @@ fn engine_core(
         }
         None => {
             sweep_stale_dirs();
-            Core::new(engine, outbound.clone(), &private_base(), environment)
+            Core::new(engine, outbound.clone(), &own_dirs_base(), environment)
                 .context("starting the engine's evaluation process")
         }
     }
@@ -477,4 +477,11 @@ async fn send(
         .send(message)
         .await
         .context("sending to the controller")
+}
+
+/// Where an engine makes its gateway's and data socket's directories: its own temporary
+/// directory (`parallax_eval::places::use_own_temp_dir`), which goes with it even when it is
+/// killed.
+fn own_dirs_base() -> std::path::PathBuf {
+    std::env::temp_dir()
 }

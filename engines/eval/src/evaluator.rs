@@ -9,7 +9,6 @@ use crate::gateway::Compiling;
 use crate::history::Entry;
 use crate::interrupt::Interrupter;
 use crate::outputs::{CellOutput, InputAsker, StreamSink};
-use crate::places::private_base;
 use crossbeam_channel::Sender;
 use parallax_engine_protocol::BuildCounts;
 use std::collections::BTreeSet;
@@ -31,7 +30,8 @@ impl Evaluator {
     /// Starts the evaluation thread. The evcxr context is built there, in the background, so
     /// that the kernel answers `kernel_info` at once; the first job waits for it.
     pub fn start() -> Evaluator {
-        let data = DataPort::open(&private_base())
+        // In the kernel's own temporary directory, which goes with the kernel.
+        let data = DataPort::open(&std::env::temp_dir())
             .map_err(|e| format!("opening the notebook's data socket: {e}"));
         let environment = match &data {
             Ok(port) => vec![

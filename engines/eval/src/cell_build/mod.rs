@@ -300,12 +300,14 @@ pub struct BuildReport {
 }
 
 impl BuildReport {
-    /// A fresh report file for one context of this process.
+    /// A fresh report file for one context of this process, in the process's own temporary
+    /// directory (`crate::places::use_own_temp_dir`), which goes with it even if the context
+    /// is never dropped.
     pub fn fresh() -> BuildReport {
         static CONTEXTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let number = CONTEXTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = crate::places::private_base()
-            .join(format!("parallax-builds-{}-{number}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("parallax-builds-{}-{number}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         BuildReport { path }
     }
