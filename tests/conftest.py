@@ -75,6 +75,8 @@ class RunningKernel:
             self.kc.stop_channels()
             self.km.shutdown_kernel(now=False)
         finally:
+            # Its connection file (with the key) goes too, also when the kernel was killed.
+            self.km.cleanup_resources()
             self.log_file.close()
 
 

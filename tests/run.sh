@@ -11,6 +11,10 @@ cd "$PARALLAX_ROOT"
 "$PARALLAX_ROOT/install/cluster-tools.sh"
 cargo fmt --all --check
 cargo clippy --release --locked --all-targets -- -D warnings
-cargo test --release --locked
+# The Rust tests' evcxr contexts keep their crate directories in a scratch directory of the run's
+# (a test process can end before a context's thread has removed its own).
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+TMPDIR="$scratch" cargo test --release --locked
 # pytest exits 5 when it collects nothing: that is a failure here too.
 "$PARALLAX_ROOT/.venv/bin/python" -m pytest -p no:cacheprovider -v tests "$@"

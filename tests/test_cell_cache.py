@@ -27,9 +27,9 @@ def cache_dir(tmp_path):
     return tmp_path / "cells"
 
 
-def start_kernel(name, cache_dir):
+def start_kernel(name, cache_dir, **env):
     return RunningKernel(
-        ARTIFACTS / f"{name}.kernel.log", env={"PARALLAX_CELL_CACHE": str(cache_dir)}
+        ARTIFACTS / f"{name}.kernel.log", env={"PARALLAX_CELL_CACHE": str(cache_dir), **env}
     )
 
 
@@ -320,12 +320,18 @@ def test_a_notebook_run_again_in_a_new_kernel_is_not_built(kernelspec, cache_dir
         assert compiled >= len(NOTEBOOK) and cached == 0 and failed == 1, (compiled, cached, failed)
     finally:
         first.stop()
-    # A new kernel, its own evcxr context in a new directory: every cell is found.
-    second = start_kernel("cache_second_kernel", cache_dir)
+    # A new kernel, its own evcxr context in a new directory: every cell is found. (No
+    # standby engine: the only context compiling in this kernel's log is the notebook's.)
+    second = start_kernel("cache_second_kernel", cache_dir, PARALLAX_STANDBY="0")
     try:
         for code, expected in NOTEBOOK:
             assert plain(ok(second, code)) == expected, code
         assert builds(second)["notebook"] == (0, compiled, failed)
+        # The context's dependencies are built once, not again with each `let` cell: the
+        # dependencies evcxr restores from its crate cache, first built in a context that is
+        # gone now, must not name files of that context's directory.
+        rebuilt = re.findall(r"Compiling (\S+)", second.log())
+        assert rebuilt.count("parallax_data") == 1, rebuilt
         # A cell built here takes values that cached libraries stored, of a type a cell
         # defined: both kinds of library know the type as the same one. (It takes every
         # variable the context knows of: `part` too, had the first try been taken.)

@@ -269,6 +269,7 @@ def test_a_sigkilled_kernel_leaves_shared_memory_that_the_next_start_removes(ker
     finally:
         first.log_file.close()
         first.kc.stop_channels()
+        first.km.cleanup_resources()
     second = RunningKernel(ARTIFACTS / "test_data_next.kernel.log")
     try:
         ok(second, "1 + 1")

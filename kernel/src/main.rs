@@ -144,7 +144,7 @@ fn main() -> ExitCode {
         parallax_eval::runtime::serve(None, false);
     }
     parallax_eval::cell_build::serve_if_cell_build();
-    parallax_eval::crate_lock::hold_while_wrapping_rustc();
+    parallax_eval::crate_cache::prepare_wrapped_build();
     evcxr::runtime_hook();
     let cli = Cli::parse();
     tracing_subscriber::fmt()

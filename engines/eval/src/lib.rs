@@ -5,7 +5,7 @@
 pub mod cell_build;
 pub mod cells;
 mod context;
-pub mod crate_lock;
+pub mod crate_cache;
 pub mod dataport;
 pub mod diagnostics;
 pub mod display;
