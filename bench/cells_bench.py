@@ -32,10 +32,11 @@ IDLE_BEFORE_START_S = 20
 
 
 class Counter:
-    """Distinct names, so that every `new` cell is a new build."""
+    """Distinct names, so that every `new` cell is a new build: distinct across runs too, since
+    the host's compiled-cell cache keeps what earlier runs built."""
 
     def __init__(self):
-        self.n = 0
+        self.n = time.time_ns() // 1000 % 10**12
 
     def next(self):
         self.n += 1

@@ -246,9 +246,12 @@ def test_a_damaged_or_missing_entry_is_built_again_not_loaded(kernel, cache_dir)
     for library in libraries:
         library.write_bytes(b"\x7fELF not a library any more")
 
+    others = iter(range(100))
+
     def run_through_the_cache():
-        # Another cell first: `w * 6` is then not run again from memory, but built.
-        ok(kernel, "let other = 1u8;")
+        # A cell that changes the state first (a new variable): `w * 6` is then not run
+        # again from memory, but built.
+        ok(kernel, f"let other{next(others)} = 1u8;")
         return counted.run("w * 6")
 
     outputs, moved = run_through_the_cache()
@@ -368,6 +371,15 @@ def test_a_second_pmap_and_scatter_build_nothing_on_the_engines(kernel):
     after = engine_builds()
     for engine in after:
         assert after[engine][0] == before[engine][0], (engine, before, after)
+    assert plain(ok(kernel, "(c2.len(), c2[0], c2[2994])")) == ["(2995, 125, 26973008999)"]
+    # The same map again: its generated cells rebind variables that exist, of the same types,
+    # so once they ran that way they run again from memory, with no build at all (not even a
+    # cached one), in the notebook and on the engines.
+    again = "%pmap -o c2 cube 5..3000u64"
+    ok(kernel, again)
+    before, notebook_before = engine_builds(), builds(kernel)["notebook"]
+    ok(kernel, again)
+    assert engine_builds() == before and builds(kernel)["notebook"] == notebook_before
     assert plain(ok(kernel, "(c2.len(), c2[0], c2[2994])")) == ["(2995, 125, 26973008999)"]
     ok(kernel, "%scatter part = (0..100u64).collect::<Vec<_>>()")
     before = engine_builds()

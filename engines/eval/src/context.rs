@@ -77,8 +77,9 @@ pub(crate) enum Job {
         entries: Vec<Entry>,
         done: oneshot::Sender<Result<(), String>>,
     },
-    /// The names of the context's variables.
+    /// The context's variables: their names, or `name: type` when `typed`.
     Variables {
+        typed: bool,
         done: oneshot::Sender<BTreeSet<String>>,
     },
 }
@@ -161,8 +162,8 @@ pub(crate) fn run(jobs: Receiver<Job>, interrupter: Interrupter, role: Role, bui
                 engine.builds.add(engine.report.take());
                 let _ = done.send(replayed);
             }
-            Job::Variables { done } => {
-                let _ = done.send(engine.variables());
+            Job::Variables { typed, done } => {
+                let _ = done.send(engine.variables(typed));
             }
             Job::VariableType { name, done } => {
                 let found = engine
@@ -197,7 +198,7 @@ fn fail_job(job: Job, message: &str) {
         Job::Replay { done, .. } => {
             let _ = done.send(Err(message.to_owned()));
         }
-        Job::Variables { done } => {
+        Job::Variables { done, .. } => {
             let _ = done.send(BTreeSet::new());
         }
     }
@@ -290,7 +291,7 @@ impl Engine {
         interrupter: &Interrupter,
     ) -> Option<Result<CellOutput, CellError>> {
         let lines = self.notebook.as_ref()?.remembered(code)?;
-        let variables = self.variables();
+        let variables = self.variables(false);
         let (run, interrupted) = self.notebook.as_mut()?.run_again(lines, sink, interrupter);
         if run.outcome.died {
             // The store is a new one: evcxr must forget its variables and relay as well.
@@ -436,10 +437,17 @@ impl Engine {
         Ok(())
     }
 
-    fn variables(&self) -> BTreeSet<String> {
+    /// Names, or `name: type` when `typed` (what the memo compares).
+    fn variables(&self, typed: bool) -> BTreeSet<String> {
         self.ctx
             .variables_and_types()
-            .map(|(name, _)| name.to_owned())
+            .map(|(name, ty)| {
+                if typed {
+                    format!("{name}: {ty}")
+                } else {
+                    name.to_owned()
+                }
+            })
             .collect()
     }
 
@@ -480,7 +488,8 @@ impl Engine {
             store.begin(&sink);
         }
         *self.sink.locked() = sink;
-        let before = self.variables();
+        let before = self.variables(false);
+        let typed_before = self.variables(true);
         let asked_input = std::cell::Cell::new(false);
         let ask = |prompt: &str, password: bool| -> String {
             asked_input.set(true);
@@ -508,10 +517,12 @@ impl Engine {
         std::thread::sleep(Duration::from_millis(2));
         self.stdout.flush();
         self.stderr.flush();
-        let after = self.variables();
+        let after = self.variables(false);
+        let typed_after = self.variables(true);
         if let Some(store) = &mut self.notebook {
             let ok = matches!(result, Ok(Ok(_)));
-            store.after_execution(code, ok, (&before, &after), asked_input.get());
+            let typed = (&typed_before, &typed_after);
+            store.after_execution(code, ok, typed, asked_input.get());
         }
 
         let result = match result {

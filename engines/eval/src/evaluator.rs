@@ -159,8 +159,17 @@ impl Evaluator {
 
     /// The names of the context's variables.
     pub async fn variables(&self) -> BTreeSet<String> {
+        self.variables_of(false).await
+    }
+
+    /// The context's variables as `name: type`: what the memo compares before and after a cell.
+    pub async fn typed_variables(&self) -> BTreeSet<String> {
+        self.variables_of(true).await
+    }
+
+    async fn variables_of(&self, typed: bool) -> BTreeSet<String> {
         let (done, result) = oneshot::channel();
-        self.send(Job::Variables { done });
+        self.send(Job::Variables { typed, done });
         result.await.unwrap_or_default()
     }
 

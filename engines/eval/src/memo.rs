@@ -1,8 +1,10 @@
 //! Which cells can run again without evcxr. A cell that leaves the compiling context's state as
-//! it found it (`crate::stateless`: expressions only, no variable gained or lost), ran cleanly
-//! and asked for no input is remembered with the compiled cells it ran (their `LOAD_AND_RUN`
-//! lines). Run again unchanged, with nothing else run since, its compiled cells run again in the
-//! store as they are: no analysis, no cargo, no rustc. Anything else that runs forgets every
+//! it found it (`crate::stateless`: expressions, and non-`mut` `let`s that bind only variables
+//! that existed already, each of the type it had), ran cleanly and asked for no input is
+//! remembered with the compiled cells it ran (their `LOAD_AND_RUN` lines). Run again unchanged,
+//! with no cell that changed the state run since, its compiled cells run again in the store as
+//! they are: no analysis, no cargo, no rustc. (So the cells a `%pmap` generates, which rebind
+//! the same variables each time, run again from memory.) Any other cell forgets every
 //! remembered cell, and a cell is not run from memory once a file its build read (a path
 //! dependency's source, a file an item includes) or an environment variable it read changed
 //! since: cargo would build it again then. Engines (`parallax_engine::sharing`) and the notebook (`crate::notebook`)
@@ -39,7 +41,7 @@ impl Memo {
             && ran.before == ran.after
             && ran.outcomes_clean
             && !ran.asked_input
-            && crate::stateless::leaves_state_alone(ran.code);
+            && crate::stateless::reach(ran.code) != crate::stateless::Reach::Anything;
         if clean {
             let stamp = inputs_stamp(&ran.lines);
             self.cells
@@ -55,6 +57,7 @@ pub struct Executed<'a> {
     pub code: &'a str,
     pub ok: bool,
     pub lines: Vec<String>,
+    /// The variables with their types (`crate::Evaluator::typed_variables`), before and after.
     pub before: &'a BTreeSet<String>,
     pub after: &'a BTreeSet<String>,
     /// Its compiled cells neither panicked, failed a `?`, changed a type nor died.
@@ -145,8 +148,8 @@ mod tests {
 
     #[test]
     fn only_a_clean_expression_cell_is_remembered_and_anything_else_forgets() {
-        let x = BTreeSet::from(["x".to_owned()]);
-        let x_and_y = BTreeSet::from(["x".to_owned(), "y".to_owned()]);
+        let x = BTreeSet::from(["x: u32".to_owned()]);
+        let x_and_y = BTreeSet::from(["x: u32".to_owned(), "y: i32".to_owned()]);
         let mut memo = Memo::default();
         memo.after_execution(&ran("x + 1", &x, &x));
         assert!(memo.lines("x + 1").is_some());
@@ -159,6 +162,22 @@ mod tests {
         memo.after_execution(&ran("x + 1", &x, &x));
         memo.after_execution(&ran("let y = 2;", &x, &x_and_y));
         assert!(memo.lines("x + 1").is_none() && memo.lines("let y = 2;").is_none());
+    }
+
+    #[test]
+    fn a_let_that_rebinds_a_variable_of_the_same_type_is_remembered() {
+        let x = BTreeSet::from(["x: u32".to_owned()]);
+        let x_u64 = BTreeSet::from(["x: u64".to_owned()]);
+        let mut memo = Memo::default();
+        memo.after_execution(&ran("x + 1", &x, &x));
+        memo.after_execution(&ran("let x = x + 1;", &x, &x));
+        assert!(memo.lines("let x = x + 1;").is_some() && memo.lines("x + 1").is_some());
+        // A new type, or a mutable binding, changes the state: everything is forgotten.
+        memo.after_execution(&ran("let x = x as u64;", &x, &x_u64));
+        assert!(memo.lines("let x = x + 1;").is_none() && memo.lines("x + 1").is_none());
+        memo.after_execution(&ran("let x = 1u64;", &x_u64, &x_u64));
+        memo.after_execution(&ran("let mut x = 1u64;", &x_u64, &x_u64));
+        assert!(memo.lines("let x = 1u64;").is_none() && memo.lines("let mut x = 1u64;").is_none());
     }
 
     #[test]
@@ -181,7 +200,7 @@ mod tests {
             "LOAD_AND_RUN {}/deps/libcode_3.so run_user_code_2",
             dir.display()
         );
-        let x = BTreeSet::from(["x".to_owned()]);
+        let x = BTreeSet::from(["x: u32".to_owned()]);
         let mut memo = Memo::default();
         memo.after_execution(&Executed {
             lines: vec![line],

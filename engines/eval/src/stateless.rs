@@ -1,40 +1,75 @@
-//! Whether a cell leaves evcxr's state as it found it, read from its text: no command, no
-//! item, no `let`; only expressions and statements that evaluate them. Such a cell, run again
-//! unchanged while nothing else ran, can replay its compiled cells without evcxr (an engine's
-//! `memo`): evcxr would compile the same code against the same state.
+//! How far a cell can change evcxr's state, read from its text: not at all (only expressions
+//! and statements that evaluate them), only by binding variables (non-`mut` `let`s besides),
+//! or in any way (a command, an item, a `mut` binding, a macro that might define things). A
+//! cell that binds only variables that existed already, of the types they had, leaves the state
+//! as it found it too; the memo (`crate::memo`) checks that against the variables' types before
+//! and after. Such a cell, run again unchanged, can replay its compiled cells without evcxr:
+//! evcxr would compile the same code against the same state.
 
 use ra_ap_syntax::ast::{self, HasModuleItem};
 use ra_ap_syntax::{AstNode, Edition, SourceFile};
 
-pub fn leaves_state_alone(code: &str) -> bool {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// It cannot change the state.
+    Nothing,
+    /// It can change which variables exist and their types, nothing else. A non-`mut` `let`
+    /// cannot make a variable mutable, so a memo that checks the types sees every change.
+    Bindings,
+    /// It can change anything.
+    Anything,
+}
+
+pub fn reach(code: &str) -> Reach {
     if code.trim().is_empty()
         || code.lines().any(|line| {
             let line = line.trim_start();
             line.starts_with(':') || line.starts_with('!') || line.starts_with('%')
         })
     {
-        return false;
+        return Reach::Anything;
     }
     let wrapped = format!("fn parallax_cell() {{\n{code}\n}}");
     let parsed = SourceFile::parse(&wrapped, Edition::Edition2024);
     if !parsed.errors().is_empty() {
-        return false;
+        return Reach::Anything;
     }
     let Some(ast::Item::Fn(function)) = parsed.tree().items().next() else {
-        return false;
+        return Reach::Anything;
     };
     let Some(body) = function.body().and_then(|body| body.stmt_list()) else {
-        return false;
+        return Reach::Anything;
     };
-    let definitions = body
-        .statements()
-        .any(|statement| matches!(statement, ast::Stmt::Item(_) | ast::Stmt::LetStmt(_)));
     // Anywhere in it, the tail expression too.
     let other_macros = body
         .syntax()
         .descendants()
         .any(|node| ast::MacroCall::can_cast(node.kind()) && !is_expression_macro(&node));
-    !definitions && !other_macros
+    let mut reach = Reach::Nothing;
+    for statement in body.statements() {
+        match statement {
+            ast::Stmt::Item(_) => return Reach::Anything,
+            ast::Stmt::LetStmt(binding) => {
+                let mutable = binding.pat().is_none_or(|pattern| {
+                    pattern
+                        .syntax()
+                        .descendants()
+                        .filter_map(ast::IdentPat::cast)
+                        .any(|ident| ident.mut_token().is_some() || ident.ref_token().is_some())
+                });
+                if mutable {
+                    return Reach::Anything;
+                }
+                reach = Reach::Bindings;
+            }
+            ast::Stmt::ExprStmt(_) => {}
+        }
+    }
+    if other_macros {
+        Reach::Anything
+    } else {
+        reach
+    }
 }
 
 /// The standard library's macros that only compute or print (others might define items or
@@ -74,10 +109,10 @@ fn is_expression_macro(node: &ra_ap_syntax::SyntaxNode) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::leaves_state_alone;
+    use super::{reach, Reach};
 
     #[test]
-    fn expressions_leave_the_state_alone_definitions_do_not() {
+    fn expressions_reach_nothing_lets_bindings_definitions_anything() {
         for code in [
             "a0 + 1",
             "println!(\"{}\", x);",
@@ -85,11 +120,21 @@ mod tests {
             "x.push(1);\nx.len()",
             "for i in 0..3 { println!(\"{i}\"); }",
             "{ let t = 3; t * 2 }",
+            "{ let mut t = 3; t += 1; t }",
         ] {
-            assert!(leaves_state_alone(code), "{code}");
+            assert_eq!(reach(code), Reach::Nothing, "{code}");
         }
         for code in [
             "let b = 1u64;",
+            "let (a, b) = (x, 2);\nprintln!(\"{a}\");",
+            "let out: Vec<u64> = parallax_data::receive_items(\"\", \"\", parallax_data::CURRENT);",
+        ] {
+            assert_eq!(reach(code), Reach::Bindings, "{code}");
+        }
+        for code in [
+            "let mut b = 1u64;",
+            "let (a, mut b) = (1, 2);",
+            "let ref r = x;",
             "fn f() {}",
             "struct S;",
             "use std::fmt;",
@@ -100,8 +145,9 @@ mod tests {
             "macro_rules! m { () => {} }",
             "lazy_static! { static ref X: u8 = 1; }",
             "include_str!(\"data.txt\").len()",
+            "let n = include_str!(\"data.txt\").len();",
         ] {
-            assert!(!leaves_state_alone(code), "{code}");
+            assert_eq!(reach(code), Reach::Anything, "{code}");
         }
     }
 }

@@ -245,6 +245,7 @@ impl Core {
             );
         }
         let before = compiler.variables().await;
+        let typed_before = compiler.typed_variables().await;
         let entries_before = self.history.locked().len();
         compiled.locked().clear();
         let remembered = self.memo.lines(&work.code);
@@ -272,12 +273,13 @@ impl Core {
         self.gateway.set_forward(None);
         let (ran, ended, outcomes_clean) = self.last_entry(&work.code, entries_before);
         if remembered.is_none() {
+            let typed_after = compiler.typed_variables().await;
             self.memo.after_execution(&parallax_eval::memo::Executed {
                 code: &work.code,
                 ok: result.is_ok(),
                 lines: std::mem::take(&mut *compiled.locked()),
-                before: &before,
-                after: &after,
+                before: &typed_before,
+                after: &typed_after,
                 outcomes_clean,
                 // An engine's prompts get an empty answer, in a replay too.
                 asked_input: false,
