@@ -123,7 +123,10 @@ fn read_connection(connect: &Path) -> anyhow::Result<parallax_engine_protocol::C
 }
 
 fn main() -> ExitCode {
-    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+    let holder = std::env::var_os(parallax_eval::supervisor::HOLDER_VAR).is_some();
+    // A store's holder dies with its supervisor by a signal instead: a watching thread would
+    // keep it from forking for its cells.
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() && !holder {
         die_with_parent();
     }
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
@@ -135,7 +138,10 @@ fn main() -> ExitCode {
             parallax_eval::relay::serve(std::path::Path::new(&socket));
         }
         if std::env::var_os(parallax_eval::store::STORE_VAR).is_some() {
-            parallax_eval::runtime::serve(None, true);
+            if holder {
+                parallax_eval::runtime::serve(None, true);
+            }
+            parallax_eval::supervisor::supervise();
         }
         if let Some(report) = std::env::var_os(parallax_eval::runtime::REPORT_VAR) {
             parallax_eval::runtime::serve(Some(std::path::Path::new(&report)), false);

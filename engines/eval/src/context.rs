@@ -13,7 +13,6 @@ use crate::notebook::NotebookStore;
 use crate::outputs::{discard_output, CellOutput, InputAsker, StreamForwarder, StreamSink};
 use crossbeam_channel::Receiver;
 use evcxr::{CommandContext, EvalCallbacks};
-use serde_json::Value;
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -529,38 +528,11 @@ impl Engine {
             Ok(result) => result,
             Err(internal) => return Err(CellError::internal(&internal)),
         };
-        match result {
-            Ok(mut outputs) => {
-                if let Some(message) = outputs.content_by_mime_type.remove(diagnostics::PANIC_MIME)
-                {
-                    return Err(diagnostics::panic_error(
-                        &diagnostics::unescape(&message),
-                        &before,
-                        &after,
-                    ));
-                }
-                let data = outputs
-                    .content_by_mime_type
-                    .into_iter()
-                    .map(|(mime, text)| (mime, Value::String(text)))
-                    .collect();
-                Ok(CellOutput { data })
-            }
-            Err(evcxr::Error::CompilationErrors(errors)) => match interruption {
-                Some(_) => Err(diagnostics::interrupted_while_compiling()),
-                None => Err(diagnostics::compile_error(code, &errors)),
-            },
-            Err(evcxr::Error::SubprocessTerminated(message)) => match interruption {
-                Some(_) => Err(diagnostics::interrupted_while_running(&before)),
-                None => Err(diagnostics::process_died(&message, &before)),
-            },
-            Err(evcxr::Error::TypeRedefinedVariablesLost(lost)) => {
-                Err(diagnostics::type_redefined(&lost))
-            }
-            Err(evcxr::Error::Message(message)) => match interruption {
-                Some(_) => Err(diagnostics::interrupted_while_compiling()),
-                None => Err(diagnostics::evaluator_message(&message)),
-            },
-        }
+        let notes = self
+            .recorder
+            .as_ref()
+            .map(|recorder| recorder.notes())
+            .unwrap_or_default();
+        diagnostics::result_of_execution(result, code, (&before, &after), interruption, &notes)
     }
 }

@@ -110,6 +110,47 @@ pub fn process_died(message: &str, before: &BTreeSet<String>) -> CellError {
     )
 }
 
+/// The cell's fork died, stopped or crashing, and the store rolled the cell back: the store
+/// holds every variable as it was before the cell. `how`: how the fork ended.
+pub fn rolled_back(how: &str, interrupted: bool) -> CellError {
+    let kept = "nothing was lost: every variable is as it was before the cell";
+    if interrupted {
+        CellError::plain(
+            "Interrupted",
+            format!("the cell was stopped while it ran and rolled back; {kept}"),
+        )
+    } else {
+        CellError::plain(
+            "CellCrashed",
+            format!("the cell's process ended ({how}) and the cell was rolled back; {kept}"),
+        )
+    }
+}
+
+/// A death's error, saying why the cell ran without a transaction when the store said so.
+pub fn without_transaction(error: CellError, in_place: Option<&str>) -> CellError {
+    let Some(why) = in_place else {
+        return error;
+    };
+    let reason = match why.strip_suffix(" threads") {
+        Some(threads) => format!(
+            "the evaluation process runs {threads} threads, started by an earlier cell, and a \
+             process cannot be forked with its threads"
+        ),
+        None => format!(
+            "transactions are {}",
+            why.trim_start_matches("transactions ")
+        ),
+    };
+    CellError::plain(
+        &error.ename,
+        format!(
+            "{}. The cell ran without a transaction: {reason}",
+            error.evalue
+        ),
+    )
+}
+
 pub fn type_redefined(lost: &[String]) -> CellError {
     CellError::plain(
         "TypeRedefined",
@@ -244,6 +285,49 @@ pub fn render_diagnostics(code: &str, diagnostics: &[Diagnostic]) -> CellError {
     CellError::new("CompileError", evalue, traceback)
 }
 
+/// The result of a cell evcxr executed, from what evcxr returned, the variables before and
+/// after, whether an interrupt stopped it, and what the store said of its compiled cells.
+pub(crate) fn result_of_execution(
+    result: Result<evcxr::EvalOutputs, evcxr::Error>,
+    code: &str,
+    (before, after): (&BTreeSet<String>, &BTreeSet<String>),
+    interruption: Option<crate::Interruption>,
+    notes: &crate::evalproto::LineNotes,
+) -> Result<CellOutput, CellError> {
+    if let Some(how) = &notes.rolled_back {
+        return Err(rolled_back(how, interruption.is_some()));
+    }
+    match result {
+        Ok(mut outputs) => {
+            if let Some(message) = outputs.content_by_mime_type.remove(PANIC_MIME) {
+                return Err(panic_error(&unescape(&message), before, after));
+            }
+            let data = outputs
+                .content_by_mime_type
+                .into_iter()
+                .map(|(mime, text)| (mime, serde_json::Value::String(text)))
+                .collect();
+            Ok(CellOutput { data })
+        }
+        Err(evcxr::Error::CompilationErrors(errors)) => match interruption {
+            Some(_) => Err(interrupted_while_compiling()),
+            None => Err(compile_error(code, &errors)),
+        },
+        Err(evcxr::Error::SubprocessTerminated(message)) => {
+            let error = match interruption {
+                Some(_) => interrupted_while_running(before),
+                None => process_died(&message, before),
+            };
+            Err(without_transaction(error, notes.in_place.as_deref()))
+        }
+        Err(evcxr::Error::TypeRedefinedVariablesLost(lost)) => Err(type_redefined(&lost)),
+        Err(evcxr::Error::Message(message)) => match interruption {
+            Some(_) => Err(interrupted_while_compiling()),
+            None => Err(evaluator_message(&message)),
+        },
+    }
+}
+
 /// The result of a cell for an engine that ran the compiled cell another engine's context
 /// built: from its own run (its output, its panic, its death), with the variables the
 /// compiling context had before and after the cell. `interrupted`: the death was an interrupt.
@@ -253,12 +337,16 @@ pub fn result_of_run(
     after: &BTreeSet<String>,
     interrupted: bool,
 ) -> Result<CellOutput, CellError> {
+    if let Some(how) = &run.notes.rolled_back {
+        return Err(rolled_back(how, interrupted));
+    }
     if run.outcome.died {
-        return Err(if interrupted {
+        let error = if interrupted {
             interrupted_while_running(before)
         } else {
             process_died(run.death.as_deref().unwrap_or("it ended"), before)
-        });
+        };
+        return Err(without_transaction(error, run.notes.in_place.as_deref()));
     }
     let mut contents = run.contents.clone();
     if let Some(message) = contents.remove(PANIC_MIME) {

@@ -5,7 +5,12 @@
 //! cells compiled by another engine's context parses them here.
 
 pub const COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
-const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
+/// Parallax's own (`crate::transaction`): the cell's fork died and the holder rolled it back;
+/// how the fork ended follows. It may end a line the fork left unfinished.
+pub const ROLLED_BACK: &str = "PARALLAX_ROLLED_BACK ";
+/// Parallax's own: the cell runs in the holder itself, without a transaction; why follows.
+pub const IN_PLACE: &str = "PARALLAX_IN_PLACE ";
 const USER_ERROR: &str = "EVCXR_ERROR_OCCURRED";
 const CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
 const INPUT_REQUEST: &str = "EVCXR_INPUT_REQUEST";
@@ -17,11 +22,25 @@ const END_CONTENT: &str = "EVCXR_END_CONTENT";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Stdout(String),
-    Content { mime: String, text: String },
+    Content {
+        mime: String,
+        text: String,
+    },
     Panic,
     UserError,
     ChangedType(String),
-    Input { prompt: String, password: bool },
+    Input {
+        prompt: String,
+        password: bool,
+    },
+    /// The cell was rolled back (`how` its fork ended); `partial` is what the fork had
+    /// written of its last line.
+    RolledBack {
+        partial: String,
+        how: String,
+    },
+    /// The cell runs without a transaction, for the reason given.
+    InPlace(String),
     Complete,
 }
 
@@ -49,8 +68,16 @@ impl Parser {
             self.content = Some((mime, text));
             return None;
         }
+        if let Some(at) = line.find(ROLLED_BACK) {
+            return Some(Event::RolledBack {
+                partial: line[..at].to_owned(),
+                how: line[at + ROLLED_BACK.len()..].to_owned(),
+            });
+        }
         Some(if line == COMPLETE {
             Event::Complete
+        } else if let Some(why) = line.strip_prefix(IN_PLACE) {
+            Event::InPlace(why.to_owned())
         } else if line == PANIC_NOTIFICATION {
             Event::Panic
         } else if line == USER_ERROR {
@@ -83,12 +110,19 @@ pub struct LineOutcome {
     pub changed_type: Vec<String>,
     /// The process died (a crash, or an interrupt): every variable went with it.
     pub died: bool,
+    /// The cell's fork died (a crash, or an interrupt) and the holder rolled it back: every
+    /// variable is as it was before the cell, which counts as a panic for evcxr's state.
+    pub rolled_back: bool,
 }
 
 impl LineOutcome {
     /// It neither panicked, failed a `?`, changed a type nor died.
     pub fn clean(&self) -> bool {
-        !self.panicked && !self.user_error && self.changed_type.is_empty() && !self.died
+        !self.panicked
+            && !self.user_error
+            && self.changed_type.is_empty()
+            && !self.died
+            && !self.rolled_back
     }
 
     /// Notes what an event says about the run.
@@ -97,6 +131,7 @@ impl LineOutcome {
             Event::Panic => self.panicked = true,
             Event::UserError => self.user_error = true,
             Event::ChangedType(name) => self.changed_type.push(name.clone()),
+            Event::RolledBack { .. } => self.rolled_back = true,
             _ => {}
         }
     }
@@ -122,6 +157,8 @@ impl LineOutcome {
     pub fn describe(&self) -> String {
         if self.died {
             "its evaluation process died".to_owned()
+        } else if self.rolled_back {
+            "it was stopped or crashed, and rolled back".to_owned()
         } else if self.panicked {
             "it panicked".to_owned()
         } else if self.user_error {
@@ -130,6 +167,26 @@ impl LineOutcome {
             format!("it lost {} to a type change", self.changed_type.join(", "))
         } else {
             "it ran to the end".to_owned()
+        }
+    }
+}
+
+/// What a store says of a compiled cell beyond its outcome, for the words of its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineNotes {
+    /// How the cell's fork ended, when the store rolled the cell back.
+    pub rolled_back: Option<String>,
+    /// Why the cell ran without a transaction, when it did.
+    pub in_place: Option<String>,
+}
+
+impl LineNotes {
+    /// Notes what an event says.
+    pub fn note(&mut self, event: &Event) {
+        match event {
+            Event::RolledBack { how, .. } => self.rolled_back = Some(how.clone()),
+            Event::InPlace(why) => self.in_place = Some(why.clone()),
+            _ => {}
         }
     }
 }
@@ -150,6 +207,8 @@ mod tests {
             "EVCXR_INPUT_REQUEST:name?:",
             "EVCXR_VARIABLE_CHANGED_TYPE:x",
             "EVCXR_PANIC_NOTIFICATION",
+            "PARALLAX_IN_PLACE 3 threads",
+            "half a linePARALLAX_ROLLED_BACK signal 9 (SIGKILL)",
             "EVCXR_EXECUTION_COMPLETE",
         ];
         let events: Vec<Event> = lines.iter().filter_map(|l| parser.feed(l)).collect();
@@ -167,12 +226,17 @@ mod tests {
                 },
                 Event::ChangedType("x".into()),
                 Event::Panic,
+                Event::InPlace("3 threads".into()),
+                Event::RolledBack {
+                    partial: "half a line".into(),
+                    how: "signal 9 (SIGKILL)".into()
+                },
                 Event::Complete,
             ]
         );
         let mut outcome = LineOutcome::default();
         events.iter().for_each(|e| outcome.note(e));
-        assert!(outcome.panicked && !outcome.user_error && !outcome.died);
+        assert!(outcome.panicked && outcome.rolled_back && !outcome.user_error && !outcome.died);
         assert_eq!(
             outcome.markers(),
             vec!["EVCXR_VARIABLE_CHANGED_TYPE:x", "EVCXR_PANIC_NOTIFICATION"]

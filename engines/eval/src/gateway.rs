@@ -8,7 +8,7 @@
 //! instead of running anything.
 
 use crate::cell_build::BuildCounter;
-use crate::evalproto::{Event, LineOutcome, Parser, COMPLETE};
+use crate::evalproto::{Event, LineNotes, LineOutcome, Parser, COMPLETE};
 use crate::history::{Entry, History};
 use crate::ipc::{bind_private, read_lines, serve_connections, Locked, PrivateDir};
 use crate::store::Store;
@@ -48,6 +48,9 @@ pub trait Recorder: Send + Sync {
     fn begin_replay(&self, outcomes: Vec<LineOutcome>);
     /// Whether the replayed entry asked for exactly the recorded compiled cells.
     fn end_replay(&self) -> Result<(), String>;
+    /// What the store said of the current (or last) entry's compiled cells beyond their
+    /// outcomes.
+    fn notes(&self) -> LineNotes;
 }
 
 /// How a compiling evaluator reaches the evaluation process it compiles for: its context's own
@@ -58,8 +61,8 @@ pub struct Compiling {
     /// Counts the context's builds; kept by the engine across the contexts it starts.
     pub builds: BuildCounter,
     pub recorder: Arc<dyn Recorder>,
-    /// The store's process, which an interrupt of a running cell kills.
-    pub runtime: Arc<Mutex<std::process::Child>>,
+    /// The store's processes: an interrupt of a running cell stops it there.
+    pub runtime: crate::store::StoreControl,
 }
 
 #[derive(Clone)]
@@ -83,6 +86,7 @@ struct State {
     entry: Option<Entry>,
     forward: Option<Forward>,
     replay: Option<Replay>,
+    notes: LineNotes,
 }
 
 struct Replay {
@@ -171,6 +175,7 @@ impl Recorder for Gateway {
         let forward = {
             let mut state = self.inner.state();
             state.entry = Some(Entry::new(code));
+            state.notes = LineNotes::default();
             state.forward.clone()
         };
         if let Some(forward) = forward {
@@ -208,6 +213,10 @@ impl Recorder for Gateway {
             )),
             None => Err("no replay was under way".into()),
         }
+    }
+
+    fn notes(&self) -> LineNotes {
+        self.inner.state().notes.clone()
     }
 }
 
@@ -264,6 +273,7 @@ fn run_live(
     let mut store = inner.store.locked();
     inner.line_running.store(true, Ordering::SeqCst);
     let mut outcome = LineOutcome::default();
+    let mut notes = LineNotes::default();
     let mut parser = Parser::default();
     let mut alive = store.send(line).is_ok();
     let lines = store.lines();
@@ -275,14 +285,23 @@ fn run_live(
                     let event = parser.feed(&printed);
                     if let Some(event) = &event {
                         outcome.note(event);
+                        notes.note(event);
                     }
                     // The end goes to the context only once the outcome is recorded: the
                     // context ends its entry as soon as it reads it.
                     if event == Some(Event::Complete) {
                         break;
                     }
+                    // Parallax's own markers are not evcxr's to read; what a rolled-back
+                    // cell's fork left of a line is.
+                    let passed = match &event {
+                        Some(Event::InPlace(_)) => continue,
+                        Some(Event::RolledBack { partial, .. }) if partial.is_empty() => continue,
+                        Some(Event::RolledBack { partial, .. }) => partial,
+                        _ => &printed,
+                    };
                     // The context may be gone (it is being dropped); the cell still finishes.
-                    let _ = writeln!(out, "{printed}");
+                    let _ = writeln!(out, "{passed}");
                     if lines.is_empty() {
                         let _ = out.flush();
                     }
@@ -309,8 +328,14 @@ fn run_live(
         }
     }
     drop(store);
-    if let Some(entry) = inner.state().entry.as_mut() {
-        entry.lines.push(outcome);
+    {
+        let mut state = inner.state();
+        if let Some(entry) = state.entry.as_mut() {
+            entry.lines.push(outcome);
+        }
+        if notes != LineNotes::default() {
+            state.notes = notes;
+        }
     }
     let _ = match death {
         None => writeln!(out, "{COMPLETE}"),

@@ -1,10 +1,11 @@
 //! Interrupting a local cell. evcxr has no interrupt API, so: while the cell compiles, kill the
-//! cargo build (nothing is lost); while it runs, kill the evaluation process, which evcxr
-//! restarts without the variables.
+//! cargo build (nothing is lost); while it runs, have the store stop it (its fork is killed and
+//! the store rolls it back, or, for a cell that runs without a transaction, the store dies and
+//! evcxr restarts it without the variables).
 
 use crate::ipc::Locked;
+use crate::store::StoreControl;
 use std::collections::HashMap;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +18,7 @@ pub enum Interruption {
 
 #[derive(Default)]
 struct State {
-    runtime: Mutex<Option<Arc<Mutex<Child>>>>,
+    runtime: Mutex<Option<StoreControl>>,
     running: AtomicBool,
     /// Set by an interrupt, cleared when the cell's result has been classified. While set, any
     /// cargo build evcxr starts (it retries) is killed too.
@@ -30,12 +31,17 @@ struct State {
 }
 
 impl State {
+    fn stop_running_cell(&self) {
+        let runtime = self.runtime.locked().clone();
+        if let Some(runtime) = runtime {
+            runtime.stop_running_cell();
+        }
+    }
+
     fn kill_runtime(&self) {
         let runtime = self.runtime.locked().clone();
         if let Some(runtime) = runtime {
-            if let Ok(mut child) = runtime.lock() {
-                let _ = child.kill();
-            };
+            runtime.kill();
         }
     }
 
@@ -65,7 +71,7 @@ impl Drop for RunningCell<'_> {
 }
 
 impl Interrupter {
-    pub fn set_runtime(&self, runtime: Option<Arc<Mutex<Child>>>) {
+    pub fn set_runtime(&self, runtime: Option<StoreControl>) {
         *self.state.runtime.locked() = runtime;
     }
 
@@ -93,12 +99,11 @@ impl Interrupter {
     /// owner when it exits.
     pub fn kill_all(&self) {
         kill_builds();
-        self.kill_runtime();
+        self.state.kill_runtime();
     }
 
-    /// Kills the evaluation process; evcxr starts a fresh one, without the variables.
-    fn kill_runtime(&self) {
-        self.state.kill_runtime();
+    fn stop_running_cell(&self) {
+        self.state.stop_running_cell();
     }
 
     /// Stops the running cell, if any. Returns what was interrupted.
@@ -125,19 +130,19 @@ impl Interrupter {
         // kill makes evcxr return, and must not take an interrupt for a crash.
         let mut pending = self.state.pending.locked();
         let first = pending.is_none();
-        // Stopping the run loses the variables, whatever an earlier interrupt stopped.
+        // Stopping the run may lose the variables, whatever an earlier interrupt stopped.
         if *pending != Some(Interruption::Running) {
             *pending = Some(kind);
         }
         drop(pending);
         match kind {
             Interruption::Compiling => kill(&builds),
-            Interruption::Running => self.kill_runtime(),
+            Interruption::Running => self.stop_running_cell(),
         }
         if first && kind == Interruption::Compiling {
             // evcxr may retry a failed build; keep stopping builds until the cell ends. A
             // compiled cell that starts meanwhile (it was on its way to the store) is stopped
-            // too, and the cell's variables are then lost.
+            // too.
             let state = self.state.clone();
             std::thread::spawn(move || {
                 while state.running.load(Ordering::SeqCst)
@@ -146,7 +151,7 @@ impl Interrupter {
                     kill_builds();
                     if state.line_runs() {
                         *state.pending.locked() = Some(Interruption::Running);
-                        state.kill_runtime();
+                        state.stop_running_cell();
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));

@@ -23,6 +23,8 @@ pub mod relay;
 pub mod runtime;
 pub mod stateless;
 pub mod store;
+pub mod supervisor;
+pub mod transaction;
 pub mod usage;
 
 pub use dataport::{DataPort, MapInput, MapOutput, MapSession};

@@ -5,8 +5,9 @@
 //! report file before running it: the record of compiled cells, in order, that another
 //! evaluation process can replay to reach the same state without compiling (compile once per
 //! machine). The kernel binary becomes this process when `EVCXR_IS_RUNTIME` is set with
-//! `PARALLAX_RUNTIME_REPORT`, or with `PARALLAX_STORE` (an engine's store, which reports
-//! nothing: its engine sends it every line itself).
+//! `PARALLAX_RUNTIME_REPORT`, or as a store's holder (`crate::supervisor`), which reports
+//! nothing (its engine sends it every line itself) and runs each compiled cell as a
+//! transaction (`crate::transaction`).
 
 use std::ffi::c_void;
 use std::io::{BufRead, Write};
@@ -52,10 +53,19 @@ pub fn serve(report: Option<&std::path::Path>, sync_stderr: bool) -> ! {
     // Loaded objects are never unloaded: their thread-local destructors may run at exit.
     let mut loaded: Vec<libloading::Library> = Vec::new();
     let mut store: *mut c_void = std::ptr::null_mut();
+    // A store's holder runs each compiled cell as a transaction.
+    let mut transactions = crate::transaction::Transactions::for_holder();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         if let Some(setting) = line.strip_prefix(SET_ENV) {
             set_environment(setting);
+            complete();
+            continue;
+        }
+        if let Some(setting) = line.strip_prefix(crate::transaction::SWITCH) {
+            if let Some(transactions) = transactions.as_mut() {
+                transactions.switch(setting);
+            }
             complete();
             continue;
         }
@@ -73,25 +83,34 @@ pub fn serve(report: Option<&std::path::Path>, sync_stderr: bool) -> ! {
             eprintln!("parallax runtime: cannot write the report: {e}");
             std::process::exit(99);
         }
-        // SAFETY: the object was just built by evcxr for this process's protocol: its function
-        // takes and returns the variable store, as evcxr's own runtime calls it.
-        let result = unsafe {
-            libloading::Library::new(path).and_then(|library| {
-                type Entry = extern "C" fn(*mut c_void) -> *mut c_void;
-                // A library from the compiled-cell cache has its first build's entry name.
-                let run = library
-                    .get::<Entry>(function.as_bytes())
-                    .or_else(|_| library.get::<Entry>(crate::cell_build::ENTRY_ALIAS.as_bytes()))?;
-                store = run(store);
-                Ok(library)
-            })
-        };
-        match result {
-            Ok(library) => loaded.push(library),
-            Err(e) => {
-                eprintln!("parallax runtime: loading {path}: {e}");
-                std::process::exit(99);
+        let mut run_cell = || {
+            // SAFETY: the object was just built by evcxr for this process's protocol: its
+            // function takes and returns the variable store, as evcxr's own runtime calls it.
+            let result = unsafe {
+                libloading::Library::new(path).and_then(|library| {
+                    type Entry = extern "C" fn(*mut c_void) -> *mut c_void;
+                    // A library from the compiled-cell cache has its first build's entry name.
+                    let run = library.get::<Entry>(function.as_bytes()).or_else(|_| {
+                        library.get::<Entry>(crate::cell_build::ENTRY_ALIAS.as_bytes())
+                    })?;
+                    store = run(store);
+                    Ok(library)
+                })
+            };
+            match result {
+                Ok(library) => loaded.push(library),
+                Err(e) => {
+                    eprintln!("parallax runtime: loading {path}: {e}");
+                    std::process::exit(99);
+                }
             }
+        };
+        match transactions.as_mut() {
+            // A rolled-back cell was announced by the transaction; the store goes on.
+            Some(transactions) => {
+                let _ = transactions.run(run_cell);
+            }
+            None => run_cell(),
         }
         complete();
     }
@@ -105,8 +124,9 @@ fn set_environment(setting: &str) {
     std::env::set_var(name, value);
 }
 
-/// A crash in a cell ends the process with a word on stderr, as evcxr's runtime does; evcxr's
-/// context then reports the lost process.
+/// A crash in a cell ends the process with a word on stderr, as evcxr's runtime does, and by
+/// the same signal (a cell's fork then reports how it ended); evcxr's context reports a lost
+/// process.
 fn install_crash_handlers() {
     extern "C" fn on_crash(signal: libc::c_int) {
         let said: &[u8] = match signal {
@@ -115,10 +135,13 @@ fn install_crash_handlers() {
             libc::SIGBUS => b"Bus error.\n",
             _ => b"Unexpected signal.\n",
         };
-        // SAFETY: write(2) and abort(3) are async-signal-safe.
+        // SAFETY: write(2), signal(2) and raise(3) are async-signal-safe. The signal, blocked
+        // while this runs, ends the process with its default action once this returns (a
+        // fault also comes back as the instruction runs again).
         unsafe {
             libc::write(2, said.as_ptr().cast(), said.len());
-            libc::abort();
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
         }
     }
     for signal in [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS] {

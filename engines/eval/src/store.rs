@@ -1,7 +1,9 @@
 //! An engine's own evaluation process, driven by the engine rather than by an evcxr context: it
 //! holds the engine's variables and runs compiled cells it is sent as `LOAD_AND_RUN` lines,
-//! whichever context compiled them. It is Parallax's runtime (`crate::runtime`), a child of
-//! the engine, that dies with it.
+//! whichever context compiled them. It is Parallax's runtime (`crate::runtime`) under a
+//! supervisor (`crate::supervisor`), in a process group of its own, a child of the engine
+//! that dies with it. Each compiled cell runs as a transaction (`crate::transaction`): a stop
+//! kills the cell's fork (`StoreControl::stop_running_cell`), and the variables stay.
 
 use crate::evalproto::{Event, LineOutcome, Parser};
 use crate::ipc::{read_lines, Lines, Locked};
@@ -9,7 +11,8 @@ use crate::outputs::StreamSink;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -26,8 +29,9 @@ pub type StoreLines = Lines;
 
 pub struct Store {
     command: Arc<Mutex<Command>>,
-    /// The same handle across restarts, so that an interrupter can always kill the live one.
-    child: Arc<Mutex<Child>>,
+    child: Child,
+    /// The same handle across restarts, so that an interrupter always reaches the live one.
+    control: StoreControl,
     stdin: Option<ChildStdin>,
     lines: StoreLines,
     sink: Arc<Mutex<StreamSink>>,
@@ -48,6 +52,62 @@ struct StderrSync {
 /// The most a cell's end waits for its stderr: a process that stopped writing it (killed
 /// right after its end) must not hold the cell.
 const STDERR_WAIT: Duration = Duration::from_secs(2);
+
+/// What others may do to a store's processes: stop the cell it runs, or end it all.
+#[derive(Clone, Default)]
+pub struct StoreControl {
+    live: Arc<Mutex<Control>>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// The supervisor's pid, which is also its process group's.
+    pid: i32,
+    /// The supervisor's fd 3: stop requests.
+    stops: Option<std::fs::File>,
+    /// `LOAD_AND_RUN` lines sent to this process of the store: the number of the last is the
+    /// cell a stop request names.
+    cells_sent: u64,
+}
+
+impl StoreControl {
+    /// Stops the compiled cell running now (the last one sent): its fork is killed and the
+    /// store rolls it back. A cell that runs without a transaction takes the store with it.
+    pub fn stop_running_cell(&self) {
+        let mut control = self.live.locked();
+        let request = format!("stop {}\n", control.cells_sent);
+        if let Some(stops) = control.stops.as_mut() {
+            let _ = stops.write_all(request.as_bytes());
+        }
+    }
+
+    /// Kills the store: its supervisor and every process under it.
+    pub fn kill(&self) {
+        let pid = self.live.locked().pid;
+        if pid > 0 {
+            // SAFETY: kill(2) takes plain integers; a negative pid names the process group.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.live.locked().pid as u32
+    }
+
+    fn sent(&self, line: &str) {
+        if line.starts_with("LOAD_AND_RUN ") {
+            self.live.locked().cells_sent += 1;
+        }
+    }
+
+    fn replace(&self, pid: u32, stops: std::fs::File) {
+        *self.live.locked() = Control {
+            pid: pid as i32,
+            stops: Some(stops),
+            cells_sent: 0,
+        };
+    }
+}
 
 /// How a store ended.
 #[derive(Debug, Clone)]
@@ -77,6 +137,8 @@ pub struct Run {
     pub contents: Map<String, Value>,
     /// Why the process died, when it did.
     pub death: Option<String>,
+    /// Whether it was rolled back, or ran without a transaction.
+    pub notes: crate::evalproto::LineNotes,
 }
 
 impl Store {
@@ -102,10 +164,13 @@ impl Store {
         let sink: Arc<Mutex<StreamSink>> = Arc::new(Mutex::new(Arc::new(|_, _| {})));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_sync = Arc::new(StderrSync::default());
-        let (child, stdin, lines) = spawn(&mut command, &sink, &stderr_tail, &stderr_sync)?;
+        let control = StoreControl::default();
+        let (child, stdin, lines) =
+            spawn(&mut command, &control, &sink, &stderr_tail, &stderr_sync)?;
         Ok(Store {
             command: Arc::new(Mutex::new(command)),
-            child: Arc::new(Mutex::new(child)),
+            child,
+            control,
             stdin: Some(stdin),
             lines,
             sink,
@@ -115,9 +180,9 @@ impl Store {
         })
     }
 
-    /// The live process, for interrupts: killing it ends the cell it runs.
-    pub fn handle(&self) -> Arc<Mutex<Child>> {
-        self.child.clone()
+    /// The live store's processes, for interrupts and ends.
+    pub fn handle(&self) -> StoreControl {
+        self.control.clone()
     }
 
     /// Where the store's stderr goes from now on.
@@ -136,6 +201,7 @@ impl Store {
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the store is closed"))?;
         writeln!(stdin, "{line}")?;
+        self.control.sent(line);
         stdin.flush()
     }
 
@@ -158,13 +224,10 @@ impl Store {
 
     /// Replaces a dead (or killed) store with a fresh one, without variables.
     pub fn restart(&mut self) -> std::io::Result<()> {
-        {
-            let mut child = self.child.locked();
-            if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
-            }
-            let _ = child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            self.control.kill();
         }
+        let _ = self.child.wait();
         self.stdin = None;
         self.stderr_tail.locked().clear();
         self.stderr_sync = Arc::new(StderrSync::default());
@@ -172,11 +235,12 @@ impl Store {
         let mut command = self.command.locked();
         let (child, stdin, lines) = spawn(
             &mut command,
+            &self.control,
             &self.sink,
             &self.stderr_tail,
             &self.stderr_sync,
         )?;
-        *self.child.locked() = child;
+        self.child = child;
         self.stdin = Some(stdin);
         self.lines = lines;
         Ok(())
@@ -184,10 +248,7 @@ impl Store {
 
     /// Why the store ended: its exit status and last words. Waits for it to exit.
     pub fn death(&mut self) -> Death {
-        let status = {
-            let mut child = self.child.locked();
-            child.wait()
-        };
+        let status = self.child.wait();
         // Its stderr reader may still be passing on the last lines.
         std::thread::sleep(Duration::from_millis(20));
         let tail: Vec<String> = self.stderr_tail.locked().iter().cloned().collect();
@@ -239,9 +300,20 @@ impl Store {
                     pending.push_str(&text);
                     pending.push('\n');
                 }
+                Some(Event::RolledBack { partial, how }) => {
+                    if !partial.is_empty() {
+                        pending.push_str(&partial);
+                        pending.push('\n');
+                    }
+                    flush(&mut pending);
+                    let event = Event::RolledBack { partial, how };
+                    run.outcome.note(&event);
+                    run.notes.note(&event);
+                }
                 Some(event) => {
                     flush(&mut pending);
                     run.outcome.note(&event);
+                    run.notes.note(&event);
                     if self.apply(event, &mut run) {
                         return run;
                     }
@@ -292,19 +364,29 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        let mut child = self.child.locked();
-        let _ = child.kill();
-        let _ = child.wait();
+        self.control.kill();
+        let _ = self.child.wait();
     }
 }
 
+/// Starts the store's supervisor in a process group of its own, its stop requests on fd 3.
 fn spawn(
     command: &mut Command,
+    control: &StoreControl,
     sink: &Arc<Mutex<StreamSink>>,
     stderr_tail: &Arc<Mutex<VecDeque<String>>>,
     stderr_sync: &Arc<StderrSync>,
 ) -> std::io::Result<(Child, ChildStdin, StoreLines)> {
+    let (stop_read, stop_write) = stop_pipe()?;
+    let stop_fd = stop_read.as_raw_fd();
+    command.process_group(0);
+    // SAFETY: between fork and exec only dup2 and fcntl, which are async-signal-safe.
+    unsafe {
+        command.pre_exec(move || crate::supervisor::pass_as_control_fd(stop_fd));
+    }
     let mut child = command.spawn()?;
+    drop(stop_read);
+    control.replace(child.id(), std::fs::File::from(stop_write));
     let stdin = child
         .stdin
         .take()
@@ -325,11 +407,15 @@ fn spawn(
         .name("store-stderr".into())
         .spawn(move || {
             for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line == crate::runtime::STDERR_SYNC {
+                let Ok(mut line) = line else { break };
+                // A rolled-back cell's fork may have left a line unfinished before it.
+                if let Some(partial) = line.strip_suffix(crate::runtime::STDERR_SYNC) {
                     *sync.seen.locked() += 1;
                     sync.arrived.notify_all();
-                    continue;
+                    if partial.is_empty() {
+                        continue;
+                    }
+                    line = partial.to_owned();
                 }
                 {
                     let mut tail = tail.locked();
@@ -343,4 +429,14 @@ fn spawn(
             }
         })?;
     Ok((child, stdin, lines))
+}
+
+fn stop_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds, owned below; both close on exec (fd 3 is a dup).
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just made for this process.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

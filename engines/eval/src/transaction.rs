@@ -1,0 +1,233 @@
+//! A compiled cell as a transaction on the process that holds a store's variables (the
+//! holder, under `crate::supervisor`). Before the cell runs, the holder forks; the fork runs
+//! the cell and, when the cell ends, becomes the holder: it tells the supervisor, tells the old
+//! holder, which exits at once, and carries on serving. If the fork dies instead (the stop
+//! button or a timeout killed it, or the cell crashed or exited), the old holder still has
+//! every variable as it was before the cell: it says the cell was rolled back, as evcxr's
+//! runtime says a cell panicked (evcxr then keeps the variables it knew and drops the cell's
+//! new ones), and goes on.
+//!
+//! A process with more than one thread cannot be forked with its threads (a rayon pool or a
+//! tokio runtime an earlier cell started): there the cell runs in the holder itself, as
+//! without transactions, and a stop or a crash loses the variables. Each such cell is
+//! announced (`IN_PLACE`), so that what would be lost can be said.
+//!
+//! While a cell runs, the pages it changes exist twice (copy on write).
+
+use crate::evalproto::{IN_PLACE, PANIC_NOTIFICATION, ROLLED_BACK};
+use crate::supervisor::{CONTROL_FD, HOLDER_VAR};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::time::{Duration, Instant};
+
+/// `PARALLAX_TRANSACTIONS on|off`: a runtime instruction that turns transactions on or off
+/// for the cells that follow.
+pub const SWITCH: &str = "PARALLAX_TRANSACTIONS ";
+
+/// How long a fork that ended its cell waits for the old holder to exit before it serves.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// How a cell ended, for the process that serves on after it.
+pub enum Ended {
+    /// The cell ran to its end; this process holds the variables it left.
+    Ran,
+    /// The cell's fork died: this process holds the variables as they were before it. How the
+    /// fork ended, in words.
+    RolledBack(String),
+}
+
+pub struct Transactions {
+    supervisor: i32,
+    reports: File,
+    enabled: bool,
+    /// Compiled cells run so far: the numbers the supervisor's stop requests use.
+    cells: u64,
+}
+
+impl Transactions {
+    /// In a holder (its supervisor's pid in `HOLDER_VAR`): dies with the supervisor, and
+    /// reports to it on `CONTROL_FD`. `None` in any other evaluation process.
+    pub fn for_holder() -> Option<Transactions> {
+        let supervisor: i32 = std::env::var(HOLDER_VAR).ok()?.parse().ok()?;
+        die_with(supervisor);
+        // SAFETY: the supervisor gave this process fd 3 for its reports.
+        let reports = unsafe { File::from_raw_fd(CONTROL_FD) };
+        Some(Transactions {
+            supervisor,
+            reports,
+            enabled: true,
+            cells: 0,
+        })
+    }
+
+    /// Applies a `SWITCH` instruction.
+    pub fn switch(&mut self, setting: &str) {
+        self.enabled = setting.trim() != "off";
+    }
+
+    /// Runs one compiled cell, in a fork when it can.
+    pub fn run(&mut self, cell: impl FnOnce()) -> Ended {
+        self.cells += 1;
+        let number = self.cells;
+        let threads = thread_count();
+        if !self.enabled || threads != 1 {
+            let why = if self.enabled {
+                format!("{threads} threads")
+            } else {
+                "transactions off".to_owned()
+            };
+            println!("{IN_PLACE}{why}");
+            self.report("cell", number, own_pid());
+            cell();
+            self.report("end", number, own_pid());
+            return Ended::Ran;
+        }
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let Ok((handover_read, handover_write)) = pipe() else {
+            cell();
+            return Ended::Ran;
+        };
+        let holder = own_pid();
+        // SAFETY: this process has one thread (checked above), so the fork has all of it.
+        match unsafe { libc::fork() } {
+            0 => {
+                drop(handover_read);
+                self.run_in_fork(number, holder, handover_write, cell);
+                Ended::Ran
+            }
+            fork if fork > 0 => {
+                drop(handover_write);
+                self.wait_for_fork(number, fork, handover_read)
+            }
+            _ => {
+                // No fork (out of memory or processes): run the cell here, unprotected.
+                self.report("cell", number, holder);
+                cell();
+                self.report("end", number, holder);
+                Ended::Ran
+            }
+        }
+    }
+
+    fn run_in_fork(&mut self, number: u64, holder: i32, handover: File, cell: impl FnOnce()) {
+        // The fork dies with the holder until it takes over, so that a killed store leaves
+        // no cell running.
+        die_with(holder);
+        self.report("cell", number, own_pid());
+        cell();
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: prctl takes plain integers: the old holder's end must not end this process.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+        self.report("end", number, own_pid());
+        let mut handover = handover;
+        let _ = handover.write_all(b"1");
+        drop(handover);
+        let waiting = Instant::now();
+        // SAFETY: getppid cannot fail.
+        while unsafe { libc::getppid() } == holder && waiting.elapsed() < HANDOVER_WAIT {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        die_with(self.supervisor);
+    }
+
+    fn wait_for_fork(&mut self, number: u64, fork: i32, handover: File) -> Ended {
+        let mut handed = [0u8; 1];
+        let mut handover = handover;
+        if std::io::Read::read(&mut handover, &mut handed).is_ok_and(|n| n == 1) {
+            // The fork holds everything now; nothing of this process is needed, not even its
+            // destructors.
+            // SAFETY: _exit ends this process at once.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for this process's own child; status is a plain integer.
+        while unsafe { libc::waitpid(fork, &mut status, 0) } < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+        self.report("end", number, own_pid());
+        let how = ended_words(status);
+        // The fork may have died halfway through a line: readers find the marker at its end.
+        println!("{ROLLED_BACK}{how}\n{PANIC_NOTIFICATION}");
+        Ended::RolledBack(how)
+    }
+
+    fn report(&mut self, kind: &str, number: u64, pid: i32) {
+        // One write per line: the pipe keeps lines of this size whole.
+        let _ = self
+            .reports
+            .write_all(format!("{kind} {number} {pid}\n").as_bytes());
+    }
+}
+
+/// How a process ended, from its wait status, in words.
+fn ended_words(status: i32) -> String {
+    if libc::WIFSIGNALED(status) {
+        let signal = libc::WTERMSIG(status);
+        let name = match signal {
+            libc::SIGKILL => "SIGKILL",
+            libc::SIGABRT => "SIGABRT",
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGBUS => "SIGBUS",
+            libc::SIGILL => "SIGILL",
+            libc::SIGFPE => "SIGFPE",
+            libc::SIGTERM => "SIGTERM",
+            _ => "",
+        };
+        if name.is_empty() {
+            format!("signal {signal}")
+        } else {
+            format!("signal {signal} ({name})")
+        }
+    } else if libc::WIFEXITED(status) {
+        format!("exit code {}", libc::WEXITSTATUS(status))
+    } else {
+        format!("wait status {status}")
+    }
+}
+
+/// Arms SIGKILL for when `parent` dies, and dies now if it already has.
+fn die_with(parent: i32) {
+    // SAFETY: prctl and getppid take plain integers; _exit ends the process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+}
+
+fn own_pid() -> i32 {
+    // SAFETY: getpid cannot fail.
+    unsafe { libc::getpid() }
+}
+
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
+}
+
+fn pipe() -> std::io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds, owned below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just made for this process.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ended_words;
+
+    #[test]
+    fn an_ending_in_words() {
+        // Wait statuses as the kernel encodes them: a signal in the low bits, an exit code
+        // in the second byte.
+        assert_eq!(ended_words(libc::SIGKILL), "signal 9 (SIGKILL)");
+        assert_eq!(ended_words(libc::SIGABRT | 0x80), "signal 6 (SIGABRT)");
+        assert_eq!(ended_words(3 << 8), "exit code 3");
+    }
+}
