@@ -19,14 +19,17 @@ use crate::supervisor::{CONTROL_FD, HOLDER_VAR};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::FromRawFd;
-use std::time::{Duration, Instant};
 
 /// `PARALLAX_TRANSACTIONS on|off`: a runtime instruction that turns transactions on or off
 /// for the cells that follow.
 pub const SWITCH: &str = "PARALLAX_TRANSACTIONS ";
 
-/// How long a fork that ended its cell waits for the old holder to exit before it serves.
-const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+/// The signal a fork that took over gets when the old holder has gone: it then dies with the
+/// supervisor, its new parent.
+const HANDED_OVER: libc::c_int = libc::SIGUSR2;
+
+/// The supervisor's pid, for `on_handed_over`.
+static SUPERVISOR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// How a cell ended, for the process that serves on after it.
 pub enum Ended {
@@ -38,7 +41,6 @@ pub enum Ended {
 }
 
 pub struct Transactions {
-    supervisor: i32,
     reports: File,
     enabled: bool,
     /// Compiled cells run so far: the numbers the supervisor's stop requests use.
@@ -51,10 +53,20 @@ impl Transactions {
     pub fn for_holder() -> Option<Transactions> {
         let supervisor: i32 = std::env::var(HOLDER_VAR).ok()?.parse().ok()?;
         die_with(supervisor);
+        SUPERVISOR.store(supervisor, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: installs a handler that only makes async-signal-safe calls; SA_RESTART
+        // keeps a read of stdin it interrupts going.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            let handler: extern "C" fn(libc::c_int) = on_handed_over;
+            action.sa_sigaction = handler as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(HANDED_OVER, &action, std::ptr::null_mut());
+        }
         // SAFETY: the supervisor gave this process fd 3 for its reports.
         let reports = unsafe { File::from_raw_fd(CONTROL_FD) };
         Some(Transactions {
-            supervisor,
             reports,
             enabled: true,
             cells: 0,
@@ -119,18 +131,14 @@ impl Transactions {
         cell();
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        // SAFETY: prctl takes plain integers: the old holder's end must not end this process.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+        // The old holder's end must not end this process: it says it is over instead
+        // (`HANDED_OVER`), once its memory is released, which can take a while for a large
+        // heap; this process serves on meanwhile.
+        // SAFETY: prctl takes plain integers.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, HANDED_OVER) };
         self.report("end", number, own_pid());
         let mut handover = handover;
         let _ = handover.write_all(b"1");
-        drop(handover);
-        let waiting = Instant::now();
-        // SAFETY: getppid cannot fail.
-        while unsafe { libc::getppid() } == holder && waiting.elapsed() < HANDOVER_WAIT {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        die_with(self.supervisor);
     }
 
     fn wait_for_fork(&mut self, number: u64, fork: i32, handover: File) -> Ended {
@@ -188,7 +196,11 @@ fn ended_words(status: i32) -> String {
     }
 }
 
-/// Arms SIGKILL for when `parent` dies, and dies now if it already has.
+extern "C" fn on_handed_over(_: libc::c_int) {
+    die_with(SUPERVISOR.load(std::sync::atomic::Ordering::SeqCst));
+}
+
+/// Arms SIGKILL for when `parent` dies, and dies now if it already has. Async-signal-safe.
 fn die_with(parent: i32) {
     // SAFETY: prctl and getppid take plain integers; _exit ends the process.
     unsafe {
