@@ -151,3 +151,36 @@ def test_after_a_rayon_pool_the_stop_button_says_which_variables_were_lost(kerne
     assert "threads" in content["evalue"], content
     # The notebook goes on with a new store, whose functions and dependencies are kept.
     assert stream_text(ok(kernel, 'println!("{}", (0..4u64).into_par_iter().sum::<u64>());')) == "6\n"
+
+
+def test_transactions_switched_off_in_the_notebook_lose_the_variables_and_say_so(kernel):
+    ok(kernel, "let kept = 5u8;")
+    assert "transactions off" in stream_text(ok(kernel, ":transactions off"))
+    content, _ = stopped(kernel, ENDLESS)
+    assert content["ename"] == "Interrupted", content
+    assert "variables lost: kept" in content["evalue"], content
+    assert "transactions are off" in content["evalue"], content
+    assert "transactions on" in stream_text(ok(kernel, ":transactions on"))
+    ok(kernel, "let kept = 6u8;")
+    content, _ = stopped(kernel, ENDLESS)
+    assert "nothing was lost" in content["evalue"], content
+    assert stream_text(ok(kernel, 'println!("{kept}");')) == "6\n"
+    content = error_of(kernel, ":transactions maybe")
+    assert content["ename"] == "UsageError" and "on|off" in content["evalue"], content
+
+
+def test_transactions_switched_off_on_the_engines_lose_the_variables_and_say_so(cluster):
+    # Last in this module: it takes the engines' variables.
+    _, outputs = cluster.execute("%px :transactions off")
+    assert "transactions off" in stream_text(outputs), outputs
+    reply, outputs = cluster.execute("%%px --timeout 2\n" + ENDLESS, timeout=300)
+    errors = engine_errors(outputs)
+    assert set(errors) == {0, 1, 2}, errors
+    for error in errors.values():
+        assert "variables lost: kept" in error["evalue"], error
+        assert "transactions are off" in error["evalue"], error
+    ok(cluster, "%px :transactions on")
+    ok(cluster, "%px let kept = parallax_env::engine_id().unwrap() as u64 * 10;")
+    _, outputs = cluster.execute(f"%px {ABORT}", timeout=300)
+    assert all("nothing was lost" in e["evalue"] for e in engine_errors(outputs).values())
+    assert values(ok(cluster, "%px kept + 1")) == {0: "1", 1: "11", 2: "21"}

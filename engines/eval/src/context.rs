@@ -282,6 +282,24 @@ impl Engine {
         Ok(engine)
     }
 
+    /// `:transactions on|off` in the notebook: its store's setting. (Engines switch theirs
+    /// before their contexts see the cell.)
+    fn switch_transactions(
+        &mut self,
+        asked: Result<bool, String>,
+        sink: &StreamSink,
+    ) -> Result<CellOutput, CellError> {
+        let on = asked.map_err(|usage| CellError::plain("UsageError", usage))?;
+        let Some(store) = &self.notebook else {
+            return Err(CellError::internal("this context has no store of its own"));
+        };
+        store
+            .set_transactions(on)
+            .map_err(|e| CellError::internal(&e))?;
+        sink("stdout", crate::transaction::switched_words(on));
+        Ok(CellOutput::default())
+    }
+
     /// A cell the notebook's memo holds runs again in the notebook's store, without evcxr.
     fn run_remembered(
         &mut self,
@@ -479,6 +497,9 @@ impl Engine {
             if let Err(e) = self.install_panic_hook() {
                 tracing::warn!("could not reinstall the panic hook: {e}");
             }
+        }
+        if let Some(asked) = crate::transaction::command(code) {
+            return self.switch_transactions(asked, &sink);
         }
         if let Some(result) = self.run_remembered(code, &sink, interrupter) {
             return result;

@@ -79,6 +79,11 @@ impl NotebookStore {
         self.compiled.locked().clear();
     }
 
+    /// Turns the store's transactions on or off.
+    pub(crate) fn set_transactions(&self, on: bool) -> Result<(), String> {
+        self.store.locked().set_transactions(on)
+    }
+
     /// The compiled cells of `code`, when it can run again without evcxr.
     pub(crate) fn remembered(&self, code: &str) -> Option<Vec<String>> {
         self.memo.lines(code)

@@ -222,6 +222,20 @@ impl Store {
         Ok(())
     }
 
+    /// Turns transactions on or off, in the live process and in those a restart starts.
+    pub fn set_transactions(&mut self, on: bool) -> Result<(), String> {
+        let setting = if on { "on" } else { "off" };
+        self.command
+            .locked()
+            .env(crate::transaction::SWITCH_VAR, setting);
+        let quiet: StreamSink = Arc::new(|_, _| {});
+        let line = format!("{}{setting}", crate::transaction::SWITCH);
+        match self.run(&line, &quiet).death {
+            Some(death) => Err(format!("the store died switching transactions: {death}")),
+            None => Ok(()),
+        }
+    }
+
     /// Replaces a dead (or killed) store with a fresh one, without variables.
     pub fn restart(&mut self) -> std::io::Result<()> {
         if let Ok(None) = self.child.try_wait() {

@@ -24,6 +24,40 @@ use std::os::fd::FromRawFd;
 /// for the cells that follow.
 pub const SWITCH: &str = "PARALLAX_TRANSACTIONS ";
 
+/// In a store's environment: `off` starts it with transactions off.
+pub const SWITCH_VAR: &str = "PARALLAX_TRANSACTIONS";
+
+/// The cell that switches transactions in the notebook (`%px` it for engines).
+pub const COMMAND: &str = ":transactions";
+
+/// What `:transactions on|off` asks for: `Some(Ok(on))`; `Some(Err(usage))` when it is
+/// misspelled; `None` for any other cell.
+pub fn command(code: &str) -> Option<Result<bool, String>> {
+    let rest = code.trim().strip_prefix(COMMAND)?;
+    if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+        return None;
+    }
+    Some(match rest.trim() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!(
+            "usage: {COMMAND} on|off (not `{other}`): off runs cells without a transaction, \
+             for cells that rewrite values too large to exist twice while they run; a stop or \
+             a crash then loses the variables"
+        )),
+    })
+}
+
+/// What a switch says, once done.
+pub fn switched_words(on: bool) -> &'static str {
+    if on {
+        "transactions on: a stopped or crashing cell is rolled back, nothing is lost\n"
+    } else {
+        "transactions off: a stopped or crashing cell restarts the evaluation process, and its \
+         variables are lost\n"
+    }
+}
+
 /// The signal a fork that took over gets when the old holder has gone: it then dies with the
 /// supervisor, its new parent.
 const HANDED_OVER: libc::c_int = libc::SIGUSR2;
@@ -68,7 +102,7 @@ impl Transactions {
         let reports = unsafe { File::from_raw_fd(CONTROL_FD) };
         Some(Transactions {
             reports,
-            enabled: true,
+            enabled: std::env::var(SWITCH_VAR).map_or(true, |setting| setting != "off"),
             cells: 0,
         })
     }
@@ -232,7 +266,19 @@ fn pipe() -> std::io::Result<(File, File)> {
 
 #[cfg(test)]
 mod tests {
-    use super::ended_words;
+    use super::{command, ended_words};
+
+    #[test]
+    fn the_switch_reads_on_or_off_and_explains_anything_else() {
+        assert_eq!(command(":transactions off"), Some(Ok(false)));
+        assert_eq!(command("  :transactions   on \n"), Some(Ok(true)));
+        assert!(
+            command(":transactions maybe").is_some_and(|r| r.is_err_and(|e| e.contains("usage")))
+        );
+        assert!(command(":transactions").is_some_and(|r| r.is_err()));
+        assert_eq!(command(":transactionsoff"), None);
+        assert_eq!(command("let x = 1;"), None);
+    }
 
     #[test]
     fn an_ending_in_words() {

@@ -172,6 +172,23 @@ impl Core {
         sink: StreamSink,
     ) -> Ended {
         self.store.locked().set_sink(sink.clone());
+        // Each engine switches its own store; nothing is compiled or shared.
+        if let Some(asked) = parallax_eval::transaction::command(&work.code) {
+            let switched = asked
+                .map_err(|usage| CellError::plain("UsageError", usage))
+                .and_then(|on| {
+                    self.store
+                        .locked()
+                        .set_transactions(on)
+                        .map_err(|e| CellError::internal(&e))?;
+                    sink("stdout", parallax_eval::transaction::switched_words(on));
+                    Ok(CellOutput::default())
+                });
+            return Ended {
+                outcome: outcome_of(switched),
+                sent_type: None,
+            };
+        }
         match &share.role {
             Role::Lead { followers } => self.lead(task, share.cell, followers, work, sink).await,
             Role::Follow { leader } => self.follow(task, share.cell, *leader, work, sink).await,
