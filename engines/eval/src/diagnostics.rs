@@ -137,10 +137,8 @@ pub fn without_transaction(error: CellError, in_place: Option<&str>) -> CellErro
             "the evaluation process runs {threads} threads, started by an earlier cell, and a \
              process cannot be forked with its threads"
         ),
-        None => format!(
-            "transactions are {}",
-            why.trim_start_matches("transactions ")
-        ),
+        None if why == "transactions off" => "transactions are off".to_owned(),
+        None => format!("the evaluation process could not fork ({why})"),
     };
     CellError::plain(
         &error.ename,
@@ -449,6 +447,18 @@ mod tests {
             .contains(&"Variables that survived: a, b".to_owned()));
         let error = panic_error("boom", &names(&[]), &names(&[]));
         assert!(error.traceback[1].starts_with("No variables survived"));
+    }
+
+    #[test]
+    fn a_death_without_a_transaction_says_why() {
+        let died = || interrupted_while_running(&names(&["x"]));
+        let threads = without_transaction(died(), Some("3 threads")).evalue;
+        assert!(threads.contains("variables lost: x") && threads.contains("runs 3 threads"));
+        let off = without_transaction(died(), Some("transactions off")).evalue;
+        assert!(off.ends_with("transactions are off"), "{off}");
+        let no_fork = without_transaction(died(), Some("no fork: Cannot allocate memory")).evalue;
+        assert!(no_fork.contains("could not fork (no fork: Cannot allocate memory)"));
+        assert_eq!(without_transaction(died(), None).evalue, died().evalue);
     }
 
     #[test]

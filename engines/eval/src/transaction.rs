@@ -117,23 +117,17 @@ impl Transactions {
         self.cells += 1;
         let number = self.cells;
         let threads = thread_count();
-        if !self.enabled || threads != 1 {
-            let why = if self.enabled {
-                format!("{threads} threads")
-            } else {
-                "transactions off".to_owned()
-            };
-            println!("{IN_PLACE}{why}");
-            self.report("cell", number, own_pid());
-            cell();
-            self.report("end", number, own_pid());
-            return Ended::Ran;
+        if !self.enabled {
+            return self.run_in_place(number, "transactions off", cell);
+        }
+        if threads != 1 {
+            return self.run_in_place(number, &format!("{threads} threads"), cell);
         }
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        let Ok((handover_read, handover_write)) = pipe() else {
-            cell();
-            return Ended::Ran;
+        let (handover_read, handover_write) = match pipe() {
+            Ok(ends) => ends,
+            Err(e) => return self.run_in_place(number, &format!("no fork: {e}"), cell),
         };
         let holder = own_pid();
         // SAFETY: this process has one thread (checked above), so the fork has all of it.
@@ -148,13 +142,20 @@ impl Transactions {
                 self.wait_for_fork(number, fork, handover_read)
             }
             _ => {
-                // No fork (out of memory or processes): run the cell here, unprotected.
-                self.report("cell", number, holder);
-                cell();
-                self.report("end", number, holder);
-                Ended::Ran
+                // Out of memory (a large heap's commit charge) or of processes.
+                let e = std::io::Error::last_os_error();
+                self.run_in_place(number, &format!("no fork: {e}"), cell)
             }
         }
+    }
+
+    /// Runs the cell in this process, unprotected, and says so first.
+    fn run_in_place(&mut self, number: u64, why: &str, cell: impl FnOnce()) -> Ended {
+        println!("{IN_PLACE}{why}");
+        self.report("cell", number, own_pid());
+        cell();
+        self.report("end", number, own_pid());
+        Ended::Ran
     }
 
     fn run_in_fork(&mut self, number: u64, holder: i32, handover: File, cell: impl FnOnce()) {
