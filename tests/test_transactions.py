@@ -140,7 +140,11 @@ def test_a_crash_on_three_engines_keeps_their_variables(cluster, code, how):
 
 def test_after_a_rayon_pool_the_stop_button_says_which_variables_were_lost(kernel):
     ok(kernel, ':dep rayon = "1"', timeout=900)
-    ok(kernel, "use rayon::prelude::*;\nlet total: u64 = (0..1000u64).into_par_iter().sum();")
+    outputs = ok(kernel, "use rayon::prelude::*;\nlet total: u64 = (0..1000u64).into_par_iter().sum();")
+    # Said before anything is lost: what a stop or a crash would take from now on.
+    note = stream_text(outputs, "stderr")
+    assert "left" in note and "without a transaction" in note, outputs
+    assert "lose every variable: total" in note, note
     ok(kernel, "let kept = 5u8;")
     content, _ = stopped(kernel, ENDLESS)
     # The store runs rayon's threads now: it cannot fork, the stop ends it, and the error

@@ -554,6 +554,10 @@ impl Engine {
             .as_ref()
             .map(|recorder| recorder.notes())
             .unwrap_or_default();
+        if let (Some(threads), Ok(_)) = (&notes.threads_left, &result) {
+            let sink = self.sink.locked().clone();
+            sink("stderr", &diagnostics::threads_left_note(threads, &after));
+        }
         diagnostics::result_of_execution(result, code, (&before, &after), interruption, &notes)
     }
 }

@@ -127,6 +127,21 @@ pub fn rolled_back(how: &str, interrupted: bool) -> CellError {
     }
 }
 
+/// Said after a cell that left threads running: from now on a stop or a crash loses the
+/// variables, named here.
+pub fn threads_left_note(threads: &str, variables: &BTreeSet<String>) -> String {
+    let at_stake = if variables.is_empty() {
+        "restart the evaluation process".to_owned()
+    } else {
+        format!("lose every variable: {}", list(variables))
+    };
+    format!(
+        "Note: this cell left {threads} thread(s) running (a thread pool or a runtime, say). A \
+         process cannot be forked with its threads, so the cells after it run without a \
+         transaction: a stop or a crash would {at_stake}.\n"
+    )
+}
+
 /// A death's error, saying why the cell ran without a transaction when the store said so.
 pub fn without_transaction(error: CellError, in_place: Option<&str>) -> CellError {
     let Some(why) = in_place else {

@@ -11,6 +11,9 @@ pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
 pub const ROLLED_BACK: &str = "PARALLAX_ROLLED_BACK ";
 /// Parallax's own: the cell runs in the holder itself, without a transaction; why follows.
 pub const IN_PLACE: &str = "PARALLAX_IN_PLACE ";
+/// Parallax's own: the cell left threads running (how many follows), so the cells after it
+/// run without a transaction.
+pub const THREADS_LEFT: &str = "PARALLAX_THREADS_LEFT ";
 const USER_ERROR: &str = "EVCXR_ERROR_OCCURRED";
 const CHANGED_TYPE: &str = "EVCXR_VARIABLE_CHANGED_TYPE:";
 const INPUT_REQUEST: &str = "EVCXR_INPUT_REQUEST";
@@ -41,6 +44,8 @@ pub enum Event {
     },
     /// The cell runs without a transaction, for the reason given.
     InPlace(String),
+    /// The cell left this many threads running.
+    ThreadsLeft(String),
     Complete,
 }
 
@@ -78,6 +83,8 @@ impl Parser {
             Event::Complete
         } else if let Some(why) = line.strip_prefix(IN_PLACE) {
             Event::InPlace(why.to_owned())
+        } else if let Some(count) = line.strip_prefix(THREADS_LEFT) {
+            Event::ThreadsLeft(count.to_owned())
         } else if line == PANIC_NOTIFICATION {
             Event::Panic
         } else if line == USER_ERROR {
@@ -178,6 +185,8 @@ pub struct LineNotes {
     pub rolled_back: Option<String>,
     /// Why the cell ran without a transaction, when it did.
     pub in_place: Option<String>,
+    /// How many threads the cell left running, when it left some.
+    pub threads_left: Option<String>,
 }
 
 impl LineNotes {
@@ -186,6 +195,7 @@ impl LineNotes {
         match event {
             Event::RolledBack { how, .. } => self.rolled_back = Some(how.clone()),
             Event::InPlace(why) => self.in_place = Some(why.clone()),
+            Event::ThreadsLeft(count) => self.threads_left = Some(count.clone()),
             _ => {}
         }
     }
@@ -208,6 +218,7 @@ mod tests {
             "EVCXR_VARIABLE_CHANGED_TYPE:x",
             "EVCXR_PANIC_NOTIFICATION",
             "PARALLAX_IN_PLACE 3 threads",
+            "PARALLAX_THREADS_LEFT 2",
             "half a linePARALLAX_ROLLED_BACK signal 9 (SIGKILL)",
             "EVCXR_EXECUTION_COMPLETE",
         ];
@@ -227,6 +238,7 @@ mod tests {
                 Event::ChangedType("x".into()),
                 Event::Panic,
                 Event::InPlace("3 threads".into()),
+                Event::ThreadsLeft("2".into()),
                 Event::RolledBack {
                     partial: "half a line".into(),
                     how: "signal 9 (SIGKILL)".into()

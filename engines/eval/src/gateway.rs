@@ -295,7 +295,7 @@ fn run_live(
                     // Parallax's own markers are not evcxr's to read; what a rolled-back
                     // cell's fork left of a line is.
                     let passed = match &event {
-                        Some(Event::InPlace(_)) => continue,
+                        Some(Event::InPlace(_) | Event::ThreadsLeft(_)) => continue,
                         Some(Event::RolledBack { partial, .. }) if partial.is_empty() => continue,
                         Some(Event::RolledBack { partial, .. }) => partial,
                         _ => &printed,

@@ -9,12 +9,13 @@
 //!
 //! A process with more than one thread cannot be forked with its threads (a rayon pool or a
 //! tokio runtime an earlier cell started): there the cell runs in the holder itself, as
-//! without transactions, and a stop or a crash loses the variables. Each such cell is
-//! announced (`IN_PLACE`), so that what would be lost can be said.
+//! without transactions, and a stop or a crash loses the variables. The cell that leaves
+//! threads behind says so (`THREADS_LEFT`), and each cell run in place is announced
+//! (`IN_PLACE`), so that what would be lost, and why, can be said.
 //!
 //! While a cell runs, the pages it changes exist twice (copy on write).
 
-use crate::evalproto::{IN_PLACE, PANIC_NOTIFICATION, ROLLED_BACK};
+use crate::evalproto::{IN_PLACE, PANIC_NOTIFICATION, ROLLED_BACK, THREADS_LEFT};
 use crate::supervisor::{CONTROL_FD, HOLDER_VAR};
 use std::fs::File;
 use std::io::Write;
@@ -164,6 +165,11 @@ impl Transactions {
         die_with(holder);
         self.report("cell", number, own_pid());
         cell();
+        let threads = thread_count();
+        if threads > 1 {
+            // Said before anything is lost, so that the notebook can say what would be.
+            println!("{THREADS_LEFT}{}", threads - 1);
+        }
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         // The old holder's end must not end this process: it says it is over instead
