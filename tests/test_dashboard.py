@@ -17,7 +17,8 @@ from conftest import ARTIFACTS, RunningKernel, all_iopub_until_idle, of_type, st
 @pytest.fixture(scope="module")
 def cluster(kernelspec):
     running = RunningKernel(ARTIFACTS / "test_dashboard.kernel.log")
-    reply, _ = running.execute("%cluster start -n 2", timeout=600)
+    # Dead engines stay dead here: the restart button is for those.
+    reply, _ = running.execute("%cluster start -n 2 --no-restart", timeout=600)
     assert reply["content"]["status"] == "ok", reply["content"]
     reply, _ = running.execute(
         "%%px\nfn slow(x: u64) -> u64 { std::thread::sleep(std::time::Duration::from_millis(10)); x }",

@@ -38,7 +38,10 @@ def bed():
 
 def launcher_options(bed, launcher):
     """`%cluster start` options for 2 engines on each of host1 and host2."""
-    common = f"--ip {HEAD_IP} --remote-parallax {parallax_binary()} --heartbeat-timeout {HEARTBEAT}"
+    # Dead engines stay dead here: these tests are about how deaths are named and what goes on
+    # without them (test_revival.py is about engines coming back).
+    common = (f"--ip {HEAD_IP} --remote-parallax {parallax_binary()} "
+              f"--heartbeat-timeout {HEARTBEAT} --no-restart")
     if launcher == "ssh":
         return f"--launcher ssh --hosts host1:2,host2:2 --ssh-config {bed.ssh_config} {common}"
     if launcher == "mpi":
@@ -408,7 +411,7 @@ def test_the_dashboard_restarts_a_dead_remote_engine_on_its_host(remote_kernel, 
     kernel = remote_kernel
     ok(kernel, f"%cluster start --launcher ssh --hosts host1:1,host2:1 --ssh-config "
                f"{bed.ssh_config} --remote-parallax {parallax_binary()} --ip {HEAD_IP} "
-               f"--heartbeat-timeout {HEARTBEAT}", timeout=600)
+               f"--heartbeat-timeout {HEARTBEAT} --no-restart", timeout=600)
     outputs = ok(kernel, "%dashboard")
     ok(kernel, "%dashboard --stop")
     text = "".join(m["content"]["data"].get("text/plain", "") for m in of_type(outputs, "display_data"))

@@ -59,6 +59,8 @@ pub struct LaunchOptions {
     pub profile: Option<String>,
     /// `--noblock`: return once launched; engines join as they register.
     pub noblock: bool,
+    /// `--no-restart`: a dead engine stays dead (by default it is started again).
+    pub no_restart: bool,
 }
 
 pub const CLUSTER_HELP: &str = "\
@@ -77,6 +79,7 @@ Options of start and add:\n\
 --partition P, --time T, --account A, --nodes N, --sbatch-arg ARG (repeat it): the Slurm job.\n\
 --ip ADDRESS: where the controller listens for engines (default 127.0.0.1, or PARALLAX_CONTROLLER_IP).\n\
 --heartbeat-timeout SECS: an engine silent this long is dead (default 5). --start-timeout SECS: how long engines have to register once launched (default 30).\n\
+--no-restart: a dead engine stays dead (by default it comes back by itself, same id and host, with its functions, types and dependencies but not its variables; at most 3 times a minute).\n\
 --profile NAME: the options of profile NAME in ~/.parallax/profiles.toml (or PARALLAX_PROFILES), under [profile.NAME], keys named as the flags; flags override it.";
 
 impl LaunchOptions {
@@ -107,6 +110,7 @@ impl LaunchOptions {
             start_timeout: self.start_timeout.or(profile.start_timeout),
             profile: self.profile,
             noblock: self.noblock,
+            no_restart: self.no_restart,
         }
     }
 
@@ -174,6 +178,10 @@ fn launch_options(words: &[String]) -> Result<LaunchOptions, String> {
         }
         if word == "--noblock" {
             options.noblock = true;
+            continue;
+        }
+        if word == "--no-restart" {
+            options.no_restart = true;
             continue;
         }
         let (name, value) = match word.split_once('=') {
@@ -378,7 +386,7 @@ mod tests {
         let ClusterCommand::Start(options) = parse_cluster(
             "start --launcher slurm -n 4 --nodes=2 --partition debug --time 10:00 --noblock \
              --sbatch-arg --exclusive --sbatch-arg '--comment=a b' --ip 10.0.0.1 \
-             --heartbeat-timeout 2.5",
+             --heartbeat-timeout 2.5 --no-restart",
         )
         .unwrap() else {
             panic!("not a start")
@@ -387,7 +395,7 @@ mod tests {
         assert_eq!(options.nodes, Some(2));
         assert_eq!(options.sbatch_args, ["--exclusive", "--comment=a b"]);
         assert_eq!(options.heartbeat_timeout, Some(2.5));
-        assert!(options.noblock);
+        assert!(options.noblock && options.no_restart);
         assert_eq!(
             host_counts("host1:4, host2,host3:1").unwrap(),
             [

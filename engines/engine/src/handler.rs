@@ -7,7 +7,7 @@ use crate::inbox::Inbox;
 use crate::{end_map, DataWork, Fetch, Outbound, SharedMaps, Store, Work, MAP_STOP_GRACE};
 use bytes::Bytes;
 use parallax_engine_protocol::{
-    FromEngine, Payload, ProcessUsage, Share, ToEngine, TIMED_PING_NONCES,
+    FromEngine, Payload, ProcessUsage, Role, Share, ToEngine, TIMED_PING_NONCES,
 };
 use parallax_eval::ipc::Locked;
 use parallax_eval::{Interrupter, MapInput};
@@ -146,6 +146,7 @@ impl Handler {
             }
             ToEngine::Shutdown => return ControlFlow::Break(()),
             // Answers to a registration said again, after the first.
+            ToEngine::Adopt { history, lost } => self.adopt(history, lost),
             ToEngine::Welcome { .. } => {}
             ToEngine::Refused { reason } => {
                 tracing::warn!("engine {engine}: the controller refused it: {reason}");
@@ -180,6 +181,18 @@ impl Handler {
                 let _ = self.outbound.send((refused, Vec::new()));
             }
         }
+    }
+
+    /// A replacement's inheritance goes into the task queue, so that it comes before the
+    /// cells sent after it.
+    fn adopt(&self, history: Vec<parallax_engine_protocol::HistoryEntry>, lost: Vec<String>) {
+        let share = Share {
+            cell: 0,
+            role: Role::Lead {
+                followers: Vec::new(),
+            },
+        };
+        let _ = self.tasks.send((0, share, Work::Adopt { history, lost }));
     }
 
     fn interrupt(&self, task: u64) {

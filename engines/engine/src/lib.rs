@@ -147,6 +147,17 @@ fn unreachable_by_address(connection: &Connection, host: &str) -> Option<String>
 pub(crate) enum Work {
     Code(String),
     Data(DataWork),
+    /// A replacement's inheritance (`ToEngine::Adopt`): not a task, nothing answers it.
+    Adopt {
+        history: Vec<parallax_engine_protocol::HistoryEntry>,
+        lost: Vec<String>,
+    },
+}
+
+/// What a task does: the work that is one.
+enum Task {
+    Code(String),
+    Data(DataWork),
 }
 
 /// Work that moves values through the engine's data socket.
@@ -418,6 +429,14 @@ async fn run_tasks(
 ) {
     let preludes = preludes();
     while let Some((task, share, work)) = tasks.recv().await {
+        let work = match work {
+            Work::Adopt { history, lost } => {
+                core.take_over(&history, &lost);
+                continue;
+            }
+            Work::Code(code) => Task::Code(code),
+            Work::Data(data) => Task::Data(data),
+        };
         let sink_outbound = outbound.clone();
         let sink: StreamSink = Arc::new(move |name, text| {
             let name = if name == "stderr" {
@@ -434,7 +453,7 @@ async fn run_tasks(
         });
         running.store(task, Ordering::SeqCst);
         let outcome = match work {
-            Work::Code(code) => {
+            Task::Code(code) => {
                 let work = sharing::Work {
                     code,
                     preludes: preludes.clone(),
@@ -442,7 +461,7 @@ async fn run_tasks(
                 };
                 core.execute(task, &share, &work, sink).await.outcome
             }
-            Work::Data(work) => {
+            Task::Data(work) => {
                 let needs = preludes.clone();
                 data_work::run_data_work(&mut core, task, &share, work, needs, sink, &outbound)
                     .await

@@ -160,6 +160,26 @@ impl LineOutcome {
         lines
     }
 
+    pub fn to_wire(&self) -> parallax_engine_protocol::LineReport {
+        parallax_engine_protocol::LineReport {
+            panicked: self.panicked,
+            user_error: self.user_error,
+            changed_type: self.changed_type.clone(),
+            died: self.died,
+            rolled_back: self.rolled_back,
+        }
+    }
+
+    pub fn from_wire(wire: &parallax_engine_protocol::LineReport) -> LineOutcome {
+        LineOutcome {
+            panicked: wire.panicked,
+            user_error: wire.user_error,
+            changed_type: wire.changed_type.clone(),
+            died: wire.died,
+            rolled_back: wire.rolled_back,
+        }
+    }
+
     /// In words, for `%cluster status`.
     pub fn describe(&self) -> String {
         if self.died {

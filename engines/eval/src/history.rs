@@ -30,6 +30,23 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// Its wire form, for the controller's copy of an engine's history.
+    pub fn to_wire(&self) -> parallax_engine_protocol::HistoryEntry {
+        parallax_engine_protocol::HistoryEntry {
+            code: self.code.clone(),
+            lines: self.lines.iter().map(LineOutcome::to_wire).collect(),
+        }
+    }
+
+    pub fn from_wire(wire: &parallax_engine_protocol::HistoryEntry) -> Entry {
+        Entry {
+            code: wire.code.clone(),
+            lines: wire.lines.iter().map(LineOutcome::from_wire).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct History {
     entries: Vec<Entry>,

@@ -115,6 +115,13 @@ pub enum ToEngine {
         from: u32,
         step: Step,
     },
+    /// To a replacement of a dead engine, before any cell: the history of the engine it
+    /// replaces. Its compiling context rebuilds that state without running anything, then
+    /// forgets the variables (`lost`), which died with the old engine.
+    Adopt {
+        history: Vec<HistoryEntry>,
+        lost: Vec<String>,
+    },
     /// The answer to `Register`: the engine's id in the pool, and the pool's size with it.
     Welcome {
         engine: u32,
@@ -229,6 +236,37 @@ pub struct StateReport {
     /// What the engine's compiling context has built since it started.
     #[serde(default)]
     pub builds: BuildCounts,
+    /// The entries the task added to the engine's history (it only grows while the engine
+    /// lives): the controller keeps a copy, from which a replacement rebuilds the engine's
+    /// functions, types and dependencies if it dies.
+    #[serde(default)]
+    pub added: Vec<HistoryEntry>,
+    /// Its variables after the task: what its death would lose.
+    #[serde(default)]
+    pub variables: Vec<String>,
+}
+
+/// The code of the entry a replacement's history ends with, after the dead engine's: evcxr's
+/// `:restart`, which forgets the variables.
+pub const TAKE_OVER_RESTART: &str = ":restart";
+
+/// One entry of an engine's history on the wire: what its compiling context executed (a cell
+/// or a command), and how each compiled cell it ran ended (`parallax_eval::history::Entry`,
+/// which this crate cannot name).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryEntry {
+    pub code: String,
+    pub lines: Vec<LineReport>,
+}
+
+/// How one compiled cell ended, as far as the variables are concerned.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct LineReport {
+    pub panicked: bool,
+    pub user_error: bool,
+    pub changed_type: Vec<String>,
+    pub died: bool,
+    pub rolled_back: bool,
 }
 
 /// What an evcxr context's cell builds came to: compiled by rustc, loaded from the host's

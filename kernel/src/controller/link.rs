@@ -37,6 +37,8 @@ pub struct Settings {
     pub register_timeout: Duration,
     /// The bound socket's url, once bound.
     pub url: String,
+    /// A dead engine comes back by itself (`%cluster start --no-restart` turns it off).
+    pub auto_restart: bool,
 }
 
 impl Settings {
@@ -94,6 +96,11 @@ impl Controller {
         }
         *parallax_eval::ipc::Locked::locked(&*self.settings) = settings;
         Ok(())
+    }
+
+    /// Whether dead engines come back by themselves, from now on.
+    pub fn set_auto_restart(&self, on: bool) {
+        parallax_eval::ipc::Locked::locked(&*self.settings).auto_restart = on;
     }
 
     /// What an engine needs to reach the controller, binding the socket on first use.

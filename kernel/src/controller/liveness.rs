@@ -146,12 +146,18 @@ impl Controller {
             Some(engine) if !engine.host.starts_with('(') => format!("on {}: {cause}", engine.host),
             _ => cause.to_owned(),
         };
+        // What becomes of it: the cells it was running say so.
+        let revival = if expected {
+            String::new()
+        } else {
+            super::revive::revival_words(&self.revive(id))
+        };
         let cause = cause.as_str();
         self.observer.engine_died(id, cause);
         if expected {
             tracing::info!("engine {id} stopped {cause}");
         } else {
-            tracing::warn!("engine {id} {cause}");
+            tracing::warn!("engine {id} {cause}{revival}");
         }
         for closed in orphaned {
             let _ = closed.events.send(TaskEvent::Done {
@@ -159,9 +165,9 @@ impl Controller {
                 execution_count: 0,
                 outcome: Outcome::Error {
                     ename: "EngineDied".into(),
-                    evalue: format!("engine {id} {cause}"),
+                    evalue: format!("engine {id} {cause}{revival}"),
                     traceback: vec![format!(
-                        "EngineDied: engine {id} {cause}; the other engines go on"
+                        "EngineDied: engine {id} {cause}{revival}; the other engines go on"
                     )],
                 },
             });

@@ -21,6 +21,7 @@ mod link;
 mod liveness;
 mod plan;
 mod pool;
+mod revive;
 mod routing;
 pub mod scheduler;
 
@@ -110,6 +111,7 @@ impl Controller {
                 heartbeat_timeout: HEARTBEAT_TIMEOUT,
                 register_timeout: REGISTER_TIMEOUT,
                 url: String::new(),
+                auto_restart: true,
             })),
             dispatching: Arc::default(),
             // Opening it also sweeps what a killed kernel or engine left.

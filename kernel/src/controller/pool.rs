@@ -5,7 +5,8 @@
 use super::events::Events;
 use super::plan::{self, Group, Standing, StateKey, EMPTY_HISTORY};
 use bytes::Bytes;
-use parallax_engine_protocol::{BuildCounts, ProcessUsage, Role, Share, StateReport};
+use parallax_engine_protocol::{BuildCounts, HistoryEntry, ProcessUsage, Role, Share, StateReport};
+use parallax_eval::history::{Entry, History};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,23 @@ pub struct Engine {
     pub report: Option<StateReport>,
     /// Why its state left the others', in words, most recent cause.
     pub divergence: Option<String>,
+    /// A copy of its history, from the entries its reports add; `None` once they did not add
+    /// up to the fingerprint it reported.
+    pub history: Option<History>,
+    /// Its variables, as its last report said.
+    pub variables: Vec<String>,
+    /// What it takes over from the dead engine it replaces, sent once it registers.
+    pub inheritance: Option<Inheritance>,
+    /// When it was started again after a death, within the last minute or so.
+    pub restarts: Vec<Instant>,
+}
+
+/// What the replacement of a dead engine takes over: the dead one's history (its functions,
+/// types and dependencies) and the names of the variables that died with it.
+#[derive(Debug, Clone, Default)]
+pub struct Inheritance {
+    pub history: Vec<HistoryEntry>,
+    pub lost: Vec<String>,
 }
 
 impl Engine {
@@ -96,6 +114,10 @@ impl Engine {
             compiler: false,
             report: None,
             divergence: None,
+            history: Some(History::default()),
+            variables: Vec::new(),
+            inheritance: None,
+            restarts: Vec::new(),
         }
     }
 
@@ -114,6 +136,8 @@ impl Engine {
             self.state = EngineState::Idle;
         }
         let Some(report) = report else { return };
+        self.follow_history(&report);
+        self.variables.clone_from(&report.variables);
         let said = self.report.as_ref().and_then(|r| r.note.as_ref());
         if report.note.is_some() && report.note.as_ref() != said {
             self.divergence.clone_from(&report.note);
@@ -124,6 +148,50 @@ impl Engine {
             self.compiler = report.compiler;
         }
         self.report = Some(report);
+    }
+}
+
+impl Engine {
+    /// A replacement's record: the history it will have once it took over the dead engine's
+    /// (which the planner must know, so that it never groups it with fresh engines).
+    pub fn inherit(&mut self, inheritance: Inheritance) {
+        let mut history = History::default();
+        for entry in &inheritance.history {
+            history.push(Entry::from_wire(entry));
+        }
+        history.push(Entry::new(parallax_engine_protocol::TAKE_OVER_RESTART));
+        self.state_key = StateKey::Reported(history.fingerprint());
+        self.history = Some(history);
+        self.divergence = Some(if inheritance.lost.is_empty() {
+            "it replaces the engine that died, with its functions, types and dependencies".into()
+        } else {
+            format!(
+                "it replaces the engine that died, with its functions, types and dependencies; \
+                 variables lost: {}",
+                inheritance.lost.join(", ")
+            )
+        });
+        self.inheritance = Some(inheritance);
+    }
+
+    /// Adds what a report adds to the copy of the engine's history, and checks the copy
+    /// against the fingerprint it reports.
+    fn follow_history(&mut self, report: &StateReport) {
+        let Some(history) = self.history.as_mut() else {
+            return;
+        };
+        for entry in &report.added {
+            history.push(Entry::from_wire(entry));
+        }
+        if history.fingerprint() != report.fingerprint {
+            tracing::warn!(
+                "the copy of an engine's history ({} entries) does not match its report ({}): \
+                 a replacement would start without its functions",
+                history.len(),
+                report.entries
+            );
+            self.history = None;
+        }
     }
 }
 

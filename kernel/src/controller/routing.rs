@@ -200,14 +200,28 @@ impl Controller {
 
     /// Answers an engine's registration: `Welcome` with its id, or `Refused` and why.
     fn register(&self, identity: Bytes, requested: Option<u32>, pid: u32, host: &str) {
-        let answer = match registered(&mut self.registry(), &identity, requested, pid, host) {
-            Ok((engine, engines)) => ToEngine::Welcome { engine, engines },
+        let joined = registered(&mut self.registry(), &identity, requested, pid, host);
+        let answer = match &joined {
+            Ok((engine, engines)) => ToEngine::Welcome {
+                engine: *engine,
+                engines: *engines,
+            },
             Err(reason) => {
                 tracing::warn!("engines: refused an engine on {host} (pid {pid}): {reason}");
-                ToEngine::Refused { reason }
+                ToEngine::Refused {
+                    reason: reason.clone(),
+                }
             }
         };
-        self.pass_to(Address::Socket(identity), answer);
+        self.pass_to(Address::Socket(identity.clone()), answer);
+        // A replacement takes over the dead engine's history before any cell reaches it.
+        if let Some(inheritance) = joined.ok().and_then(|(id, _)| self.inheritance_of(id)) {
+            let adopt = ToEngine::Adopt {
+                history: inheritance.history,
+                lost: inheritance.lost,
+            };
+            self.pass_to(Address::Socket(identity), adopt);
+        }
         self.notify();
     }
 

@@ -528,6 +528,7 @@ impl Observer for Monitor {
             | ToEngine::MapEnd { .. }
             | ToEngine::Shared { .. }
             | ToEngine::Welcome { .. }
+            | ToEngine::Adopt { .. }
             | ToEngine::Refused { .. } => {}
         }
     }

@@ -90,6 +90,7 @@ async fn start(
         )
         .await
         .map_err(failed)?;
+    controller.set_auto_restart(!options.no_restart);
     let plan = launch_plan(&options).map_err(usage)?;
     if options.noblock {
         return launch_in_background(controller, plan, out);

@@ -89,6 +89,7 @@ impl Core {
                     self.inbox.close(cell);
                     let before: BTreeSet<String> = before.into_iter().collect();
                     let after: BTreeSet<String> = after.into_iter().collect();
+                    self.variables.clone_from(&after);
                     let outcome = match (&last_run, ran) {
                         _ if skipped => outcome_of(Err(
                             parallax_eval::diagnostics::interrupted_before_running(),

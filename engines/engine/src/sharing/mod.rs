@@ -68,6 +68,10 @@ pub struct Core {
     builds: BuildCounter,
     /// Cells that can run again without evcxr.
     memo: parallax_eval::memo::Memo,
+    /// History entries already reported to the controller.
+    reported: usize,
+    /// The variables after the last cell, for the controller (lost if this engine dies).
+    pub(crate) variables: BTreeSet<String>,
 }
 
 impl Core {
@@ -111,6 +115,8 @@ impl Core {
             line_running,
             builds: BuildCounter::default(),
             memo: parallax_eval::memo::Memo::default(),
+            reported: 0,
+            variables: BTreeSet::new(),
         })
     }
 
@@ -151,15 +157,58 @@ impl Core {
         self.history.locked().fingerprint()
     }
 
-    /// Where this engine's state stands, for the controller.
-    pub fn report(&self) -> StateReport {
+    /// Takes over from a dead engine: its history, so that the compiling context this engine
+    /// builds when it next needs one (by replaying the history, running nothing) has its
+    /// functions, types, `use`s and dependencies; then evcxr's `:restart`, which forgets the
+    /// variables, lost with the dead engine's store.
+    pub fn take_over(
+        &mut self,
+        history: &[parallax_engine_protocol::HistoryEntry],
+        lost: &[String],
+    ) {
+        let mut adopted = History::default();
+        for entry in history {
+            adopted.push(Entry::from_wire(entry));
+        }
+        adopted.push(Entry::new(parallax_engine_protocol::TAKE_OVER_RESTART));
+        self.reported = adopted.len();
+        *self.history.locked() = adopted;
+        self.variables.clear();
+        self.compiler = None;
+        self.memo.forget();
+        self.note = Some(if lost.is_empty() {
+            "it replaces a dead engine, whose functions, types and dependencies it rebuilt".into()
+        } else {
+            format!(
+                "it replaces a dead engine, whose functions, types and dependencies it rebuilt; \
+                 variables lost: {}",
+                lost.join(", ")
+            )
+        });
+        tracing::info!(
+            "engine {}: took over a dead engine's {} history entries",
+            self.engine,
+            history.len()
+        );
+    }
+
+    /// Where this engine's state stands, for the controller, with the history entries added
+    /// since the last report.
+    pub fn report(&mut self) -> StateReport {
         let history = self.history.locked();
+        let added = history.entries()[self.reported.min(history.len())..]
+            .iter()
+            .map(|entry| entry.to_wire())
+            .collect();
+        self.reported = history.len();
         StateReport {
             fingerprint: history.fingerprint(),
             entries: history.len() as u64,
             compiler: self.compiler.is_some(),
             note: self.note.clone(),
             builds: self.builds.get(),
+            added,
+            variables: self.variables.iter().cloned().collect(),
         }
     }
 
@@ -278,6 +327,7 @@ impl Core {
             compiler.execute(work.code.clone(), sink, None).await
         };
         let after = compiler.variables().await;
+        self.variables.clone_from(&after);
         let sent_type = if work.wants_sent_type && result.is_ok() {
             compiler
                 .variable_type(cells::SENT)

@@ -19,7 +19,7 @@ pub use mpi::Mpi;
 pub use slurm::Slurm;
 pub use ssh::Ssh;
 
-use super::pool::{Engine, EngineState, Launch};
+use super::pool::{Engine, EngineState, Inheritance, Launch};
 use super::Controller;
 use anyhow::Context;
 use parallax_engine_protocol::Connection;
@@ -175,6 +175,16 @@ impl Controller {
     /// it is ready. Its variables are gone: it starts from an empty context. Engines of a
     /// local or ssh launch can be restarted alone; those of a job are restarted with the pool.
     pub async fn restart_engine(&self, id: u32) -> anyhow::Result<()> {
+        self.restart_engine_with(id, None).await
+    }
+
+    /// Starts dead engine `id` again; with `inheritance`, the new engine takes over the dead
+    /// one's history once it registers (`super::revive`).
+    pub(in crate::controller) async fn restart_engine_with(
+        &self,
+        id: u32,
+        inheritance: Option<Inheritance>,
+    ) -> anyhow::Result<()> {
         let connection = self.connection().await?;
         let (kind, host, ssh, parallax) = {
             let registry = self.registry();
@@ -211,8 +221,16 @@ impl Controller {
         tracing::info!("restarting engine {id}");
         if let Some(engine) = self.registry().engines.get_mut(&id) {
             let launch = engine.launch;
+            let restarts = std::mem::take(&mut engine.restarts);
             *engine = Engine::launched(launch, &host);
-            engine.divergence = Some("it was restarted, with none of the others' state".into());
+            engine.restarts = restarts;
+            match inheritance {
+                Some(inheritance) => engine.inherit(inheritance),
+                None => {
+                    engine.divergence =
+                        Some("it was restarted, with none of the others' state".into())
+                }
+            }
         }
         self.run_holder(command, Holder::Engine(id), &connection)?;
         self.notify();
