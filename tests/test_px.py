@@ -411,6 +411,8 @@ LAUNCHER = """
 import sys, time
 from jupyter_client.manager import KernelManager
 km = KernelManager(kernel_name="parallax")
+# In the test's own directory: killed, this launcher cannot remove it.
+km.connection_file = sys.argv[1]
 km.start_kernel()
 kc = km.client()
 kc.start_channels()
@@ -422,9 +424,12 @@ time.sleep(600)
 """
 
 
-def test_a_kernel_whose_launcher_dies_shuts_down_with_its_engines(kernelspec):
+def test_a_kernel_whose_launcher_dies_shuts_down_with_its_engines(kernelspec, tmp_path):
     # The launcher starts a kernel with an engine, then is SIGKILLed: it never shuts it down.
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE, text=True)
+    connection_file = str(tmp_path / "kernel.json")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, connection_file], stdout=subprocess.PIPE, text=True
+    )
     try:
         kernel_pid = int(launcher.stdout.readline())
         procs = [kernel_pid] + descendants(kernel_pid)
