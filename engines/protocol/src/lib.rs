@@ -246,9 +246,19 @@ pub struct StateReport {
     pub variables: Vec<String>,
 }
 
-/// The code of the entry a replacement's history ends with, after the dead engine's: evcxr's
-/// `:restart`, which forgets the variables.
-pub const TAKE_OVER_RESTART: &str = ":restart";
+/// The entry a replacement's history ends with, after the dead engine's: a trivial cell whose
+/// compiled cell is recorded as the evaluation process's death, so that a context replaying
+/// the history forgets every variable, as evcxr does when its process dies, and keeps the
+/// rest. (evcxr's `:restart` would not do: its command keeps the variables it clears.)
+pub fn take_over_entry() -> HistoryEntry {
+    HistoryEntry {
+        code: "// This engine took over from a dead one: its variables died with it.\n()".into(),
+        lines: vec![LineReport {
+            died: true,
+            ..LineReport::default()
+        }],
+    }
+}
 
 /// One entry of an engine's history on the wire: what its compiling context executed (a cell
 /// or a command), and how each compiled cell it ran ended (`parallax_eval::history::Entry`,

@@ -159,7 +159,9 @@ impl Engine {
         for entry in &inheritance.history {
             history.push(Entry::from_wire(entry));
         }
-        history.push(Entry::new(parallax_engine_protocol::TAKE_OVER_RESTART));
+        history.push(Entry::from_wire(
+            &parallax_engine_protocol::take_over_entry(),
+        ));
         self.state_key = StateKey::Reported(history.fingerprint());
         self.history = Some(history);
         self.divergence = Some(if inheritance.lost.is_empty() {

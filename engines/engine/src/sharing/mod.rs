@@ -159,8 +159,8 @@ impl Core {
 
     /// Takes over from a dead engine: its history, so that the compiling context this engine
     /// builds when it next needs one (by replaying the history, running nothing) has its
-    /// functions, types, `use`s and dependencies; then evcxr's `:restart`, which forgets the
-    /// variables, lost with the dead engine's store.
+    /// functions, types, `use`s and dependencies; then an entry that makes it forget the
+    /// variables, lost with the dead engine's store (`take_over_entry`).
     pub fn take_over(
         &mut self,
         history: &[parallax_engine_protocol::HistoryEntry],
@@ -170,7 +170,9 @@ impl Core {
         for entry in history {
             adopted.push(Entry::from_wire(entry));
         }
-        adopted.push(Entry::new(parallax_engine_protocol::TAKE_OVER_RESTART));
+        adopted.push(Entry::from_wire(
+            &parallax_engine_protocol::take_over_entry(),
+        ));
         self.reported = adopted.len();
         *self.history.locked() = adopted;
         self.variables.clear();
