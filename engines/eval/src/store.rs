@@ -14,6 +14,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -57,6 +58,9 @@ const STDERR_WAIT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 pub struct StoreControl {
     live: Arc<Mutex<Control>>,
+    /// The stop pipe's end that the next supervisor started gets as its fd 3: read between
+    /// fork and exec by the one `pre_exec` hook the command has, whichever start it is.
+    next_stop_fd: Arc<std::sync::atomic::AtomicI32>,
 }
 
 #[derive(Default)]
@@ -165,6 +169,16 @@ impl Store {
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_sync = Arc::new(StderrSync::default());
         let control = StoreControl::default();
+        // Once: a `Command` keeps every hook it was given, and each restart spawns it again.
+        let stop_fd = control.next_stop_fd.clone();
+        command.process_group(0);
+        // SAFETY: between fork and exec only an atomic load, dup2 and fcntl, all
+        // async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                crate::supervisor::pass_as_control_fd(stop_fd.load(Ordering::SeqCst))
+            });
+        }
         let (child, stdin, lines) =
             spawn(&mut command, &control, &sink, &stderr_tail, &stderr_sync)?;
         Ok(Store {
@@ -383,7 +397,8 @@ impl Drop for Store {
     }
 }
 
-/// Starts the store's supervisor in a process group of its own, its stop requests on fd 3.
+/// Starts the store's supervisor (in a process group of its own, its stop requests on fd 3:
+/// the command's hook, set in `Store::start_program`).
 fn spawn(
     command: &mut Command,
     control: &StoreControl,
@@ -392,12 +407,9 @@ fn spawn(
     stderr_sync: &Arc<StderrSync>,
 ) -> std::io::Result<(Child, ChildStdin, StoreLines)> {
     let (stop_read, stop_write) = stop_pipe()?;
-    let stop_fd = stop_read.as_raw_fd();
-    command.process_group(0);
-    // SAFETY: between fork and exec only dup2 and fcntl, which are async-signal-safe.
-    unsafe {
-        command.pre_exec(move || crate::supervisor::pass_as_control_fd(stop_fd));
-    }
+    control
+        .next_stop_fd
+        .store(stop_read.as_raw_fd(), Ordering::SeqCst);
     let mut child = command.spawn()?;
     drop(stop_read);
     control.replace(child.id(), std::fs::File::from(stop_write));
