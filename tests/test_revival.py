@@ -9,11 +9,8 @@ import signal
 import threading
 import time
 
-import pytest
 
 from conftest import (
-    ARTIFACTS,
-    RunningKernel,
     engine_errors,
     engine_results,
     ok,
@@ -22,13 +19,6 @@ from conftest import (
 )
 
 RESTARTS_PER_MINUTE = 3
-
-
-@pytest.fixture
-def kernel(kernelspec, request):
-    running = RunningKernel(ARTIFACTS / f"{request.node.name}.kernel.log")
-    yield running
-    running.stop()
 
 
 def status(kernel):

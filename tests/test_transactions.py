@@ -60,13 +60,6 @@ def values(outputs):
     return {engine: text.split(": ", 1)[1] for engine, text in engine_results(outputs).items()}
 
 
-@pytest.fixture
-def kernel(kernelspec, request):
-    running = RunningKernel(ARTIFACTS / f"{request.node.name}.kernel.log")
-    yield running
-    running.stop()
-
-
 def test_the_stop_button_keeps_every_earlier_variable_in_the_notebook(kernel):
     ok(kernel, 'let kept = vec![1u64, 2, 3];\nlet name = String::from("kept");')
     content, _ = stopped(kernel, "let new_in_the_stopped_cell = 5u8;\n" + ENDLESS)
