@@ -28,6 +28,7 @@ def status(kernel):
 def engines(kernel):
     """id -> (pid, state) from `%cluster status`."""
     rows = {}
+    # A starting engine's pid is "-" until it registers: it has no row here.
     for row in status(kernel).splitlines()[1:]:
         words = row.split()
         if len(words) >= 4 and words[0].isdigit() and words[1].isdigit():
@@ -35,12 +36,18 @@ def engines(kernel):
     return rows
 
 
+def kill(pid):
+    # pid 0 would be this test's own process group.
+    assert pid > 1, pid
+    os.kill(pid, signal.SIGKILL)
+
+
 def values(outputs):
     return {e: text.split(": ", 1)[1] for e, text in engine_results(outputs).items()}
 
 
 def wait_back(kernel, engine, old_pid, state="idle"):
-    """Waits until engine `engine` is a new process (in `state`, if given)."""
+    """Waits until engine `engine` is a new process that registered (in `state`, if given)."""
 
     def back():
         pid, now = engines(kernel).get(engine, (old_pid, ""))
@@ -66,7 +73,7 @@ def test_a_killed_engine_comes_back_with_its_functions_but_not_its_variables(ker
     )
     worker.start()
     assert wait_until(lambda: stream_text(outputs).count("going") >= 3, 120), outputs
-    os.kill(pid, signal.SIGKILL)
+    kill(pid)
     worker.join(120)
     died = engine_errors(outputs)[1]
     assert "EngineDied" in died["ename"] and "being restarted" in died["evalue"], died
@@ -81,7 +88,7 @@ def test_a_killed_engine_comes_back_with_its_functions_but_not_its_variables(ker
     assert re.search(r"engine 1 .*variables lost: kept", text), text
     # How long a death takes to heal, with nothing running.
     pid = engines(kernel)[2][0]
-    os.kill(pid, signal.SIGKILL)
+    kill(pid)
     killed = time.monotonic()
     wait_back(kernel, 2, pid)
     print(f"engine 2 was back and idle {time.monotonic() - killed:.1f} s after SIGKILL")
@@ -93,9 +100,9 @@ def test_a_crash_loop_is_stopped_by_the_restart_limit(kernel):
     # Killed again as soon as each replacement registers: a crash loop.
     for _ in range(RESTARTS_PER_MINUTE):
         pid = engines(kernel)[0][0]
-        os.kill(pid, signal.SIGKILL)
+        kill(pid)
         wait_back(kernel, 0, pid, state=None)
-    os.kill(engines(kernel)[0][0], signal.SIGKILL)
+    kill(engines(kernel)[0][0])
     assert wait_until(lambda: engines(kernel)[0][1] == "dead", 60), status(kernel)
     log = re.compile(r"engine 0 .*died 4 times within a minute, so it is not restarted again")
     assert wait_until(lambda: log.search(kernel.log()), 30), kernel.log()[-3000:]
@@ -108,7 +115,7 @@ def test_with_no_restart_a_killed_engine_stays_dead(kernel):
     text = stream_text(ok(kernel, "%cluster start -n 2 --no-restart", timeout=600))
     assert "Started 2 engines" in text, text
     pid = engines(kernel)[1][0]
-    os.kill(pid, signal.SIGKILL)
+    kill(pid)
     assert wait_until(lambda: engines(kernel)[1][1] == "dead", 60), status(kernel)
     # A restart here takes a few seconds (see the first test): it would have begun by now.
     time.sleep(5)

@@ -368,10 +368,15 @@ fn status_table(controller: &Controller) -> String {
         "engine", "pid", "host", "state", "uptime"
     );
     for s in status {
+        // A starting engine's pid is known once it registers.
+        let pid = match s.pid {
+            0 => "-".to_owned(),
+            pid => pid.to_string(),
+        };
         text.push_str(&format!(
             "{:>6}  {:>8}  {:<12}  {:<10}  {:>8.0}s\n",
             s.id,
-            s.pid,
+            pid,
             s.host,
             s.state.to_string(),
             s.uptime.as_secs_f64()
