@@ -200,3 +200,52 @@ def alive(pid):
     except OSError:
         return False
     return state != "Z"
+
+
+def children(pid):
+    """The children of every thread of `pid` (tokio's worker threads start processes too)."""
+    found = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children") as listing:
+                found += [int(p) for p in listing.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def descendants(pid):
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def environment_has(pid, name):
+    prefix = f"{name}=".encode()
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(entry.startswith(prefix) for entry in entries)
+
+
+def store_processes(engine_pid):
+    """The processes of an engine's store: its supervisor (the store as its engine sees it),
+    the holder of its variables, and the fork running a cell if one runs."""
+    under = descendants(engine_pid)
+    supervisors = [p for p in under if environment_has(p, "PARALLAX_STORE")
+                   and not environment_has(p, "PARALLAX_STORE_HOLDER")]
+    holders = [p for p in under if environment_has(p, "PARALLAX_STORE_HOLDER")]
+    forks = [p for p in holders if any(p in children(h) for h in holders)]
+    return {
+        "supervisor": supervisors,
+        "holder": [p for p in holders if p not in forks],
+        "fork": forks,
+    }

@@ -10,7 +10,18 @@ import threading
 
 import pytest
 
-from conftest import ARTIFACTS, RunningKernel, check, interrupt_and_wait, of_type, ok, stream_text
+from conftest import (
+    ARTIFACTS,
+    RunningKernel,
+    check,
+    engine_results,
+    interrupt_and_wait,
+    of_type,
+    ok,
+    store_processes,
+    stream_text,
+    wait_until,
+)
 
 FUNCS = """%%px --local
 fn square(x: u64) -> u64 { x.wrapping_mul(x) ^ 0x5a }
@@ -245,6 +256,40 @@ def test_interrupt_stops_the_map(cluster):
     assert content["status"] == "error" and content["ename"] == "Interrupted", content
     assert re.search(r"interrupted with \d+ of 5000 items done", content["evalue"]), content
     all_contexts_usable(cluster)
+
+
+def engine_pids(cluster):
+    _, status_out = cluster.execute("%cluster status")
+    # The engine table, without the section on compiled cells below it.
+    rows = [r.split() for r in stream_text(status_out).splitlines()[1:] if r[:6].strip().isdigit()]
+    return {int(r[0]): int(r[1]) for r in rows if r[1].isdigit()}
+
+
+@pytest.mark.parametrize("victim", ["fork", "supervisor"])
+def test_a_store_killed_mid_map_still_gives_every_result(cluster, victim):
+    """Engine 1 follows engine 0's compiled cells. Killed there: the fork running the serving
+    cell (the cell is rolled back, the engine keeps its variables) or the whole store (its
+    variables are lost). Either way engine 1 stops serving at once, its chunks run again on
+    engine 0, and the map is complete."""
+    ok(cluster, "%px let before_the_map = 7u64;")
+    engine = engine_pids(cluster)[1]
+    worker, result, outputs = start_long_map(cluster, "%pmap -o survived slow 0..600u64")
+    assert wait_until(lambda: store_processes(engine)[victim], 30), store_processes(engine)
+    os.kill(store_processes(engine)[victim][0], signal.SIGKILL)
+    worker.join(300)
+    assert not worker.is_alive()
+    assert result["reply"]["content"]["status"] == "ok", (result, outputs)
+    said = stream_text(outputs, "stderr")
+    assert re.search(r"engine 1 stopped: ", said), outputs
+    check(cluster, "assert_eq!(survived, (0..600u64).map(|x| x * 3).collect::<Vec<_>>());")
+    _, kept = cluster.execute("%px before_the_map")
+    expected = {0: "7", 1: "7"} if victim == "fork" else {0: "7"}
+    assert values_of(kept) == expected, kept
+    assert values_of(ok(cluster, "%px slow(1)")) == {0: "3", 1: "3"}
+
+
+def values_of(outputs):
+    return {e: t.split(": ", 1)[1] for e, t in engine_results(outputs).items()}
 
 
 def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster):

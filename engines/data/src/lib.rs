@@ -16,6 +16,53 @@ use std::marker::PhantomData;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+/// A Unix socket's address holds at most 107 bytes of path, and a socket in a deep temporary
+/// directory (a long `TMPDIR`) lies further; such a socket is bound and reached through the
+/// `/proc/self/fd` link of its open directory, whose path is short whatever the directory's.
+pub mod socket_path {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+
+    /// The longest path bound or reached as it is.
+    const DIRECT_LIMIT: usize = 100;
+
+    /// A path to use for a socket, and the directory it goes through (kept open while used).
+    pub struct Usable {
+        pub path: PathBuf,
+        _directory: Option<File>,
+    }
+
+    /// `socket` itself if it is short enough, else its name under its open directory's link.
+    pub fn usable(socket: &Path) -> io::Result<Usable> {
+        if socket.as_os_str().len() <= DIRECT_LIMIT {
+            return Ok(Usable {
+                path: socket.to_owned(),
+                _directory: None,
+            });
+        }
+        let (Some(directory), Some(name)) = (socket.parent(), socket.file_name()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a socket path",
+            ));
+        };
+        let directory = File::open(directory)?;
+        let path = Path::new(&format!("/proc/self/fd/{}", directory.as_raw_fd())).join(name);
+        Ok(Usable {
+            path,
+            _directory: Some(directory),
+        })
+    }
+
+    /// Connects to the socket at `socket`, however long its path.
+    pub fn connect(socket: &Path) -> io::Result<UnixStream> {
+        UnixStream::connect(usable(socket)?.path)
+    }
+}
+
 /// Frame kinds. A cell opens the connection with `HELLO`, then asks or offers.
 pub mod kind {
     /// cell -> host: `text` is the connection token.
@@ -733,7 +780,7 @@ impl Link {
             (path.to_owned(), token.to_owned())
         };
         let (path, token) = (path.as_str(), token.as_str());
-        let stream = UnixStream::connect(path)
+        let stream = socket_path::connect(std::path::Path::new(path))
             .unwrap_or_else(|e| panic!("parallax: cannot reach the data socket {path}: {e}"));
         let reader = stream
             .try_clone()

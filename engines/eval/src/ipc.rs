@@ -52,7 +52,7 @@ pub fn bind_private(
     let dir = PrivateDir::create(dir)?;
     let socket = dir.path().join(name);
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
+    let listener = UnixListener::bind(parallax_data::socket_path::usable(&socket)?.path)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     Ok((dir, socket, listener))
 }
@@ -116,4 +116,32 @@ pub fn read_lines(
             let _ = lines_tx.send(None);
         })?;
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_socket_deeper_than_an_address_holds_is_bound_and_reached() {
+        let deep = std::env::temp_dir()
+            .join(format!("parallax-ipc-test-{}", std::process::id()))
+            .join("a-directory-name-long-enough".repeat(4));
+        let (dir, socket, listener) = bind_private(deep, "deep.sock").unwrap();
+        assert!(socket.as_os_str().len() > 108, "{}", socket.display());
+        let mut client = parallax_data::socket_path::connect(&socket).unwrap();
+        let (mut served, _) = listener.accept().unwrap();
+        client.write_all(b"x").unwrap();
+        let mut byte = [0u8];
+        served.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+        // The socket is where its path says, closed to other users.
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(dir);
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("parallax-ipc-test-{}", std::process::id())),
+        );
+    }
 }

@@ -5,11 +5,10 @@
 
 use crate::gateway::DIED;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 
 /// Relays until either side closes; never returns.
 pub fn serve(socket: &std::path::Path) -> ! {
-    let stream = match UnixStream::connect(socket) {
+    let stream = match parallax_data::socket_path::connect(socket) {
         Ok(stream) => stream,
         Err(e) => {
             eprintln!("parallax relay: cannot reach {}: {e}", socket.display());

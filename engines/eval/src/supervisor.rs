@@ -198,6 +198,13 @@ impl Supervisor {
             }
             self.state.forks.remove(&pid);
             if pid == self.state.holder {
+                // A holder that handed over reported it before it exited, but the report may
+                // have arrived after this loop last read them.
+                for line in self.reports.read_lines() {
+                    self.state.heard(&line);
+                }
+            }
+            if pid == self.state.holder {
                 self.end(Some(status));
             }
         }

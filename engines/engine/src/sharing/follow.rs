@@ -69,6 +69,10 @@ impl Core {
                     if let Some(entry) = current.as_mut() {
                         entry.lines.push(run.outcome.clone());
                     }
+                    if run.outcome.died || run.notes.rolled_back.is_some() {
+                        entries.extend(current.take());
+                        return self.cell_failed_here(cell, leader, entries, run, interrupted);
+                    }
                     last_run = Some((run, interrupted));
                 }
                 Step::EntryEnd { ok } => {
@@ -123,6 +127,44 @@ impl Core {
         }
         Ended {
             outcome: outcome_of(Err(CellError::internal("the leader's steps stopped"))),
+            sent_type: None,
+        }
+    }
+
+    /// One of `cell`'s compiled cells died here (the store was started again, empty) or was
+    /// rolled back (a crash or a stop of its transaction): this engine is not in its leader's
+    /// state any more, so it stops following now rather than wait for the end of a cell that
+    /// may be waiting for it (a `%pmap` whose leader serves on until this engine's part is
+    /// given to others). Its history records what happened, for its next compiling context.
+    fn cell_failed_here(
+        &mut self,
+        cell: u64,
+        leader: u32,
+        entries: Vec<Entry>,
+        run: Run,
+        interrupted: bool,
+    ) -> Ended {
+        self.inbox.abandon(cell);
+        let mut history = self.history.locked();
+        entries.into_iter().for_each(|entry| history.push(entry));
+        drop(history);
+        let what = if run.outcome.died {
+            "its evaluation process died"
+        } else {
+            "it was rolled back"
+        };
+        tracing::info!(
+            "engine {}: cell {cell}, which engine {leader} leads: {what} here",
+            self.engine
+        );
+        self.note = Some(format!("{what} during cell {cell}"));
+        let before = self.variables.clone();
+        if run.outcome.died {
+            self.variables.clear();
+        }
+        let outcome = outcome_of(result_of_run(&run, &before, &before, interrupted));
+        Ended {
+            outcome,
             sent_type: None,
         }
     }
