@@ -429,9 +429,9 @@ impl Engine {
         let Some(recorder) = self.recorder.clone() else {
             return Err("only a compiling evaluator replays".into());
         };
-        for (index, entry) in entries.into_iter().enumerate() {
+        for (index, entry) in crate::history::to_replay(&entries).into_iter().enumerate() {
             let ran = !entry.lines.is_empty();
-            recorder.begin_replay(entry.lines);
+            recorder.begin_replay(entry.lines.clone());
             let result = guarded(|| self.ctx.execute(&entry.code));
             let asked = recorder.end_replay();
             if matches!(result, Ok(Ok(_))) {

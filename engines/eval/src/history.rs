@@ -5,6 +5,7 @@
 //! instead of running anything, reaches the state the engine's variables are in.
 
 pub use crate::evalproto::LineOutcome;
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,6 +52,8 @@ impl Entry {
 pub struct History {
     entries: Vec<Entry>,
     fingerprint: u64,
+    /// How many entries there were after the last `compact`.
+    compacted: usize,
 }
 
 impl History {
@@ -77,6 +80,18 @@ impl History {
         self.entries.push(entry);
     }
 
+    /// Keeps only what a replay needs (`to_replay`) once the entries have doubled since the
+    /// last time; the fingerprint stays the whole record's. For a copy that is only ever
+    /// replayed (the controller's, for a replacement engine), so that it does not grow with
+    /// every cell run.
+    pub fn compact(&mut self) {
+        if self.entries.len() < 2 * self.compacted.max(32) {
+            return;
+        }
+        self.entries = to_replay(&self.entries).into_iter().cloned().collect();
+        self.compacted = self.entries.len();
+    }
+
     /// The fingerprint this history would have with `entries` pushed.
     pub fn fingerprint_with(&self, entries: &[Entry]) -> u64 {
         entries.iter().fold(self.fingerprint, chain)
@@ -86,6 +101,81 @@ impl History {
     pub fn contains(&self, code: &str) -> bool {
         self.entries.iter().any(|e| e.code == code)
     }
+}
+
+/// The entries a new context must execute again to reach the state `entries` leave, in order:
+/// every entry but those whose effect is gone or never was. An expression cell that ran
+/// cleanly and names no variable changed nothing (naming one, it may have moved it, which
+/// evcxr then forgets). A cell that only bound variables changed nothing that lasts once each
+/// of them is bound again, unless an entry kept between uses it. A death loses every variable:
+/// before one, neither kind of cell left a trace. So a notebook that runs `let out = ...` a thousand times
+/// replays it once, and a replacement engine, whose history ends in a death, replays its
+/// items (`fn`s, types, `use`s, `:dep`s) and little else.
+pub fn to_replay(entries: &[Entry]) -> Vec<&Entry> {
+    use crate::stateless::{bound_names, reach, Reach};
+    let mut kept = Vec::new();
+    // Walking back from the end: names an entry kept later uses as they are bound here, and
+    // names an entry kept later binds again.
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    let mut bound_later: BTreeSet<String> = BTreeSet::new();
+    let mut death_follows = false;
+    let variables: BTreeSet<String> = entries
+        .iter()
+        .flat_map(|entry| bound_names(&entry.code))
+        .collect();
+    for entry in entries.iter().rev() {
+        let died = entry.lines.iter().any(|line| line.died);
+        let bound = bound_names(&entry.code);
+        let may_move = || !death_follows && !uses(&entry.code, &bound).is_disjoint(&variables);
+        let keep = died
+            || match reach(&entry.code) {
+                Reach::Anything => true,
+                Reach::Nothing => !entry.lines.iter().all(LineOutcome::clean) || may_move(),
+                Reach::Bindings => {
+                    may_move()
+                        || bound.iter().any(|name| {
+                            used.contains(name) || !(death_follows || bound_later.contains(name))
+                        })
+                }
+            };
+        if !keep {
+            continue;
+        }
+        if died {
+            used.clear();
+            bound_later.clear();
+            death_follows = true;
+        }
+        for name in &bound {
+            used.remove(name);
+            bound_later.insert(name.clone());
+        }
+        used.extend(uses(&entry.code, &bound));
+        kept.push(entry);
+    }
+    kept.reverse();
+    kept
+}
+
+/// The identifier-like words of `code` beyond its bindings' own names: more than it uses
+/// (strings, comments, nested bindings), never less.
+fn uses(code: &str, bound: &[String]) -> BTreeSet<String> {
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for word in code.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+        if !word.is_empty() {
+            *counts.entry(word).or_default() += 1;
+        }
+    }
+    for name in bound {
+        if let Some(count) = counts.get_mut(name.as_str()) {
+            *count = count.saturating_sub(1);
+        }
+    }
+    counts
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(word, _)| word.to_owned())
+        .collect()
 }
 
 fn chain(fingerprint: u64, entry: &Entry) -> u64 {
@@ -98,6 +188,119 @@ fn chain(fingerprint: u64, entry: &Entry) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ran(code: &str) -> Entry {
+        Entry {
+            code: code.into(),
+            lines: vec![LineOutcome::default()],
+        }
+    }
+
+    fn death() -> Entry {
+        Entry {
+            code: "()".into(),
+            lines: vec![LineOutcome {
+                died: true,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn replayed(entries: &[Entry]) -> Vec<&str> {
+        to_replay(entries).iter().map(|e| e.code.as_str()).collect()
+    }
+
+    #[test]
+    fn a_replay_skips_what_left_no_trace() {
+        let history = [
+            ran("fn work(x: u64) -> u64 { x * 2 }"),
+            ran("work(3)"),
+            ran("let out = work(4);"),
+            ran("let kept = 1;"),
+            ran("let mut m = kept + 1;"),
+            ran("let out = work(5);"),
+            death(),
+            ran("let after = 2;"),
+            ran("after + 1"),
+        ];
+        // `kept` is used by a `mut` binding kept before the death; the `out`s are not. After
+        // the death, `after + 1` may have moved `after`.
+        assert_eq!(
+            replayed(&history),
+            [
+                "fn work(x: u64) -> u64 { x * 2 }",
+                "let kept = 1;",
+                "let mut m = kept + 1;",
+                "()",
+                "let after = 2;",
+                "after + 1"
+            ]
+        );
+        // Without a death, the bindings that are not bound again live on.
+        assert_eq!(
+            replayed(&history[..6]),
+            [
+                "fn work(x: u64) -> u64 { x * 2 }",
+                "let kept = 1;",
+                "let mut m = kept + 1;",
+                "let out = work(5);"
+            ]
+        );
+        // A binding used by the one that replaces it stays (it may have been moved there).
+        let chain = [ran("let out = 1;"), ran("let out = out + 1;")];
+        assert_eq!(replayed(&chain), ["let out = 1;", "let out = out + 1;"]);
+        let used = [ran("let a = 1;"), ran("let mut b = a;"), ran("let a = 2;")];
+        assert_eq!(
+            replayed(&used),
+            ["let a = 1;", "let mut b = a;", "let a = 2;"]
+        );
+        // A cell that may have moved a variable stays, unless a death follows.
+        let moved = [
+            ran("let v = vec![1];"),
+            ran("drop(v)"),
+            ran("let w = 2;"),
+            ran("let w = 3;"),
+        ];
+        assert_eq!(
+            replayed(&moved),
+            ["let v = vec![1];", "drop(v)", "let w = 3;"]
+        );
+        let moving = [
+            ran("let v = vec![1];"),
+            ran("let n = v;"),
+            ran("let n = 2;"),
+        ];
+        assert_eq!(
+            replayed(&moving),
+            ["let v = vec![1];", "let n = v;", "let n = 2;"]
+        );
+        assert_eq!(
+            replayed(&[moved[0].clone(), moved[1].clone(), death()]),
+            ["()"]
+        );
+        // An expression that panicked is replayed as it ran.
+        let mut panicked = ran("work(0)");
+        panicked.lines[0].panicked = true;
+        assert_eq!(replayed(&[panicked.clone()]), ["work(0)"]);
+    }
+
+    #[test]
+    fn a_compacted_copy_keeps_its_fingerprint_and_stays_small() {
+        let mut whole = History::default();
+        let mut copy = History::default();
+        for entry in [ran("fn work(x: u64) -> u64 { x }")]
+            .into_iter()
+            .chain((0..1000).flat_map(|_| [ran("let out = work(1);"), ran("work(3)")]))
+        {
+            whole.push(entry.clone());
+            copy.push(entry);
+            copy.compact();
+        }
+        assert_eq!(copy.fingerprint(), whole.fingerprint());
+        assert!(copy.len() < 64, "{}", copy.len());
+        let replayed: Vec<_> = to_replay(copy.entries()).into_iter().collect();
+        assert_eq!(replayed, to_replay(whole.entries()));
+    }
 
     #[test]
     fn fingerprints_follow_code_and_outcomes() {

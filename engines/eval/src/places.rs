@@ -66,7 +66,7 @@ pub fn host_temp() -> PathBuf {
 /// it sets the environment.
 pub fn use_own_temp_dir() {
     let host = host_temp();
-    parallax_engine_protocol::shared::sweep_dead(&host, &[OWN_TEMP_PREFIX]);
+    sweep_dead_temp_dirs();
     let own = own_temp_dir(&host);
     let made = std::fs::DirBuilder::new()
         .mode(0o700)
@@ -83,6 +83,12 @@ pub fn use_own_temp_dir() {
         }
         Err(e) => tracing::warn!("temporary files stay in {}: {e}", host.display()),
     }
+}
+
+/// Removes the own temporary directories of this host's kernels and engines that are gone
+/// (one that was killed could not remove its own).
+pub fn sweep_dead_temp_dirs() {
+    parallax_engine_protocol::shared::sweep_dead(&host_temp(), &[OWN_TEMP_PREFIX]);
 }
 
 /// Removes this process's own temporary directory, if it has one.

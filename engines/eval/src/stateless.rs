@@ -6,7 +6,7 @@
 //! and after. Such a cell, run again unchanged, can replay its compiled cells without evcxr:
 //! evcxr would compile the same code against the same state.
 
-use ra_ap_syntax::ast::{self, HasModuleItem};
+use ra_ap_syntax::ast::{self, HasModuleItem, HasName};
 use ra_ap_syntax::{AstNode, Edition, SourceFile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,15 +29,7 @@ pub fn reach(code: &str) -> Reach {
     {
         return Reach::Anything;
     }
-    let wrapped = format!("fn parallax_cell() {{\n{code}\n}}");
-    let parsed = SourceFile::parse(&wrapped, Edition::Edition2024);
-    if !parsed.errors().is_empty() {
-        return Reach::Anything;
-    }
-    let Some(ast::Item::Fn(function)) = parsed.tree().items().next() else {
-        return Reach::Anything;
-    };
-    let Some(body) = function.body().and_then(|body| body.stmt_list()) else {
+    let Some(body) = cell_body(code) else {
         return Reach::Anything;
     };
     // Anywhere in it, the tail expression too.
@@ -70,6 +62,42 @@ pub fn reach(code: &str) -> Reach {
     } else {
         reach
     }
+}
+
+/// The names a cell's top-level `let`s bind, once per binding (what a cell that reaches only
+/// `Bindings` changes).
+pub fn bound_names(code: &str) -> Vec<String> {
+    let Some(body) = cell_body(code) else {
+        return Vec::new();
+    };
+    body.statements()
+        .filter_map(|statement| match statement {
+            ast::Stmt::LetStmt(binding) => binding.pat(),
+            _ => None,
+        })
+        .flat_map(|pattern| {
+            pattern
+                .syntax()
+                .descendants()
+                .filter_map(ast::IdentPat::cast)
+                .filter_map(|ident| ident.name())
+                .map(|name| name.text().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The statements of a cell, parsed as the body of a function; `None` if it does not parse.
+fn cell_body(code: &str) -> Option<ast::StmtList> {
+    let wrapped = format!("fn parallax_cell() {{\n{code}\n}}");
+    let parsed = SourceFile::parse(&wrapped, Edition::Edition2024);
+    if !parsed.errors().is_empty() {
+        return None;
+    }
+    let Some(ast::Item::Fn(function)) = parsed.tree().items().next() else {
+        return None;
+    };
+    function.body().and_then(|body| body.stmt_list())
 }
 
 /// The standard library's macros that only compute or print (others might define items or
@@ -109,7 +137,18 @@ fn is_expression_macro(node: &ra_ap_syntax::SyntaxNode) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{reach, Reach};
+    use super::{bound_names, reach, Reach};
+
+    #[test]
+    fn the_names_top_level_lets_bind() {
+        let names = bound_names;
+        assert_eq!(
+            names("let (a, b) = (x, 2);\nlet c = { let inner = 1; inner };"),
+            ["a", "b", "c"]
+        );
+        assert_eq!(names("a + 1"), Vec::<String>::new());
+        assert_eq!(names("let Point { x, y: z } = p;"), ["x", "z"]);
+    }
 
     #[test]
     fn expressions_reach_nothing_lets_bindings_definitions_anything() {

@@ -185,11 +185,11 @@ impl Engine {
         for entry in &report.added {
             history.push(Entry::from_wire(entry));
         }
+        history.compact();
         if history.fingerprint() != report.fingerprint {
             tracing::warn!(
-                "the copy of an engine's history ({} entries) does not match its report ({}): \
-                 a replacement would start without its functions",
-                history.len(),
+                "the copy of an engine's history does not match its report ({} entries): a \
+                 replacement would start without its functions",
                 report.entries
             );
             self.history = None;

@@ -148,16 +148,14 @@ impl Core {
         let mut history = self.history.locked();
         entries.into_iter().for_each(|entry| history.push(entry));
         drop(history);
-        let what = if run.outcome.died {
-            "its evaluation process died"
-        } else {
-            "it was rolled back"
-        };
+        let what = run.outcome.describe();
         tracing::info!(
             "engine {}: cell {cell}, which engine {leader} leads: {what} here",
             self.engine
         );
-        self.note = Some(format!("{what} during cell {cell}"));
+        self.note = Some(format!(
+            "in cell {cell}, {what} here; engine {leader} went on with it"
+        ));
         let before = self.variables.clone();
         if run.outcome.died {
             self.variables.clear();
