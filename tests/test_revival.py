@@ -11,6 +11,7 @@ import time
 
 
 from conftest import (
+    check,
     engine_errors,
     engine_results,
     ok,
@@ -93,6 +94,35 @@ def test_a_killed_engine_comes_back_with_its_functions_but_not_its_variables(ker
     wait_back(kernel, 2, pid)
     print(f"engine 2 was back and idle {time.monotonic() - killed:.1f} s after SIGKILL")
     assert values(ok(kernel, "%px triple(3)")) == {0: "9", 1: "9", 2: "9"}
+
+
+def test_a_pmap_across_an_engines_death_carries_on_with_its_replacement(kernel):
+    assert "Started 3 engines" in stream_text(ok(kernel, "%cluster start -n 3", timeout=600))
+    # Each item says which serving cell (which process) computed it.
+    ok(kernel, "%%px --local\nfn slow(x: u64) -> (u64, u32) { "
+               "std::thread::sleep(std::time::Duration::from_millis(10)); (x * 3, std::process::id()) }")
+    pid = engines(kernel)[1][0]
+    done = []
+    worker = threading.Thread(
+        daemon=True,
+        target=lambda: done.append(kernel.execute("%pmap -o tripled slow 0..6000u64", timeout=300)),
+    )
+    worker.start()
+    # Killed while it serves (the map takes about 20 s on 3 engines): its chunks go to the
+    # others, and its replacement joins the map once it is back.
+    time.sleep(3)
+    kill(pid)
+    worker.join(300)
+    assert not worker.is_alive()
+    reply, outputs = done[0]
+    assert reply["content"]["status"] == "ok", outputs
+    said = stream_text(outputs, "stderr")
+    assert re.search(r"engine 1 stopped: .*SIGKILL", said), said
+    assert "engine 1 is back: it serves the map again" in said, said
+    check(kernel, "assert!(tripled.iter().map(|r| r.0).eq((0..6000u64).map(|x| x * 3)));")
+    # Four serving cells computed items: engines 0 and 2, engine 1, and its replacement.
+    check(kernel, "assert_eq!(tripled.iter().map(|r| r.1)"
+                  ".collect::<std::collections::HashSet<_>>().len(), 4);")
 
 
 def test_a_crash_loop_is_stopped_by_the_restart_limit(kernel):

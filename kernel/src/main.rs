@@ -123,10 +123,10 @@ fn read_connection(connect: &Path) -> anyhow::Result<parallax_engine_protocol::C
 }
 
 fn main() -> ExitCode {
-    let holder = std::env::var_os(parallax_eval::supervisor::HOLDER_VAR).is_some();
-    // A store's holder dies with its supervisor by a signal instead: a watching thread would
-    // keep it from forking for its cells.
-    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() && !holder {
+    // A store looks for its owner itself (the supervisor's loop), and its holder dies with the
+    // supervisor by a signal: a watching thread would keep the holder from forking its cells.
+    let store = std::env::var_os(parallax_eval::store::STORE_VAR).is_some();
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() && !store {
         die_with_parent();
     }
     // evcxr runs this same binary as its evaluation process and as a rustc wrapper; in those
@@ -137,8 +137,8 @@ fn main() -> ExitCode {
         if let Some(socket) = std::env::var_os(parallax_eval::gateway::RELAY_VAR) {
             parallax_eval::relay::serve(std::path::Path::new(&socket));
         }
-        if std::env::var_os(parallax_eval::store::STORE_VAR).is_some() {
-            if holder {
+        if store {
+            if std::env::var_os(parallax_eval::supervisor::HOLDER_VAR).is_some() {
                 parallax_eval::runtime::serve(None, true);
             }
             parallax_eval::supervisor::supervise();

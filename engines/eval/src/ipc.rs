@@ -3,6 +3,7 @@
 
 use crossbeam_channel::Receiver;
 use std::io::{BufRead, BufReader};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -55,6 +56,17 @@ pub fn bind_private(
     let listener = UnixListener::bind(parallax_data::socket_path::usable(&socket)?.path)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     Ok((dir, socket, listener))
+}
+
+/// A pipe (read end, write end), both closed on exec: a child is handed one by `dup2`.
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds, owned below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both were just made for this process.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Accepts connections on `listener` for as long as `owner` lives, each served on a thread of

@@ -11,7 +11,7 @@ use crate::outputs::StreamSink;
 use serde_json::{Map, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -406,7 +406,7 @@ fn spawn(
     stderr_tail: &Arc<Mutex<VecDeque<String>>>,
     stderr_sync: &Arc<StderrSync>,
 ) -> std::io::Result<(Child, ChildStdin, StoreLines)> {
-    let (stop_read, stop_write) = stop_pipe()?;
+    let (stop_read, stop_write) = crate::ipc::pipe()?;
     control
         .next_stop_fd
         .store(stop_read.as_raw_fd(), Ordering::SeqCst);
@@ -455,14 +455,4 @@ fn spawn(
             }
         })?;
     Ok((child, stdin, lines))
-}
-
-fn stop_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds, owned below; both close on exec (fd 3 is a dup).
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both were just made for this process.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

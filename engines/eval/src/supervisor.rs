@@ -131,7 +131,7 @@ impl Supervisor {
         // SAFETY: fd 3 was given to this process for it alone.
         let stops = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
         set_cloexec(&stops)?;
-        let (reports, report_end) = pipe()?;
+        let (reports, report_end) = crate::ipc::pipe()?;
         let holder = spawn_holder(&report_end)?;
         drop(report_end);
         Ok(Supervisor {
@@ -292,16 +292,6 @@ pub fn pass_as_control_fd(fd: i32) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds, owned below.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both were just made for this process.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn set_cloexec(fd: &OwnedFd) -> std::io::Result<()> {

@@ -126,10 +126,11 @@ impl Transactions {
         }
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        let (handover_read, handover_write) = match pipe() {
-            Ok(ends) => ends,
-            Err(e) => return self.run_in_place(number, &format!("no fork: {e}"), cell),
-        };
+        let (handover_read, handover_write) =
+            match crate::ipc::pipe().map(|(r, w)| (File::from(r), File::from(w))) {
+                Ok(ends) => ends,
+                Err(e) => return self.run_in_place(number, &format!("no fork: {e}"), cell),
+            };
         let holder = own_pid();
         // SAFETY: this process has one thread (checked above), so the fork has all of it.
         match unsafe { libc::fork() } {
@@ -259,16 +260,6 @@ fn own_pid() -> i32 {
 
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
-}
-
-fn pipe() -> std::io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds, owned below.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both were just made for this process.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
 
 #[cfg(test)]

@@ -125,6 +125,11 @@ impl Controller {
         self.registry.locked()
     }
 
+    /// Fires whenever the pool changes (an engine starts, registers, ends a task, dies).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
     fn notify(&self) {
         self.changed.send_modify(|n| *n += 1);
     }

@@ -58,6 +58,8 @@ pub struct Worker {
     pub ready: bool,
     /// Its serving cell ended (or it died).
     pub ended: bool,
+    /// It served this map at some point (a task of it answered).
+    pub served: bool,
     in_flight: Vec<u64>,
     pub items_done: u64,
 }
@@ -176,6 +178,24 @@ impl Scheduler {
     pub fn serving(&mut self, engine: u32) {
         if let Some(worker) = self.workers.get_mut(&engine) {
             worker.ready = true;
+            worker.served = true;
+        }
+    }
+
+    /// `engine`, whose serving ended, serves again with a new task (it came back): not ready
+    /// until that task answers. False if it had not ended.
+    pub fn rejoin(&mut self, engine: u32, task: u64) -> bool {
+        match self.workers.get_mut(&engine) {
+            Some(worker) if worker.ended => {
+                *worker = Worker {
+                    task,
+                    served: true,
+                    items_done: worker.items_done,
+                    ..Worker::default()
+                };
+                true
+            }
+            _ => false,
         }
     }
 

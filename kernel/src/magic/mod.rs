@@ -8,6 +8,7 @@ mod carrying;
 mod cluster;
 mod dashboard;
 mod pmap;
+mod pmap_engines;
 mod pmap_report;
 mod progress;
 mod px;

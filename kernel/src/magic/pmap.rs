@@ -104,20 +104,26 @@ enum Stop {
     TimedOut,
 }
 
-struct MapRun<'a> {
-    mover: &'a DataMover,
+pub(super) struct MapRun<'a> {
+    pub(super) mover: &'a DataMover,
     monitor: &'a Monitor,
-    job: &'a Job,
-    out: &'a CellOut,
-    pmap: Pmap,
+    pub(super) job: &'a Job,
+    pub(super) out: &'a CellOut,
+    pub(super) pmap: Pmap,
     /// The function as the messages name it: `square`, or "the closure".
-    func_label: String,
+    pub(super) func_label: String,
     events: mpsc::UnboundedReceiver<TaskEvent>,
-    scheduler: Scheduler,
+    /// Where the serving tasks' events go, for engines that join later.
+    pub(super) events_tx: mpsc::UnboundedSender<TaskEvent>,
+    pub(super) scheduler: Scheduler,
     interrupts: watch::Receiver<u64>,
     cancelled: watch::Receiver<bool>,
+    /// The pool's changes: an engine that comes back may serve again.
+    pool_changes: watch::Receiver<u64>,
+    /// How many times each engine came back to serve this map.
+    pub(super) returns: BTreeMap<u32, usize>,
     /// Why engines could not serve, for the error when none can.
-    not_serving: Vec<String>,
+    pub(super) not_serving: Vec<String>,
     results: Results,
     progress: MapProgress,
 }
@@ -170,9 +176,12 @@ impl<'a> MapRun<'a> {
             pmap,
             func_label,
             events,
+            events_tx,
             scheduler: Scheduler::new(&serving),
             interrupts,
             cancelled,
+            pool_changes: mover.controller.changes(),
+            returns: BTreeMap::new(),
             not_serving: Vec::new(),
             results: Results::default(),
             progress,
@@ -283,6 +292,10 @@ impl<'a> MapRun<'a> {
                     self.progress.update(&self.scheduler);
                     continue;
                 }
+                Ok(()) = self.pool_changes.changed() => {
+                    self.serve_again().await;
+                    continue;
+                }
                 _ = sleep_until(deadline) => return Some(Stop::TimedOut),
                 // The engines were told too: each ends its map after the chunk it is on.
                 _ = stopped(&mut self.interrupts, &mut self.cancelled) => return Some(Stop::Interrupted),
@@ -389,29 +402,6 @@ impl<'a> MapRun<'a> {
             self.mover.controller.send_to(engine, end, Vec::new()).await;
         }
         self.dispatch(items).await;
-    }
-
-    /// An engine's serving cell failed: say so, and that its chunks run again elsewhere.
-    fn engine_stopped(&mut self, engine: u32, ename: String, evalue: String, rerun: usize) {
-        let rerun_note = if rerun == 0 {
-            String::new()
-        } else {
-            format!("; its {rerun} chunks run again on the others")
-        };
-        let ready = self.scheduler.worker(engine).is_some_and(|w| w.ready);
-        let why = if ready { "stopped" } else { "cannot serve" };
-        self.out.stderr(&format!(
-            "[{ename}] engine {engine} {why}: {evalue}{rerun_note}\n"
-        ));
-        if !ready {
-            let outcome = Outcome::Error {
-                ename,
-                evalue,
-                traceback: Vec::new(),
-            };
-            let failure = serve_failure(engine, &outcome, &self.func_label);
-            self.not_serving.push(failure);
-        }
     }
 
     /// An item panicked and errors are not skipped: the map fails, naming the first item.
