@@ -407,6 +407,29 @@ def test_an_engine_killed_on_its_host_is_named_and_the_others_go_on(remote_kerne
     assert sorted(values(outputs)) == [0, 1, 2]
 
 
+def test_a_killed_slurm_engine_comes_back_as_a_new_task_on_its_node(remote_kernel, bed):
+    kernel = remote_kernel
+    options = launcher_options(bed, "slurm").replace(" --no-restart", "")
+    ok(kernel, f"%cluster start {options}", timeout=600)
+    ok(kernel, "%px fn tagged(x: u32) -> u32 { x + 7 }")
+    pid, host = engine_pids(kernel)[3]
+    assert host == "host2"
+    os.kill(pid, signal.SIGKILL)
+
+    def back():
+        status = stream_text(ok(kernel, "%cluster status"))
+        row = re.search(r"^\s+3\s+(\d+)\s+host2\s+idle", status, re.M)
+        return row and int(row.group(1)) != pid
+
+    # A job of one task on host2, the first job's other tasks going on.
+    assert wait_until(back, 120, interval=1), stream_text(ok(kernel, "%cluster status"))
+    assert len(bed.jobs()) == 2, bed.jobs()
+    outputs = ok(kernel, "%px tagged(parallax_env::engine_id().unwrap() as u32)")
+    assert values(outputs) == {0: "7", 1: "8", 2: "9", 3: "10"}
+    ok(kernel, "%cluster stop", timeout=300)
+    assert wait_until(lambda: not bed.jobs(), 15), bed.jobs()
+
+
 def test_the_dashboard_restarts_a_dead_remote_engine_on_its_host(remote_kernel, bed):
     kernel = remote_kernel
     ok(kernel, f"%cluster start --launcher ssh --hosts host1:1,host2:1 --ssh-config "

@@ -166,6 +166,24 @@ def test_transactions_switched_off_in_the_notebook_lose_the_variables_and_say_so
     assert content["ename"] == "UsageError" and "on|off" in content["evalue"], content
 
 
+def test_a_remembered_cell_dying_without_a_transaction_leaves_no_ghost_variable(kernel, tmp_path):
+    """A cell run again unchanged runs from memory, outside evcxr; when its process dies (no
+    transaction to roll back), evcxr must forget the variables too, not keep ghosts of them."""
+    mark = tmp_path / "abort-now"
+    crash_when_marked = f'if std::path::Path::new("{mark}").exists() {{ std::process::abort() }}'
+    ok(kernel, "let kept = 5u8;")
+    ok(kernel, ":transactions off")
+    ok(kernel, crash_when_marked)
+    mark.touch()
+    content = error_of(kernel, crash_when_marked)
+    assert "Variables lost: kept" in content["evalue"], content
+    # Gone for evcxr too: a compile error naming it, not a value missing at run time.
+    content = error_of(kernel, "kept + 1")
+    assert "cannot find value `kept`" in content["evalue"] + "".join(content["traceback"]), content
+    assert stream_text(ok(kernel, 'let fresh = 2u8;\nprintln!("{}", fresh + 1);')) == "3\n"
+    ok(kernel, ":transactions on")
+
+
 def test_transactions_switched_off_on_the_engines_lose_the_variables_and_say_so(cluster):
     # Last in this module: it takes the engines' variables.
     _, outputs = cluster.execute("%px :transactions off")

@@ -311,9 +311,11 @@ impl Engine {
         let variables = self.variables(false);
         let (run, interrupted) = self.notebook.as_mut()?.run_again(lines, sink, interrupter);
         if run.outcome.died {
-            // The store is a new one: evcxr must forget its variables and relay as well.
-            if let Err(e) = self.ctx.execute(":restart") {
-                tracing::warn!("restarting the notebook's relay: {e}");
+            // The store is a new one: evcxr must forget its variables and start its relay
+            // again, which it does when it sees a cell's process die (its `:restart` command
+            // would keep the variables it knew).
+            if let Err(e) = self.replay(vec![crate::history::Entry::death()]) {
+                tracing::warn!("telling the notebook's context its store died: {e}");
             }
         }
         Some(diagnostics::result_of_run(

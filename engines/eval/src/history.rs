@@ -24,6 +24,18 @@ impl Entry {
         }
     }
 
+    /// A cell recorded as having died: replayed, it makes evcxr forget every variable, as
+    /// the death of a store that ran a cell outside it (a remembered cell) did.
+    pub fn death() -> Entry {
+        Entry {
+            code: "// The evaluation process died: its variables went with it.\n()".into(),
+            lines: vec![LineOutcome {
+                died: true,
+                ..LineOutcome::default()
+            }],
+        }
+    }
+
     /// Whether the entry can have changed the context: a failed execution that ran nothing
     /// (a compile error) leaves evcxr's state as it was.
     pub fn counts(&self, ok: bool) -> bool {

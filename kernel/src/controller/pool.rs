@@ -213,6 +213,8 @@ pub struct Launch {
     /// path on its host.
     pub ssh_config: Option<std::path::PathBuf>,
     pub parallax: String,
+    /// What a Slurm launch's jobs are submitted with, for a dead engine's new task.
+    pub slurm: Option<super::launch::Slurm>,
 }
 
 /// A batch job and its state as the scheduler last said it.

@@ -1,5 +1,6 @@
 //! Dead engines come back by themselves: an engine that died without being asked to (killed,
-//! crashed, cut off) is started again with the same id on the same host, and takes over the
+//! crashed, cut off) is started again with the same id on the same host (a Slurm engine as a
+//! new task, a job of one task on its node; an MPI rank is not started again), and takes over the
 //! dead one's history (`ToEngine::Adopt`), so that its functions, types, `use`s and
 //! dependencies are there again without any cell running again; its variables died with it
 //! and are named. At most `RESTARTS_PER_MINUTE` times a minute per engine, so that a crash
@@ -35,7 +36,7 @@ impl Controller {
                 .get(&id)
                 .and_then(|engine| registry.launches.get(&engine.launch))
                 .map(|launch| launch.kind);
-            if !matches!(launcher, Some("local" | "ssh")) {
+            if !matches!(launcher, Some("local" | "ssh" | "slurm")) {
                 return Revival::Not(format!(
                     "an engine started by {} is not restarted by itself; %cluster restart \
                      starts the pool again",
@@ -45,6 +46,10 @@ impl Controller {
             let Some(engine) = registry.engines.get_mut(&id) else {
                 return Revival::Not("it is not in the pool".into());
             };
+            if engine.pid == 0 {
+                // It never registered: a launch that failed, not a death to heal.
+                return Revival::Not("it never got ready, so it is not restarted".into());
+            }
             let now = Instant::now();
             engine
                 .restarts

@@ -122,6 +122,8 @@ pub(super) struct MapRun<'a> {
     pool_changes: watch::Receiver<u64>,
     /// How many times each engine came back to serve this map.
     pub(super) returns: BTreeMap<u32, usize>,
+    /// Engines that died during the map (their replacements may serve it).
+    pub(super) died: std::collections::BTreeSet<u32>,
     /// Why engines could not serve, for the error when none can.
     pub(super) not_serving: Vec<String>,
     results: Results,
@@ -182,6 +184,7 @@ impl<'a> MapRun<'a> {
             cancelled,
             pool_changes: mover.controller.changes(),
             returns: BTreeMap::new(),
+            died: Default::default(),
             not_serving: Vec::new(),
             results: Results::default(),
             progress,
@@ -210,6 +213,9 @@ impl<'a> MapRun<'a> {
                     engine, outcome, ..
                 }) => {
                     self.scheduler.engine_ended(engine);
+                    if matches!(&outcome, Outcome::Error { ename, .. } if ename == "EngineDied") {
+                        self.died.insert(engine);
+                    }
                     let failure = serve_failure(engine, &outcome, &self.func_label);
                     self.not_serving.push(failure);
                     if self.scheduler.all_ended() {

@@ -26,6 +26,9 @@ impl MapRun<'_> {
         } else {
             format!("; its {rerun} chunks run again on the others")
         };
+        if ename == "EngineDied" {
+            self.died.insert(engine);
+        }
         let ready = self.scheduler.worker(engine).is_some_and(|w| w.ready);
         let why = if ready { "stopped" } else { "cannot serve" };
         self.out.stderr(&format!(
@@ -42,23 +45,23 @@ impl MapRun<'_> {
         }
     }
 
-    /// The pool changed: engines of this map that served, stopped, and are idle again start
-    /// serving it anew.
+    /// The pool changed: engines of this map that stopped serving it and are idle again start
+    /// serving it anew, if they had served it or died (an engine that could not serve the map
+    /// would fail the same way again).
     pub(super) async fn serve_again(&mut self) {
-        let back: Vec<u32> = self
-            .mover
-            .controller
-            .status()
-            .into_iter()
-            .filter(|engine| engine.state == EngineState::Idle)
-            .map(|engine| engine.id)
-            .filter(|id| {
-                self.scheduler
-                    .worker(*id)
-                    .is_some_and(|worker| worker.ended && worker.served)
-                    && self.returns.get(id).copied().unwrap_or(0) < RETURNS_PER_ENGINE
-            })
-            .collect();
+        let back: Vec<u32> =
+            self.mover
+                .controller
+                .status()
+                .into_iter()
+                .filter(|engine| engine.state == EngineState::Idle)
+                .map(|engine| engine.id)
+                .filter(|id| {
+                    self.scheduler.worker(*id).is_some_and(|worker| {
+                        worker.ended && (worker.served || self.died.contains(id))
+                    }) && self.returns.get(id).copied().unwrap_or(0) < RETURNS_PER_ENGINE
+                })
+                .collect();
         if back.is_empty() {
             return;
         }

@@ -92,6 +92,10 @@ impl Controller {
                 running_since: (!batch).then(std::time::Instant::now),
                 ssh_config,
                 parallax: parallax.clone(),
+                slurm: match &plan.launcher {
+                    Launcher::Slurm(slurm) => Some(slurm.clone()),
+                    _ => None,
+                },
             });
             let first = registry.next_engine;
             registry.next_engine += plan.engines;
@@ -186,7 +190,7 @@ impl Controller {
         inheritance: Option<Inheritance>,
     ) -> anyhow::Result<()> {
         let connection = self.connection().await?;
-        let (kind, host, ssh, parallax) = {
+        let (kind, host, ssh, parallax, slurm) = {
             let registry = self.registry();
             match registry.engines.get(&id) {
                 None => anyhow::bail!("there is no engine {id}"),
@@ -203,26 +207,66 @@ impl Controller {
                         config: launch.and_then(|l| l.ssh_config.clone()),
                     };
                     let parallax = launch.map_or_else(|| "parallax".into(), |l| l.parallax.clone());
-                    (launch.map(|l| l.kind), engine.host.clone(), ssh, parallax)
+                    let slurm = launch.and_then(|l| l.slurm.clone());
+                    (
+                        launch.map(|l| l.kind),
+                        engine.host.clone(),
+                        ssh,
+                        parallax,
+                        slurm,
+                    )
                 }
             }
         };
-        let command = match kind {
-            Some("local") => {
+        tracing::info!("restarting engine {id}");
+        match (kind, slurm) {
+            (Some("local"), _) => {
                 let exe = std::env::current_exe().context("finding the parallax binary")?;
-                local::command(&exe.to_string_lossy(), id)
+                self.renew(id, None, &host, inheritance);
+                let command = local::command(&exe.to_string_lossy(), id);
+                self.run_holder(command, Holder::Engine(id), &connection)?;
             }
-            Some("ssh") => ssh.command(&host, &parallax, id),
+            (Some("ssh"), _) => {
+                self.renew(id, None, &host, inheritance);
+                let command = ssh.command(&host, &parallax, id);
+                self.run_holder(command, Holder::Engine(id), &connection)?;
+            }
+            // A new task: a job of its own on the same node, the first job's step going on.
+            (Some("slurm"), Some(slurm)) => {
+                let launch = self.registry().add_launch(Launch {
+                    kind: "slurm",
+                    processes: Vec::new(),
+                    job: None,
+                    running_since: None,
+                    ssh_config: None,
+                    parallax: parallax.clone(),
+                    slurm: Some(slurm.clone()),
+                });
+                self.renew(id, Some(launch), &host, inheritance);
+                self.submit_task(&slurm, launch, &host, &parallax, id)
+                    .await?;
+            }
             _ => anyhow::bail!(
                 "engine {id} was started by {}; restart the whole cluster with %cluster restart",
                 kind.unwrap_or("hand")
             ),
-        };
-        tracing::info!("restarting engine {id}");
+        }
+        self.notify();
+        self.wait_until_started(&[id]).await?;
+        self.warm_up(&[id]).await?;
+        match self.registry().engines.get(&id).map(|e| e.state.clone()) {
+            Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes dead engine `id`'s record that of its coming replacement (of `launch`, if it is
+    /// another), keeping its restarts and taking over its `inheritance`.
+    fn renew(&self, id: u32, launch: Option<u32>, host: &str, inheritance: Option<Inheritance>) {
         if let Some(engine) = self.registry().engines.get_mut(&id) {
-            let launch = engine.launch;
+            let launch = launch.unwrap_or(engine.launch);
             let restarts = std::mem::take(&mut engine.restarts);
-            *engine = Engine::launched(launch, &host);
+            *engine = Engine::launched(launch, host);
             engine.restarts = restarts;
             match inheritance {
                 Some(inheritance) => engine.inherit(inheritance),
@@ -231,14 +275,6 @@ impl Controller {
                         Some("it was restarted, with none of the others' state".into())
                 }
             }
-        }
-        self.run_holder(command, Holder::Engine(id), &connection)?;
-        self.notify();
-        self.wait_until_started(&[id]).await?;
-        self.warm_up(&[id]).await?;
-        match self.registry().engines.get(&id).map(|e| e.state.clone()) {
-            Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
-            _ => Ok(()),
         }
     }
 

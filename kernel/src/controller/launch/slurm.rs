@@ -127,6 +127,28 @@ impl Controller {
         Ok(())
     }
 
+    /// Submits a job of one task, engine `id`, on node `host`: a dead engine's replacement.
+    /// What the job says goes to the log (no cell waits for it).
+    pub(super) async fn submit_task(
+        &self,
+        slurm: &Slurm,
+        launch: u32,
+        host: &str,
+        parallax: &str,
+        id: u32,
+    ) -> anyhow::Result<()> {
+        let mut one = slurm.clone();
+        one.nodes = None;
+        one.sbatch_args.push(format!("--nodelist={host}"));
+        let (news, mut heard) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(line) = heard.recv().await {
+                tracing::info!("engine {id}'s new Slurm task: {line}");
+            }
+        });
+        self.submit_job(&one, launch, 1, parallax, id, &news).await
+    }
+
     /// Asks the job's state each second until it ends or the pool forgets it; says each change.
     async fn follow_job(self, launch: u32, id: String, output: PathBuf, news: News) {
         let mut last = None;
