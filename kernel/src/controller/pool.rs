@@ -213,8 +213,9 @@ pub struct Launch {
     /// path on its host.
     pub ssh_config: Option<std::path::PathBuf>,
     pub parallax: String,
-    /// What a Slurm launch's jobs are submitted with, for a dead engine's new task.
-    pub slurm: Option<super::launch::Slurm>,
+    /// Its place in the pool's launch plans (`Controller::plans`): what a dead engine of it
+    /// is started again with (a Slurm job's options).
+    pub plan: Option<usize>,
 }
 
 /// A batch job and its state as the scheduler last said it.

@@ -409,7 +409,7 @@ fn registered(
                 running_since: Some(std::time::Instant::now()),
                 ssh_config: None,
                 parallax: String::new(),
-                slurm: None,
+                plan: None,
             });
             let id = registry.next_engine;
             registry.next_engine += 1;

@@ -92,10 +92,7 @@ impl Controller {
                 running_since: (!batch).then(std::time::Instant::now),
                 ssh_config,
                 parallax: parallax.clone(),
-                slurm: match &plan.launcher {
-                    Launcher::Slurm(slurm) => Some(slurm.clone()),
-                    _ => None,
-                },
+                plan: Some(parallax_eval::ipc::Locked::locked(&*self.plans).len()),
             });
             let first = registry.next_engine;
             registry.next_engine += plan.engines;
@@ -190,7 +187,7 @@ impl Controller {
         inheritance: Option<Inheritance>,
     ) -> anyhow::Result<()> {
         let connection = self.connection().await?;
-        let (kind, host, ssh, parallax, slurm) = {
+        let (kind, host, ssh, parallax, plan) = {
             let registry = self.registry();
             match registry.engines.get(&id) {
                 None => anyhow::bail!("there is no engine {id}"),
@@ -207,17 +204,23 @@ impl Controller {
                         config: launch.and_then(|l| l.ssh_config.clone()),
                     };
                     let parallax = launch.map_or_else(|| "parallax".into(), |l| l.parallax.clone());
-                    let slurm = launch.and_then(|l| l.slurm.clone());
+                    let plan = launch.and_then(|l| l.plan);
                     (
                         launch.map(|l| l.kind),
                         engine.host.clone(),
                         ssh,
                         parallax,
-                        slurm,
+                        plan,
                     )
                 }
             }
         };
+        let slurm = plan
+            .and_then(|index| self.plans().get(index).cloned())
+            .and_then(|plan| match plan.launcher {
+                Launcher::Slurm(slurm) => Some(slurm),
+                _ => None,
+            });
         tracing::info!("restarting engine {id}");
         match (kind, slurm) {
             (Some("local"), _) => {
@@ -240,7 +243,7 @@ impl Controller {
                     running_since: None,
                     ssh_config: None,
                     parallax: parallax.clone(),
-                    slurm: Some(slurm.clone()),
+                    plan,
                 });
                 self.renew(id, Some(launch), &host, inheritance);
                 self.submit_task(&slurm, launch, &host, &parallax, id)
