@@ -120,8 +120,8 @@ impl History {
 /// cleanly and names no variable changed nothing (naming one, it may have moved it, which
 /// evcxr then forgets). A cell that only bound variables changed nothing that lasts once each
 /// of them is bound again, unless an entry kept between uses it. A death loses every variable:
-/// before one, neither kind of cell left a trace. So a notebook that runs `let out = ...` a thousand times
-/// replays it once, and a replacement engine, whose history ends in a death, replays its
+/// before one, neither kind of cell left a trace. So a notebook that runs `let out = ...` a
+/// thousand times replays it once, and a replacement engine, whose history ends in a death, replays its
 /// items (`fn`s, types, `use`s, `:dep`s) and little else.
 pub fn to_replay(entries: &[Entry]) -> Vec<&Entry> {
     use crate::stateless::{bound_names, reach, Reach};
@@ -131,14 +131,19 @@ pub fn to_replay(entries: &[Entry]) -> Vec<&Entry> {
     let mut used: BTreeSet<String> = BTreeSet::new();
     let mut bound_later: BTreeSet<String> = BTreeSet::new();
     let mut death_follows = false;
-    let variables: BTreeSet<String> = entries
+    // Each entry parsed once: the names it binds, and the words it uses beyond them.
+    let parsed: Vec<(Vec<String>, BTreeSet<String>)> = entries
         .iter()
-        .flat_map(|entry| bound_names(&entry.code))
+        .map(|entry| {
+            let bound = bound_names(&entry.code);
+            let words = uses(&entry.code, &bound);
+            (bound, words)
+        })
         .collect();
-    for entry in entries.iter().rev() {
+    let variables: BTreeSet<&String> = parsed.iter().flat_map(|(bound, _)| bound).collect();
+    for (entry, (bound, words)) in entries.iter().zip(&parsed).rev() {
         let died = entry.lines.iter().any(|line| line.died);
-        let bound = bound_names(&entry.code);
-        let may_move = || !death_follows && !uses(&entry.code, &bound).is_disjoint(&variables);
+        let may_move = || !death_follows && words.iter().any(|word| variables.contains(word));
         let keep = died
             || match reach(&entry.code) {
                 Reach::Anything => true,
@@ -158,11 +163,11 @@ pub fn to_replay(entries: &[Entry]) -> Vec<&Entry> {
             bound_later.clear();
             death_follows = true;
         }
-        for name in &bound {
+        for name in bound {
             used.remove(name);
             bound_later.insert(name.clone());
         }
-        used.extend(uses(&entry.code, &bound));
+        used.extend(words.iter().cloned());
         kept.push(entry);
     }
     kept.reverse();

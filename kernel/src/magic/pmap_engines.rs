@@ -49,6 +49,10 @@ impl MapRun<'_> {
     /// serving it anew, if they had served it or died (an engine that could not serve the map
     /// would fail the same way again).
     pub(super) async fn serve_again(&mut self) {
+        // Most changes come while every engine serves: nothing to look up then.
+        if !self.scheduler.workers().values().any(|worker| worker.ended) {
+            return;
+        }
         let back: Vec<u32> =
             self.mover
                 .controller
