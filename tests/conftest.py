@@ -44,6 +44,17 @@ def kernelspec():
     shutil.rmtree(prefix, ignore_errors=True)
 
 
+@pytest.fixture
+def private_dirs(tmp_path):
+    """The kernel's and engines' temporary and shared-memory directories, so that what is left
+    in them is what they leaked."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    shared = Path(tempfile.mkdtemp(prefix="parallax-test-", dir="/dev/shm"))
+    yield temporary, shared
+    shutil.rmtree(shared, ignore_errors=True)
+
+
 class RunningKernel:
     """A real kernel process, its client, and its log (the kernel's stderr)."""
 
@@ -176,24 +187,6 @@ def check(kernel, rust):
     assert "verified" in stream_text(outputs), outputs
 
 
-def descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def alive(pid):
     try:
         state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
@@ -225,6 +218,29 @@ def descendants(pid):
             found.append(child)
             todo.append(child)
     return found
+
+
+def identity(pid):
+    """(pid, start time), so that a pid used again is not taken for the same process; None
+    once the process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (pid, fields[19])
+
+
+def assert_nothing_left(processes, temporary, shared, within):
+    """Every process of `processes` (identities) has ended (given `within` seconds), and the
+    private temporary and shared-memory directories are empty."""
+    def left():
+        return [p for p, start in processes if identity(p) == (p, start)]
+
+    assert wait_until(lambda: not left(), within), [
+        Path(f"/proc/{p}/cmdline").read_bytes() for p in left()
+    ]
+    assert not list(temporary.iterdir()), sorted(temporary.rglob("*"))[:20]
+    assert not list(shared.iterdir()), sorted(shared.rglob("*"))[:20]
 
 
 def environment_has(pid, name):

@@ -11,11 +11,12 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from conftest import (
-    ARTIFACTS, RunningKernel, engine_errors, engine_results, interrupt_and_wait, of_type,
+    ARTIFACTS, RunningKernel, children, engine_errors, engine_results, interrupt_and_wait, of_type,
     parallax_binary, stream_text, wait_until,
 )
 from testbed import HEAD_IP, Hosts
@@ -407,13 +408,30 @@ def test_an_engine_killed_on_its_host_is_named_and_the_others_go_on(remote_kerne
     assert sorted(values(outputs)) == [0, 1, 2]
 
 
-def test_a_killed_slurm_engine_comes_back_as_a_new_task_on_its_node(remote_kernel, bed):
+def mpiexecs(kernel):
+    """The mpiexec processes the kernel runs."""
+    def is_mpiexec(pid):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            return False
+        return argv0.decode(errors="replace").endswith("mpiexec")
+    return [p for p in children(kernel.km.provisioner.pid) if is_mpiexec(p)]
+
+
+@pytest.mark.parametrize("launcher", ["mpi", "slurm"])
+def test_a_killed_engine_comes_back_on_its_host_through_its_launcher(remote_kernel, bed, launcher):
+    """Slurm: as a job of one task on its node; MPI: as the one rank of a new mpiexec on its
+    host. Either way the first launch's other engines go on, and the pool's stop ends both."""
     kernel = remote_kernel
-    options = launcher_options(bed, "slurm").replace(" --no-restart", "")
+    options = launcher_options(bed, launcher).replace(" --no-restart", "")
     ok(kernel, f"%cluster start {options}", timeout=600)
     ok(kernel, "%px fn tagged(x: u32) -> u32 { x + 7 }")
+    ok(kernel, "%px let kept = 5u32;")
     pid, host = engine_pids(kernel)[3]
     assert host == "host2"
+    launches = bed.jobs if launcher == "slurm" else lambda: mpiexecs(kernel)
+    assert len(launches()) == 1, launches()
     os.kill(pid, signal.SIGKILL)
 
     def back():
@@ -421,13 +439,20 @@ def test_a_killed_slurm_engine_comes_back_as_a_new_task_on_its_node(remote_kerne
         row = re.search(r"^\s+3\s+(\d+)\s+host2\s+idle", status, re.M)
         return row and int(row.group(1)) != pid
 
-    # A job of one task on host2, the first job's other tasks going on.
     assert wait_until(back, 120, interval=1), stream_text(ok(kernel, "%cluster status"))
-    assert len(bed.jobs()) == 2, bed.jobs()
+    assert len(launches()) == 2, launches()
     outputs = ok(kernel, "%px tagged(parallax_env::engine_id().unwrap() as u32)")
     assert values(outputs) == {0: "7", 1: "8", 2: "9", 3: "10"}
+    assert values(ok(kernel, "%px parallax_env::host().unwrap()")) == {
+        0: "host1", 1: "host1", 2: "host2", 3: "host2"}
+    # Its variables died with it; the others' did not.
+    reply, outputs = kernel.execute("%px kept")
+    assert sorted(values(outputs)) == [0, 1, 2], outputs
+    assert "kept" in str(engine_errors(outputs).get(3)), outputs
     ok(kernel, "%cluster stop", timeout=300)
-    assert wait_until(lambda: not bed.jobs(), 15), bed.jobs()
+    assert wait_until(lambda: not launches(), 15), launches()
+    left = lambda: bed.parallax_pids_on("host1") + bed.parallax_pids_on("host2")
+    assert wait_until(lambda: not left(), 15), left()
 
 
 def test_the_dashboard_restarts_a_dead_remote_engine_on_its_host(remote_kernel, bed):

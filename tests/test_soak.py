@@ -8,9 +8,7 @@ stay flat. It runs for PARALLAX_SOAK_SECONDS (120 in `.ci/run`; `bench/soak.sh` 
 import os
 import random
 import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from conftest import (
+    assert_nothing_left,
     ARTIFACTS,
     RunningKernel,
     children,
     descendants,
     engine_errors,
     engine_results,
+    identity,
     of_type,
     ok,
     store_processes,
@@ -34,16 +34,6 @@ from conftest import (
 SECONDS = float(os.environ.get("PARALLAX_SOAK_SECONDS", "120"))
 ITEMS = 20_000
 ENGINES = 3
-
-
-def identity(pid):
-    """(pid, start time), so that a pid used again is not taken for the same process; None
-    once the process is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else (pid, fields[19])
 
 
 def rss_mib(pid):
@@ -93,17 +83,6 @@ class Chaos:
                 pass
 
 
-@pytest.fixture
-def soak_dirs(tmp_path):
-    """The kernel's and engines' temporary and shared-memory directories, private to the
-    soak so that what is left in them afterwards is what it leaked."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    shared = Path(tempfile.mkdtemp(prefix="soak-", dir="/dev/shm"))
-    yield temporary, shared
-    shutil.rmtree(shared, ignore_errors=True)
-
-
 def run_maps_and_cells(kernel, seconds, processes):
     """%pmap then %px, over and over (at least once): every map complete and correct; a %px
     cell either gives the right value or names its engine and what befell it. Returns the
@@ -133,8 +112,8 @@ def run_maps_and_cells(kernel, seconds, processes):
     return counts, memory
 
 
-def test_maps_and_cells_survive_engines_and_stores_killed_at_random(kernelspec, soak_dirs):
-    temporary, shared = soak_dirs
+def test_maps_and_cells_survive_engines_and_stores_killed_at_random(kernelspec, private_dirs):
+    temporary, shared = private_dirs
     env = {"TMPDIR": str(temporary), "PARALLAX_SHM_DIR": str(shared)}
     kernel = RunningKernel(ARTIFACTS / "test_soak.kernel.log", env=env)
     try:
@@ -175,13 +154,6 @@ def test_maps_and_cells_survive_engines_and_stores_killed_at_random(kernelspec, 
     (ARTIFACTS / "soak.txt").write_text(summary + "\n")
     assert chaos.kills, "nothing was killed: the soak was too short"
     # Whatever the kernel and its engines started, killed or not, has ended (given a moment).
-    def left():
-        return [p for p, start in processes if identity(p) == (p, start)]
-
-    assert wait_until(lambda: not left(), 30), [
-        Path(f"/proc/{p}/cmdline").read_bytes() for p in left()
-    ]
-    assert not list(temporary.iterdir()), sorted(temporary.rglob("*"))[:20]
-    assert not list(shared.iterdir()), sorted(shared.rglob("*"))[:20]
+    assert_nothing_left(processes, temporary, shared, within=30)
     # Flat: the last round's memory is within what the first rounds took, give or take.
     assert memory[-1] - max(memory_before, min(memory)) < 32, memory

@@ -9,11 +9,13 @@ import signal
 import pytest
 
 from conftest import (
+    assert_nothing_left,
     ARTIFACTS,
     RunningKernel,
     alive,
     descendants,
     engine_results,
+    identity,
     ok,
     stream_text,
     wait_until,
@@ -90,3 +92,39 @@ def test_a_standby_engine_that_died_is_not_adopted(kernel):
     assert waiting not in engine_pids(kernel).values()
     seen = engine_results(ok(kernel, "%px parallax_env::engines()"))
     assert {e: t.split(": ", 1)[1] for e, t in seen.items()} == {0: "Some(2)", 1: "Some(2)"}
+
+
+@pytest.mark.parametrize("ending", ["shutdown_request", "SIGTERM"])
+def test_a_kernel_ended_as_its_standby_warms_up_leaves_nothing(
+    request, kernelspec, private_dirs, ending
+):
+    """As a notebook run by nbconvert ends: its last cell stops the pool, which has a new
+    standby engine warm up, and the kernel is asked to shut down (or, slow to, is sent SIGTERM
+    with its process group, as jupyter_client does)."""
+    temporary, shared = private_dirs
+    running = RunningKernel(
+        ARTIFACTS / f"{request.node.name}.kernel.log",
+        env={"PARALLAX_STANDBY": "1", "TMPDIR": str(temporary), "PARALLAX_SHM_DIR": str(shared)},
+    )
+    try:
+        # The notebook's own context is built, as it is by a notebook's last cell.
+        ok(running, "1")
+        ok(running, "%cluster start -n 2", timeout=600)
+        ok(running, "%px 1 + 1")
+        ok(running, "%cluster stop")
+        standby_pid(running)
+        kernel_pid = running.km.provisioner.pid
+        processes = {identity(p) for p in [kernel_pid, *descendants(kernel_pid)]} - {None}
+        if ending == "SIGTERM":
+            # jupyter_client starts a kernel in a session of its own: the group is not ours.
+            assert os.getpgid(kernel_pid) == kernel_pid != os.getpgid(0)
+            os.killpg(kernel_pid, signal.SIGTERM)
+        else:
+            running.km.request_shutdown()
+        assert wait_until(lambda: not running.km.is_alive(), 30), "the kernel did not end"
+    finally:
+        running.log_file.close()
+        running.kc.stop_channels()
+        running.km.cleanup_resources()
+
+    assert_nothing_left(processes, temporary, shared, within=10)

@@ -83,8 +83,9 @@ fn run_engine(connect: &Path, id: Option<u32>, rank_offset: Option<u32>) -> anyh
 
 /// A standby engine: warm first, then adopted with the connection (and id) the kernel writes.
 fn run_standby_engine(connect: &Path) -> anyhow::Result<()> {
-    parallax_engine::run_standby(|| {
-        let connection = read_connection(connect)?;
+    let connect = connect.to_owned();
+    parallax_engine::run_standby(move || {
+        let connection = read_connection(&connect)?;
         let id = connection
             .engine
             .ok_or_else(|| anyhow::anyhow!("a standby engine's connection names no id"))?;

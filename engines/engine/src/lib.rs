@@ -71,7 +71,30 @@ pub struct EngineConfig {
 pub fn run(config: EngineConfig) -> anyhow::Result<()> {
     separate_host_cache(&config.connection.controller_host);
     let signer = Signer::new(config.connection.key.trim());
-    engine_runtime()?.block_on(serve(config, signer, None))
+    let runtime = engine_runtime()?;
+    let terminate = {
+        let _inside = runtime.enter();
+        terminations()
+    };
+    runtime.block_on(serve(config, signer, None, terminate))
+}
+
+/// SIGTERM (the kernel ending its standby engine, mpiexec or scancel ending their engines,
+/// jupyter_client ending a kernel's process group) ends an engine as a shutdown does: its
+/// cell killed, its directories removed. Once caught it is caught for good, so every phase
+/// after this call listens for it. Call inside the runtime.
+fn terminations() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+}
+
+/// Resolves when SIGTERM arrives (never, if it could not be caught).
+async fn terminated(terminate: &mut Option<tokio::signal::unix::Signal>) {
+    match terminate {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn engine_runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -85,9 +108,15 @@ fn engine_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// context and runs the preludes (most of an engine's start), then waits for `adoption`
 /// (blocking: the kernel writing the connection, with the id to take, to its stdin) and goes
 /// on as that engine, ready at once.
-pub fn run_standby(adoption: impl FnOnce() -> anyhow::Result<EngineConfig>) -> anyhow::Result<()> {
+pub fn run_standby(
+    adoption: impl FnOnce() -> anyhow::Result<EngineConfig> + Send + 'static,
+) -> anyhow::Result<()> {
     let runtime = engine_runtime()?;
-    let warm = runtime.block_on(async {
+    let mut terminate = {
+        let _inside = runtime.enter();
+        terminations()
+    };
+    let warming = async {
         sweep_stale_dirs();
         let host = [("PARALLAX_HOST", places::host_name().to_owned())];
         let (placeholder, _) = mpsc::unbounded_channel();
@@ -99,10 +128,26 @@ pub fn run_standby(adoption: impl FnOnce() -> anyhow::Result<EngineConfig>) -> a
             .map_err(|e| anyhow::anyhow!("warming the standby engine: {}", e.evalue))?;
         tracing::info!("standby engine warm in {:.2?}", began.elapsed());
         anyhow::Ok(core)
-    })?;
-    let config = adoption()?;
+    };
+    let adopted: anyhow::Result<Option<(EngineConfig, Core)>> = runtime.block_on(async {
+        let warm = tokio::select! {
+            warm = warming => warm?,
+            _ = terminated(&mut terminate) => return Ok(None),
+        };
+        // Blocking on stdin, beside the signal: the standby waits here for most of its life.
+        let adoption = tokio::task::spawn_blocking(adoption);
+        tokio::select! {
+            config = adoption => Ok(Some((config??, warm))),
+            _ = terminated(&mut terminate) => Ok(None),
+        }
+    });
+    let Some((config, warm)) = adopted? else {
+        // The thread still reading stdin is not waited for.
+        runtime.shutdown_background();
+        anyhow::bail!("ended by SIGTERM before it was adopted");
+    };
     let signer = Signer::new(config.connection.key.trim());
-    runtime.block_on(serve(config, signer, Some(warm)))
+    runtime.block_on(serve(config, signer, Some(warm), terminate))
 }
 
 /// The id this engine asks for: the one it was given, or its offset plus the rank MPI or Slurm
@@ -219,46 +264,25 @@ fn engine_core(
 }
 
 /// `warm`: a standby engine's core, adopted as this engine.
-async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyhow::Result<()> {
+async fn serve(
+    config: EngineConfig,
+    signer: Signer,
+    warm: Option<Core>,
+    mut terminate: Option<tokio::signal::unix::Signal>,
+) -> anyhow::Result<()> {
     let connection = &config.connection;
     let host = places::host_name().to_owned();
     if let Some(why) = unreachable_by_address(connection, &host) {
         anyhow::bail!(why);
     }
     let requested = requested_id(config.id)?;
-    let mut sender = Sender::new(
-        signer.clone(),
-        format!("engine-{}@{host}", std::process::id()),
-    );
-    let mut receiver = Receiver::new(signer);
-    let mut socket = DealerSocket::new();
-    let registration_message = FromEngine::Register {
-        engine: requested,
-        pid: std::process::id(),
-        host: host.clone(),
-    };
-    let within = connection.register_timeout();
-    let registration = async {
-        socket
-            .connect(&connection.url)
-            .await
-            .with_context(|| format!("connecting to the controller at {}", connection.url))?;
-        register(
-            &mut socket,
-            &mut sender,
-            &mut receiver,
-            &registration_message,
-        )
-        .await
-    };
-    let (engine, engines) = match tokio::time::timeout(within, registration).await {
-        Ok(answer) => answer?,
-        Err(_) => anyhow::bail!(
-            "no answer from the controller at {} within {within:?}: it is unreachable from \
-             {host}, or this engine's key is not the controller's",
-            connection.url
-        ),
-    };
+    let Registered {
+        mut socket,
+        mut sender,
+        mut receiver,
+        engine,
+        engines,
+    } = join(connection, &host, signer, requested).await?;
     let (outbound, mut outbound_rx) = mpsc::unbounded_channel::<(FromEngine, Vec<Bytes>)>();
     let environment = [
         ("PARALLAX_ENGINE_ID", engine.to_string()),
@@ -319,6 +343,7 @@ async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyh
                     break Err(e);
                 }
             }
+            _ = terminated(&mut terminate) => break Err(anyhow::anyhow!("ended by SIGTERM")),
             _ = silence_check.tick() => {
                 if last_heard.elapsed() > silence_limit {
                     break Err(anyhow::anyhow!(
@@ -334,6 +359,64 @@ async fn serve(config: EngineConfig, signer: Signer, warm: Option<Core>) -> anyh
         let _ = std::fs::remove_dir_all(dir);
     }
     result
+}
+
+/// An engine the controller took in: its socket and signing ends, its id, the pool's size.
+struct Registered {
+    socket: DealerSocket,
+    sender: Sender,
+    receiver: Receiver,
+    engine: u32,
+    engines: u32,
+}
+
+/// Connects to the controller and registers, asking for `requested` (or any id).
+async fn join(
+    connection: &parallax_engine_protocol::Connection,
+    host: &str,
+    signer: Signer,
+    requested: Option<u32>,
+) -> anyhow::Result<Registered> {
+    let mut sender = Sender::new(
+        signer.clone(),
+        format!("engine-{}@{host}", std::process::id()),
+    );
+    let mut receiver = Receiver::new(signer);
+    let mut socket = DealerSocket::new();
+    let registration_message = FromEngine::Register {
+        engine: requested,
+        pid: std::process::id(),
+        host: host.to_owned(),
+    };
+    let within = connection.register_timeout();
+    let registration = async {
+        socket
+            .connect(&connection.url)
+            .await
+            .with_context(|| format!("connecting to the controller at {}", connection.url))?;
+        register(
+            &mut socket,
+            &mut sender,
+            &mut receiver,
+            &registration_message,
+        )
+        .await
+    };
+    let (engine, engines) = match tokio::time::timeout(within, registration).await {
+        Ok(answer) => answer?,
+        Err(_) => anyhow::bail!(
+            "no answer from the controller at {} within {within:?}: it is unreachable from \
+             {host}, or this engine's key is not the controller's",
+            connection.url
+        ),
+    };
+    Ok(Registered {
+        socket,
+        sender,
+        receiver,
+        engine,
+        engines,
+    })
 }
 
 /// Says `register` until the controller answers, once a second: the first may go out before

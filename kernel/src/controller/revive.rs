@@ -1,10 +1,10 @@
 //! Dead engines come back by themselves: an engine that died without being asked to (killed,
 //! crashed, cut off) is started again with the same id on the same host (a Slurm engine as a
-//! new task, a job of one task on its node; an MPI rank is not started again), and takes over the
-//! dead one's history (`ToEngine::Adopt`), so that its functions, types, `use`s and
-//! dependencies are there again without any cell running again; its variables died with it
-//! and are named. At most `RESTARTS_PER_MINUTE` times a minute per engine, so that a crash
-//! loop stops; `%cluster start --no-restart` turns it off.
+//! new task, a job of one task on its node; an MPI rank as the one rank of a new `mpiexec` on
+//! its host), and takes over the dead one's history (`ToEngine::Adopt`), so that its
+//! functions, types, `use`s and dependencies are there again without any cell running again;
+//! its variables died with it and are named. At most `RESTARTS_PER_MINUTE` times a minute per
+//! engine, so that a crash loop stops; `%cluster start --no-restart` turns it off.
 
 use super::pool::Inheritance;
 use super::Controller;
@@ -36,7 +36,7 @@ impl Controller {
                 .get(&id)
                 .and_then(|engine| registry.launches.get(&engine.launch))
                 .map(|launch| launch.kind);
-            if !matches!(launcher, Some("local" | "ssh" | "slurm")) {
+            if !matches!(launcher, Some("local" | "ssh" | "mpi" | "slurm")) {
                 return Revival::Not(format!(
                     "an engine started by {} is not restarted by itself; %cluster restart \
                      starts the pool again",

@@ -130,12 +130,13 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
         kernel_info,
         shutdown_tx.clone(),
     );
-    let shutdown_tx_for_parent = shutdown_tx;
     tokio::spawn(shell.run(shell_queue));
-    tokio::spawn(watch_parent(shutdown_tx_for_parent));
+    tokio::spawn(shut_down_on_sigterm(shutdown_tx.clone()));
+    tokio::spawn(watch_parent(shutdown_tx));
 
     shutdown_rx.recv().await;
     controller.stop_all().await;
+    controller.end_standby().await;
     controller.close().await;
     publisher.flush().await;
     // zeromq.rs has no ZMQ_LINGER: a message sent on a socket is only queued, and a task of the
@@ -143,6 +144,19 @@ pub async fn serve(info: ConnectionInfo) -> anyhow::Result<()> {
     // when the process exited first; this gives those tasks time to write what is queued.
     tokio::time::sleep(LINGER).await;
     Ok(())
+}
+
+/// SIGTERM (jupyter_client sends it to a kernel slow to shut down, and so may a user) shuts
+/// the kernel down as a shutdown request does: its engines stopped, its files removed.
+async fn shut_down_on_sigterm(shutdown: mpsc::UnboundedSender<()>) {
+    let Ok(mut sigterm) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    if sigterm.recv().await.is_some() {
+        tracing::info!("SIGTERM: shutting down");
+        let _ = shutdown.send(());
+    }
 }
 
 /// How long the kernel keeps running after its last reply is queued, so that it is sent.

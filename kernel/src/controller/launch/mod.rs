@@ -173,8 +173,9 @@ impl Controller {
     }
 
     /// Starts a new process in the place of dead engine `id`, with the same id, and waits until
-    /// it is ready. Its variables are gone: it starts from an empty context. Engines of a
-    /// local or ssh launch can be restarted alone; those of a job are restarted with the pool.
+    /// it is ready. Its variables are gone: it starts from an empty context. An engine of a
+    /// local or ssh launch is started as it was; one of a Slurm job as a new job of one task on
+    /// its node; an MPI rank as the one rank of a new mpiexec on its host.
     pub async fn restart_engine(&self, id: u32) -> anyhow::Result<()> {
         self.restart_engine_with(id, None).await
     }
@@ -215,14 +216,11 @@ impl Controller {
                 }
             }
         };
-        let slurm = plan
+        let launcher = plan
             .and_then(|index| self.plans().get(index).cloned())
-            .and_then(|plan| match plan.launcher {
-                Launcher::Slurm(slurm) => Some(slurm),
-                _ => None,
-            });
+            .map(|plan| plan.launcher);
         tracing::info!("restarting engine {id}");
-        match (kind, slurm) {
+        match (kind, launcher) {
             (Some("local"), _) => {
                 let exe = std::env::current_exe().context("finding the parallax binary")?;
                 self.renew(id, None, &host, inheritance);
@@ -235,7 +233,7 @@ impl Controller {
                 self.run_holder(command, Holder::Engine(id), &connection)?;
             }
             // A new task: a job of its own on the same node, the first job's step going on.
-            (Some("slurm"), Some(slurm)) => {
+            (Some("slurm"), Some(Launcher::Slurm(slurm))) => {
                 let launch = self.registry().add_launch(Launch {
                     kind: "slurm",
                     processes: Vec::new(),
@@ -248,6 +246,22 @@ impl Controller {
                 self.renew(id, Some(launch), &host, inheritance);
                 self.submit_task(&slurm, launch, &host, &parallax, id)
                     .await?;
+            }
+            // A rank cannot rejoin its mpiexec: the one rank of a new mpiexec on the same host,
+            // numbered so that its id is the dead one's.
+            (Some("mpi"), Some(Launcher::Mpi(mpi))) => {
+                let launch = self.registry().add_launch(Launch {
+                    kind: "mpi",
+                    processes: Vec::new(),
+                    job: None,
+                    running_since: Some(std::time::Instant::now()),
+                    ssh_config: None,
+                    parallax: parallax.clone(),
+                    plan,
+                });
+                self.renew(id, Some(launch), &host, inheritance);
+                let command = mpi.one_rank_on(&host).command(1, &parallax, id);
+                self.run_holder(command, Holder::Launch(launch), &connection)?;
             }
             _ => anyhow::bail!(
                 "engine {id} was started by {}; restart the whole cluster with %cluster restart",

@@ -1,6 +1,7 @@
 //! Engines as the ranks of one `mpiexec` (Open MPI): its `--stdin all` hands every rank the
 //! connection, and each rank's id is the launch's first id plus its rank. SIGTERM to mpiexec
-//! ends every rank on every host.
+//! ends every rank on every host. A dead rank cannot rejoin its `mpiexec`: its replacement is
+//! the one rank of an `mpiexec` of its own on the same host (`Mpi::one_rank_on`).
 
 use super::ssh::shell_quote;
 use std::path::PathBuf;
@@ -29,6 +30,15 @@ impl Mpi {
             });
         }
         command
+    }
+
+    /// The same launch for a single rank on `host`: what a dead rank's replacement runs.
+    pub fn one_rank_on(&self, host: &str) -> Mpi {
+        Mpi {
+            hosts: Some(format!("{host}:1")),
+            hostfile: None,
+            ..self.clone()
+        }
     }
 
     fn arguments(&self, engines: u32, parallax: &str, first: u32, root: bool) -> Vec<String> {
@@ -103,5 +113,23 @@ mod tests {
              /bin/parallax engine --connect - --rank-offset 6"
         );
         assert!(!mpi.arguments(4, "p", 0, false)[0].contains("root"));
+    }
+
+    #[test]
+    fn a_replacement_is_one_rank_on_its_host_with_the_same_options() {
+        let mpi = Mpi {
+            hosts: None,
+            hostfile: Some("/run/hosts".into()),
+            ssh_config: Some("/run/ssh".into()),
+            args: vec!["--oversubscribe".into()],
+        };
+        assert_eq!(
+            mpi.one_rank_on("host2")
+                .arguments(1, "parallax", 3, false)
+                .join(" "),
+            "--stdin all -n 1 --mca orte_abort_on_non_zero_status 0 --mca orte_enable_recovery 1 \
+             --host host2:1 --mca plm_rsh_agent ssh -F /run/ssh --oversubscribe \
+             parallax engine --connect - --rank-offset 3"
+        );
     }
 }

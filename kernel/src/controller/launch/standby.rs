@@ -11,6 +11,9 @@ use anyhow::Context;
 /// Turns the standby engine off when set to `0`.
 pub const STANDBY_VAR: &str = "PARALLAX_STANDBY";
 
+/// How long a standby engine has to end after SIGTERM.
+const STANDBY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The waiting process, spawned with its stdin open.
 pub struct Standby {
     child: tokio::process::Child,
@@ -50,6 +53,33 @@ impl Controller {
                 None
             }
         }
+    }
+}
+
+impl Controller {
+    /// At the kernel's end: ends the standby engine, if one waits, and removes what it left
+    /// on this host. SIGTERM first, which it answers by removing its own directories; SIGKILL
+    /// if it has not ended within `STANDBY_GRACE`.
+    pub async fn end_standby(&self) {
+        let taken = parallax_eval::ipc::Locked::locked(&*self.standby).take();
+        let Some(mut standby) = taken else {
+            return;
+        };
+        if let Some(pid) = standby.child.id() {
+            super::signal(pid, libc::SIGTERM);
+        }
+        let ended = tokio::time::timeout(STANDBY_GRACE, standby.child.wait()).await;
+        if !matches!(ended, Ok(Ok(_))) {
+            // Reaped here, so that the sweep below sees it gone.
+            if let Err(e) = standby.child.kill().await {
+                tracing::warn!("ending the standby engine: {e}");
+            }
+        }
+        let swept = tokio::task::spawn_blocking(|| {
+            parallax_engine_protocol::shared::sweep(&parallax_engine_protocol::shared::shm_base());
+            parallax_eval::places::sweep_dead_temp_dirs();
+        });
+        let _ = swept.await;
     }
 }
 
