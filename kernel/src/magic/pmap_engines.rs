@@ -80,7 +80,12 @@ impl MapRun<'_> {
             .await;
         self.job.track(&serving);
         for (engine, task) in serving {
-            self.scheduler.rejoin(engine, task);
+            if !self.scheduler.rejoin(engine, task) {
+                // No longer one of this map's ended workers: its serving cell ends at once.
+                let end = ToEngine::MapEnd { task };
+                self.mover.controller.send_to(engine, end, Vec::new()).await;
+                continue;
+            }
             *self.returns.entry(engine).or_default() += 1;
             self.out.stderr(&format!(
                 "engine {engine} is back: it serves the map again\n"
