@@ -292,17 +292,23 @@ def values_of(outputs):
     return {e: t.split(": ", 1)[1] for e, t in engine_results(outputs).items()}
 
 
-def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster):
-    """Runs last: it leaves the pool with one engine."""
-    _, status_out = cluster.execute("%cluster status")
-    # The engine table, without the section on compiled cells below it.
-    rows = [r.split() for r in stream_text(status_out).splitlines()[1:] if r[:6].strip().isdigit()]
-    engine_pid = {int(r[0]): int(r[1]) for r in rows}
-    worker, result, outputs = start_long_map(cluster, "%pmap -o survived slow 0..600u64")
-    os.kill(engine_pid[1], signal.SIGKILL)
+def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster, tmp_path):
+    """Engine 1 is killed once it serves the map (an engine that compiles its own cells may
+    start serving well after engine 0): its chunks in flight run again on engine 0."""
+    # The first item each engine computes leaves a mark.
+    ok(cluster, "%%px --local\nfn marked(x: u64) -> u64 {\n"
+                "    let engine = std::env::var(\"PARALLAX_ENGINE_ID\").unwrap_or_default();\n"
+                f'    let _ = std::fs::write(format!("{tmp_path}/serving-{{engine}}"), "");\n'
+                "    std::thread::sleep(std::time::Duration::from_millis(10));\n"
+                "    x * 3\n}")
+    engine = engine_pids(cluster)[1]
+    worker, result, outputs = start_long_map(cluster, "%pmap -o survived marked 0..600u64")
+    assert wait_until(lambda: (tmp_path / "serving-1").exists(), 120), outputs
+    os.kill(engine, signal.SIGKILL)
     worker.join(300)
     assert not worker.is_alive()
     assert result["reply"]["content"]["status"] == "ok", (result, outputs)
     # Its chunks in flight were run again by engine 0; every item is there exactly once.
-    assert re.search(r"engine 1 stopped: .*SIGKILL.*run again on the others", stream_text(outputs, "stderr")), outputs
+    said = stream_text(outputs, "stderr")
+    assert re.search(r"engine 1 stopped: .*SIGKILL.*run again on the others", said), outputs
     check(cluster, "assert_eq!(survived, (0..600u64).map(|x| x * 3).collect::<Vec<_>>());")
