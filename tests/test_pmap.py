@@ -265,15 +265,29 @@ def engine_pids(cluster):
     return {int(r[0]): int(r[1]) for r in rows if r[1].isdigit()}
 
 
+def start_map_served_by_engine_1(cluster, marks):
+    """Starts `%pmap -o survived marked 0..600u64` (each item times 3, slowly) and returns
+    once engine 1 serves it: an engine that compiles its own cells (after a death) may start
+    serving well after engine 0. The first item each engine computes leaves a mark."""
+    ok(cluster, "%%px --local\nfn marked(x: u64) -> u64 {\n"
+                "    let engine = std::env::var(\"PARALLAX_ENGINE_ID\").unwrap_or_default();\n"
+                f'    let _ = std::fs::write(format!("{marks}/serving-{{engine}}"), "");\n'
+                "    std::thread::sleep(std::time::Duration::from_millis(10));\n"
+                "    x * 3\n}")
+    worker, result, outputs = start_long_map(cluster, "%pmap -o survived marked 0..600u64")
+    assert wait_until(lambda: (marks / "serving-1").exists(), 120), outputs
+    return worker, result, outputs
+
+
 @pytest.mark.parametrize("victim", ["fork", "supervisor"])
-def test_a_store_killed_mid_map_still_gives_every_result(cluster, victim):
+def test_a_store_killed_mid_map_still_gives_every_result(cluster, victim, tmp_path):
     """Engine 1 follows engine 0's compiled cells. Killed there: the fork running the serving
     cell (the cell is rolled back, the engine keeps its variables) or the whole store (its
     variables are lost). Either way engine 1 stops serving at once, its chunks run again on
     engine 0, and the map is complete."""
     ok(cluster, "%px let before_the_map = 7u64;")
     engine = engine_pids(cluster)[1]
-    worker, result, outputs = start_long_map(cluster, "%pmap -o survived slow 0..600u64")
+    worker, result, outputs = start_map_served_by_engine_1(cluster, tmp_path)
     assert wait_until(lambda: store_processes(engine)[victim], 30), store_processes(engine)
     os.kill(store_processes(engine)[victim][0], signal.SIGKILL)
     worker.join(300)
@@ -293,17 +307,9 @@ def values_of(outputs):
 
 
 def test_sigkill_of_an_engine_mid_map_still_gives_every_result(cluster, tmp_path):
-    """Engine 1 is killed once it serves the map (an engine that compiles its own cells may
-    start serving well after engine 0): its chunks in flight run again on engine 0."""
-    # The first item each engine computes leaves a mark.
-    ok(cluster, "%%px --local\nfn marked(x: u64) -> u64 {\n"
-                "    let engine = std::env::var(\"PARALLAX_ENGINE_ID\").unwrap_or_default();\n"
-                f'    let _ = std::fs::write(format!("{tmp_path}/serving-{{engine}}"), "");\n'
-                "    std::thread::sleep(std::time::Duration::from_millis(10));\n"
-                "    x * 3\n}")
+    """Engine 1 is killed once it serves the map: its chunks in flight run again on engine 0."""
     engine = engine_pids(cluster)[1]
-    worker, result, outputs = start_long_map(cluster, "%pmap -o survived marked 0..600u64")
-    assert wait_until(lambda: (tmp_path / "serving-1").exists(), 120), outputs
+    worker, result, outputs = start_map_served_by_engine_1(cluster, tmp_path)
     os.kill(engine, signal.SIGKILL)
     worker.join(300)
     assert not worker.is_alive()
