@@ -17,4 +17,5 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 TMPDIR="$scratch" cargo test --release --locked
 # pytest exits 5 when it collects nothing: that is a failure here too.
-"$PARALLAX_ROOT/.venv/bin/python" -m pytest -p no:cacheprovider -v tests "$@"
+# The slowest tests are listed at the end, to see where the suite's time goes.
+"$PARALLAX_ROOT/.venv/bin/python" -m pytest -p no:cacheprovider -v --durations=25 tests "$@"
