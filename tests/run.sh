@@ -16,6 +16,6 @@ cargo clippy --release --locked --all-targets -- -D warnings
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 TMPDIR="$scratch" cargo test --release --locked
-# pytest exits 5 when it collects nothing: that is a failure here too.
 # The slowest tests are listed at the end, to see where the suite's time goes.
+# pytest exits 5 when it collects nothing: that is a failure here too.
 "$PARALLAX_ROOT/.venv/bin/python" -m pytest -p no:cacheprovider -v --durations=25 tests "$@"
