@@ -91,6 +91,13 @@ pub fn sweep_dead_temp_dirs() {
     parallax_engine_protocol::shared::sweep_dead(&host_temp(), &[OWN_TEMP_PREFIX]);
 }
 
+/// Removes what this host's dead kernels and engines left: their shared memory and their own
+/// temporary directories (a killed process cannot remove them).
+pub fn sweep_dead_leftovers() {
+    parallax_engine_protocol::shared::sweep(&parallax_engine_protocol::shared::shm_base());
+    sweep_dead_temp_dirs();
+}
+
 /// Removes this process's own temporary directory, if it has one.
 pub fn remove_own_temp_dir() {
     let own = own_temp_dir(&host_temp());

@@ -175,11 +175,9 @@ impl Controller {
         // A killed engine of this host cannot remove its shared memory or its temporary
         // directory; nobody else needs them. Off the runtime's threads: a build directory
         // takes a while to remove.
-        let _ = std::thread::Builder::new().name("sweep".into()).spawn(|| {
-            let shm = parallax_engine_protocol::shared::shm_base();
-            parallax_engine_protocol::shared::sweep(&shm);
-            parallax_eval::places::sweep_dead_temp_dirs();
-        });
+        let _ = std::thread::Builder::new()
+            .name("sweep".into())
+            .spawn(parallax_eval::places::sweep_dead_leftovers);
         self.notify();
     }
 }

@@ -234,15 +234,8 @@ impl Controller {
             }
             // A new task: a job of its own on the same node, the first job's step going on.
             (Some("slurm"), Some(Launcher::Slurm(slurm))) => {
-                let launch = self.registry().add_launch(Launch {
-                    kind: "slurm",
-                    processes: Vec::new(),
-                    job: None,
-                    running_since: None,
-                    ssh_config: None,
-                    parallax: parallax.clone(),
-                    plan,
-                });
+                // Running once the job is (`follow_job` says when).
+                let launch = self.replacement_launch("slurm", None, &parallax, plan);
                 self.renew(id, Some(launch), &host, inheritance);
                 self.submit_task(&slurm, launch, &host, &parallax, id)
                     .await?;
@@ -250,15 +243,8 @@ impl Controller {
             // A rank cannot rejoin its mpiexec: the one rank of a new mpiexec on the same host,
             // numbered so that its id is the dead one's.
             (Some("mpi"), Some(Launcher::Mpi(mpi))) => {
-                let launch = self.registry().add_launch(Launch {
-                    kind: "mpi",
-                    processes: Vec::new(),
-                    job: None,
-                    running_since: Some(std::time::Instant::now()),
-                    ssh_config: None,
-                    parallax: parallax.clone(),
-                    plan,
-                });
+                let now = Some(std::time::Instant::now());
+                let launch = self.replacement_launch("mpi", now, &parallax, plan);
                 self.renew(id, Some(launch), &host, inheritance);
                 let command = mpi.one_rank_on(&host).command(1, &parallax, id);
                 self.run_holder(command, Holder::Launch(launch), &connection)?;
@@ -275,6 +261,26 @@ impl Controller {
             Some(EngineState::Dead(why)) => anyhow::bail!("engine {id} died again: {why}"),
             _ => Ok(()),
         }
+    }
+
+    /// Records the launch of a dead engine's replacement that is not its first launch's
+    /// process: a Slurm job or an mpiexec of its own, of the same `plan`. Returns its number.
+    fn replacement_launch(
+        &self,
+        kind: &'static str,
+        running_since: Option<std::time::Instant>,
+        parallax: &str,
+        plan: Option<usize>,
+    ) -> u32 {
+        self.registry().add_launch(Launch {
+            kind,
+            processes: Vec::new(),
+            job: None,
+            running_since,
+            ssh_config: None,
+            parallax: parallax.to_owned(),
+            plan,
+        })
     }
 
     /// Makes dead engine `id`'s record that of its coming replacement (of `launch`, if it is

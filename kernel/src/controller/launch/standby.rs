@@ -75,11 +75,7 @@ impl Controller {
                 tracing::warn!("ending the standby engine: {e}");
             }
         }
-        let swept = tokio::task::spawn_blocking(|| {
-            parallax_engine_protocol::shared::sweep(&parallax_engine_protocol::shared::shm_base());
-            parallax_eval::places::sweep_dead_temp_dirs();
-        });
-        let _ = swept.await;
+        let _ = tokio::task::spawn_blocking(parallax_eval::places::sweep_dead_leftovers).await;
     }
 }
 
