@@ -196,6 +196,15 @@ def test_the_kernel_in_jupyterlab_runs_px_and_dashboard(jupyterlab):
         assert dashboard.locator("svg").count() == 1
         # The block is live in JupyterLab: the last cell's two tasks show up in it, redrawn in
         # place by update_display_data.
-        page.wait_for_selector(".parallax-dashboard >> text=/4 done/", timeout=120_000)
+        # Playwright is only in the --ui environment, which browser.py also imports it from.
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            page.wait_for_selector(".parallax-dashboard >> text=/ 4 done/", timeout=120_000)
+        except PlaywrightTimeout:
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab_dashboard.png"), full_page=True)
+            raise AssertionError(
+                "the block never showed 4 done:\n" + "\n".join(outputs.all_inner_texts())
+            )
         assert page.locator(".parallax-dashboard").count() == 1
         page.screenshot(path=str(ARTIFACTS / "jupyterlab_dashboard.png"), full_page=True)
